@@ -1,0 +1,103 @@
+"""Per-stream bounded queues between a stream's I/O thread and the device tick.
+
+Every queue has a limit and a policy. Live streams drop their oldest frame when the tick falls behind
+(counted, never silent); files read as fast as possible block the reader instead, so file QC sees every
+frame. Status messages (connect, disconnect, errors, end of input) are never dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.media import AudioChunk, SourceStatus, StreamCounters, VideoFrame
+
+
+@dataclass
+class Drained:
+    video: list[VideoFrame] = field(default_factory=list)
+    audio: list[AudioChunk] = field(default_factory=list)
+    status: list[SourceStatus] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.video or self.audio or self.status)
+
+
+class StreamQueue:
+    def __init__(
+        self,
+        counters: StreamCounters,
+        max_video: int = 64,
+        max_audio: int = 256,
+        block: bool = False,
+        wakeup: threading.Event | None = None,
+    ) -> None:
+        self.counters = counters
+        self.max_video = max_video
+        self.max_audio = max_audio
+        self.block = block
+        self._video: deque[VideoFrame] = deque()
+        self._audio: deque[AudioChunk] = deque()
+        self._status: deque[SourceStatus] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._wakeup = wakeup
+        self.last_arrival: float | None = None
+
+    def close(self) -> None:
+        """Unblocks a waiting producer for good (stream removed or engine stopping)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _put(self, q: deque, item: object, limit: int, dropped_attr: str, now: float | None) -> bool:
+        with self._cond:
+            if self.block:
+                while len(q) >= limit and not self._closed:
+                    self._cond.wait(0.1)
+            elif len(q) >= limit:
+                q.popleft()
+                setattr(self.counters, dropped_attr, getattr(self.counters, dropped_attr) + 1)
+            if self._closed:
+                return False
+            q.append(item)
+            if now is not None:
+                self.last_arrival = now
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return True
+
+    def put_video(self, frame: VideoFrame, now: float | None = None) -> bool:
+        return self._put(self._video, frame, self.max_video, "frames_dropped", now)
+
+    def put_audio(self, chunk: AudioChunk, now: float | None = None) -> bool:
+        return self._put(self._audio, chunk, self.max_audio, "audio_dropped", now)
+
+    def put_status(self, status: SourceStatus) -> None:
+        with self._cond:
+            self._status.append(status)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def drain(self, max_video: int) -> Drained:
+        with self._cond:
+            out = Drained()
+            while self._video and len(out.video) < max_video:
+                out.video.append(self._video.popleft())
+            out.audio.extend(self._audio)
+            self._audio.clear()
+            if not self._video:
+                # Status goes out after the frames queued before it (end of input after the last frame).
+                out.status.extend(self._status)
+                self._status.clear()
+            self._cond.notify_all()
+        return out
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._video) + len(self._audio) + len(self._status)

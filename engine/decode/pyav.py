@@ -1,0 +1,130 @@
+"""PyAV (FFmpeg) decoding on the CPU: frame-threaded libavcodec, luma straight from the decoder's buffer."""
+
+from __future__ import annotations
+
+import logging
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import VideoReformatter
+
+from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, ColorRange, VideoFrame
+
+log = logging.getLogger(__name__)
+
+# 8-bit formats whose first plane is the luma plane at full size: no conversion needed.
+_Y_FIRST = {
+    "yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p",
+    "yuv411p", "yuv410p", "nv12", "nv21", "nv16", "gray", "yuva420p",
+}
+_FULL_RANGE_FORMATS = {"yuvj420p", "yuvj422p", "yuvj444p", "yuvj440p"}
+
+
+def _plane(frame: av.VideoFrame, index: int, height: int, width: int) -> np.ndarray:
+    p = frame.planes[index]
+    return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:height, :width]
+
+
+class PyAVVideoDecoder:
+    backend = "pyav"
+
+    def __init__(self, stream: av.video.stream.VideoStream, threads: int = 0) -> None:
+        self.stream = stream
+        cc = stream.codec_context
+        cc.thread_type = "AUTO"  # frame + slice threads, as the ffmpeg CLI does
+        cc.thread_count = threads
+        self.errors = 0
+        self.corrupt = 0
+        self._scaler = VideoReformatter()
+        self._convert = VideoReformatter()
+        self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+
+    def _to_frame(self, frame: av.VideoFrame) -> tuple[float | None, VideoFrame]:
+        fmt = frame.format.name
+        full = fmt in _FULL_RANGE_FORMATS or int(getattr(frame, "color_range", 0) or 0) == 2
+        src = frame
+        if fmt not in _Y_FIRST:
+            # 10-bit, RGB or packed input: one conversion to 8-bit planar YUV (limited range kept).
+            src = self._convert.reformat(frame, format="yuv420p")
+            full = False
+        luma = torch.from_numpy(_plane(src, 0, frame.height, frame.width))
+        small = self._scaler.reformat(src, width=SMALL_W, height=SMALL_H, format="yuv420p", interpolation="AREA")
+        y = torch.from_numpy(_plane(small, 0, SMALL_H, SMALL_W).copy())
+        uv = torch.from_numpy(
+            np.stack([_plane(small, 1, SMALL_H // 2, SMALL_W // 2), _plane(small, 2, SMALL_H // 2, SMALL_W // 2)])
+        )
+        if full:
+            # The scaler keeps the range; the small plane's analyses expect limited range luma.
+            y = (y.to(torch.float32) * (219.0 / 255.0) + 16.0).round_().to(torch.uint8)
+        corrupt = bool(getattr(frame, "is_corrupt", False))
+        if corrupt:
+            self.corrupt += 1
+        ts = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+        vf = VideoFrame(
+            pts=0.0,
+            duration=1.0 / self.fps,
+            luma=luma,
+            small=y,
+            small_chroma=uv,
+            color_range=ColorRange.FULL if full else ColorRange.LIMITED,
+            key_frame=bool(frame.key_frame),
+            corrupt=corrupt,
+        )
+        return ts, vf
+
+    def decode(self, packet: av.Packet | None) -> list[tuple[float | None, VideoFrame]]:
+        try:
+            frames = self.stream.codec_context.decode(packet)
+        except av.error.EOFError:
+            return []
+        except av.error.FFmpegError as exc:
+            self.errors += 1
+            log.debug("video decode error: %s", exc)
+            return []
+        return [self._to_frame(f) for f in frames]
+
+    def flush(self) -> list[tuple[float | None, VideoFrame]]:
+        return self.decode(None)
+
+
+class PyAVAudioDecoder:
+    """Any audio to float32 planar at 48 kHz, channel layout kept (mono stays mono, 5.1 stays 5.1)."""
+
+    def __init__(self, stream: av.audio.stream.AudioStream) -> None:
+        self.stream = stream
+        self.errors = 0
+        layout = stream.codec_context.layout
+        self.layout = layout.name if layout is not None else "stereo"
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=AUDIO_RATE)
+
+    def _chunks(self, frames: list[av.AudioFrame]) -> list[tuple[float | None, AudioChunk]]:
+        out = []
+        for frame in frames:
+            ts = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+            for r in self._resampler.resample(frame):
+                samples = torch.from_numpy(r.to_ndarray().astype(np.float32, copy=False))  # (C, T) planar
+                out.append((ts, AudioChunk(pts=0.0, samples=samples, layout=self.layout)))
+                ts = None  # only the first resampled piece carries the input's time
+        return out
+
+    def decode(self, packet: av.Packet | None) -> list[tuple[float | None, AudioChunk]]:
+        try:
+            frames = self.stream.codec_context.decode(packet)
+        except av.error.EOFError:
+            return []
+        except av.error.FFmpegError as exc:
+            self.errors += 1
+            log.debug("audio decode error: %s", exc)
+            return []
+        return self._chunks(frames)
+
+    def flush(self) -> list[tuple[float | None, AudioChunk]]:
+        out = self.decode(None)
+        try:
+            for r in self._resampler.resample(None):
+                samples = torch.from_numpy(r.to_ndarray().astype(np.float32, copy=False))
+                out.append((None, AudioChunk(pts=0.0, samples=samples, layout=self.layout)))
+        except (av.error.FFmpegError, ValueError):
+            pass
+        return out

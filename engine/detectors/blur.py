@@ -1,0 +1,48 @@
+"""Blurred picture: fine detail gone for a sustained time (defocus, upscaled low resolution, bad scaler)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.events import Severity
+
+
+@dataclass(frozen=True)
+class BlurConfig(DetectorConfig):
+    """threshold: blur score 0 (sharp) .. 1 (smooth) above which a picture counts as blurred; pictures too
+    flat to judge (black, slates) never count. stride: analyse every stride-th row."""
+
+    onset: float = 3.0
+    recovery: float = 1.0
+    severity: Severity = Severity.WARNING
+    threshold: float = 0.75
+    stride: int = 8
+
+
+@register
+class BlurDetector(Detector):
+    NAME = "blur"
+    VERSION = "1.0"
+    MEDIA = "video"
+    Config = BlurConfig
+
+    def __init__(self, config: BlurConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        self.request = MetricRequest("spatial", (("stride", config.stride),), config.ignore)
+
+    def requests(self) -> list[MetricRequest]:
+        return [self.request]
+
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    def message(self, value: float | None) -> str:
+        return "blurred picture" if value is None else f"blurred picture (blur {value:.2f})"
+
+    def on_video(self, m: VideoMetrics) -> None:
+        b = m.get(self.request, "blur")
+        faulty = np.nan_to_num(b, nan=0.0) >= self.config.threshold
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, b)

@@ -1,0 +1,52 @@
+"""Glitch frames: single pictures that belong to neither neighbour (garbage, a frame from elsewhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.events import Severity
+
+
+@dataclass(frozen=True)
+class GlitchConfig(DetectorConfig):
+    """A frame is a glitch when its mean difference (code values, small plane) to both neighbours is at
+    least min_jump and exceeds the neighbours' difference to each other by at least min_score. Glitches
+    count from the first one (onset 0); glitches closer together than `recovery` are one event."""
+
+    onset: float = 0.0
+    recovery: float = 1.0
+    severity: Severity = Severity.WARNING
+    min_jump: float = 20.0
+    min_score: float = 15.0
+
+
+@register
+class GlitchDetector(Detector):
+    NAME = "glitch"
+    VERSION = "1.0"
+    MEDIA = "video"
+    Config = GlitchConfig
+
+    def __init__(self, config: GlitchConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        self.request = MetricRequest("glitch", (), config.ignore)
+        self.count = 0
+
+    def requests(self) -> list[MetricRequest]:
+        return [self.request]
+
+    def threshold(self) -> float:
+        return self.config.min_score
+
+    def message(self, value: float | None) -> str:
+        return "glitch frames"
+
+    def on_video(self, m: VideoMetrics) -> None:
+        score = m.get(self.request, "score")
+        jump = m.get(self.request, "jump")
+        faulty = (np.nan_to_num(score) >= self.config.min_score) & (np.nan_to_num(jump) >= self.config.min_jump)
+        self.count += int(faulty.sum())
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, score)

@@ -1,0 +1,74 @@
+"""No signal: the source stopped delivering pictures (connection lost, encoder down, a gap in the media)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.detectors.base import DetectorConfig, Detector, VideoMetrics, register
+from engine.events import Event, Severity
+
+
+@dataclass(frozen=True)
+class NoSignalConfig(DetectorConfig):
+    """onset: seconds without a frame before the event fires: wall-clock seconds for live and real-time
+    sources, media seconds (a gap in the timestamps) for files read as fast as possible. The event
+    resolves with the first frame that arrives again."""
+
+    onset: float = 2.0
+    recovery: float = 0.0
+    severity: Severity = Severity.CRITICAL
+
+
+@register
+class NoSignalDetector(Detector):
+    NAME = "no_signal"
+    VERSION = "1.0"
+    MEDIA = "stream"
+    Config = NoSignalConfig
+    THUMBNAIL = False
+
+    def __init__(self, config: NoSignalConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        self.last_end: float | None = None  # media time at which the last frame ended
+        self.open: Event | None = None
+        self.started_wall: float | None = None
+
+    def threshold(self) -> float:
+        return self.config.onset
+
+    def message(self, value: float | None) -> str:
+        return "no signal" if value is None else f"no signal for {value:.1f} s"
+
+    def on_video(self, m: VideoMetrics) -> None:
+        first = float(m.pts[0])
+        if self.open is not None:
+            self._emit(self.open.resolved(max(first, self.open.start)))
+            self.open = None
+        elif not self.ctx.live:
+            # Gaps in the timestamps of a file read faster than real time, before and inside this batch.
+            ends = np.concatenate(([self.last_end if self.last_end is not None else first], m.pts[:-1] + m.duration[:-1]))
+            for i in np.flatnonzero(m.pts - ends >= self.config.onset):
+                event = self._make_event(float(ends[i]), float(m.pts[i] - ends[i]))
+                self._emit(event)
+                self._emit(event.resolved(float(m.pts[i])))
+        self.last_end = float(m.pts[-1] + m.duration[-1])
+
+    def on_tick(self, wallclock: float, media_time: float) -> None:
+        """Called every engine tick; `media_time` is where the stream would be now had frames kept coming."""
+        last_arrival = self.ctx.extra.get("last_arrival")
+        if self.started_wall is None:
+            self.started_wall = wallclock
+        if not self.ctx.live or self.open is not None:
+            return
+        since = wallclock - (last_arrival if last_arrival is not None else self.started_wall)
+        if since >= self.config.onset:
+            start = self.last_end if self.last_end is not None else 0.0
+            self.open = self._make_event(start, since)
+            self._emit(self.open)
+
+    def finish(self, end_time: float | None) -> None:
+        if self.open is not None:
+            self._emit(self.open.resolved(end_time if end_time is not None else self.open.start))
+            self.open = None

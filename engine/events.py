@@ -1,0 +1,82 @@
+"""The alert event: what every detector emits and every sink receives."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from enum import Enum
+
+
+class Status(str, Enum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class Severity(str, Enum):
+    CRITICAL = "critical"
+    MAJOR = "major"
+    WARNING = "warning"
+    INFO = "info"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One state change of one alert. A firing event and its resolved event share `id`.
+
+    Times `start`, `end` and `duration` are media seconds from the stream start: `start` is the first faulty
+    frame or sample, `end` the moment the fault stopped (None while firing).
+    """
+
+    id: str
+    stream: str
+    type: str
+    status: Status
+    start: float
+    end: float | None
+    duration: float | None
+    wallclock: str
+    value: float | None
+    threshold: float | None
+    severity: Severity
+    detector_version: str
+    thumbnail: str | None = None
+    message: str = ""
+    details: dict[str, object] = field(default_factory=dict)
+
+    def resolved(self, end: float, value: float | None = None, **details: object) -> Event:
+        return replace(
+            self,
+            status=Status.RESOLVED,
+            end=round(end, 6),
+            duration=round(max(0.0, end - self.start), 6),
+            wallclock=now_iso(),
+            value=self.value if value is None else value,
+            details={**self.details, **details},
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["status"] = self.status.value
+        d["severity"] = self.severity.value
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=_json_default)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, float):
+        return o
+    if hasattr(o, "item"):
+        return o.item()  # numpy / torch scalars
+    return str(o)

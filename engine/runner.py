@@ -1,0 +1,389 @@
+"""The engine: many streams in one process, I/O and decoding in a thread per stream, one batched scoring
+step per device tick across all streams, detectors per stream, events to the sinks."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.alerts import EventSink, ThumbnailWriter
+from engine.batch import StreamQueue
+from engine.detectors import REGISTRY
+from engine.detectors.base import Detector, DetectorConfig, MetricRequest, StreamContext
+from engine.events import Event
+from engine.media import AUDIO_WINDOW, AudioChunk, StreamCounters, StreamInfo, VideoFrame
+from engine.scoring import AudioState, AudioWork, ScoringStep, VideoWork
+from engine.sources import Source, SourceError, SourceOptions, open_source
+
+log = logging.getLogger("framewatch")
+
+_MALLOC_TUNED = False
+
+
+def tune_allocator() -> None:
+    """Keep large tensor buffers on the heap instead of fresh mmaps: with glibc's default threshold every
+    per-frame tensor above 128 KiB costs a few hundred page faults, which on a CPU doubles the cost of
+    light per-frame kernels."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class StreamSpec:
+    """One stream as the engine runs it: resolved detector configs and source options."""
+
+    id: str
+    url: str
+    detectors: dict[str, DetectorConfig]
+    source: SourceOptions = field(default_factory=SourceOptions)
+    faults: list[dict] | None = None
+    profile: str = "default"
+
+
+@dataclass
+class StreamStats:
+    frames_scored: int = 0
+    audio_seconds: float = 0.0
+    first_wall: float | None = None
+    last_wall: float | None = None
+    media_end: float = 0.0
+    luma_mean_sum: float = 0.0
+    events: dict[str, int] = field(default_factory=dict)
+
+
+class StreamRuntime:
+    def __init__(self, spec: StreamSpec, engine: Engine) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.counters = StreamCounters()
+        self.errors: list[str] = []
+        self.state = "starting"
+        self.info: StreamInfo | None = None
+        self.stats = StreamStats()
+        self.source: Source | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.eof = False
+        self.finished = False
+        self.held: VideoFrame | None = None
+        self.prev: VideoFrame | None = None
+        self.last_small: torch.Tensor | None = None
+        self.last_chroma: torch.Tensor | None = None
+        self.audio = AudioState()
+        self._audio_buf: list[torch.Tensor] = []
+        self._audio_len = 0
+        self._audio_t0: float | None = None
+        self._audio_layout = "stereo"
+        clip = spec.detectors.get("clipping")
+        if clip is not None:
+            self.audio.clip_level = float(getattr(clip, "level", 0.999))
+            self.audio.clip_min_run = int(getattr(clip, "min_run", 3))
+        try:
+            self.source = open_source(spec.url, spec.source, spec.faults)
+        except SourceError as exc:
+            self.fail(str(exc))
+        live = bool(self.source is not None and self.source.realtime)
+        self.ctx = StreamContext(stream=spec.id, emit=engine._emit, thumbnail=self._thumbnail, live=live)
+        self._writer = engine.thumbnails
+        self.detectors: list[Detector] = []
+        for name, cfg in spec.detectors.items():
+            if cfg.enabled:
+                self.detectors.append(REGISTRY[name](cfg, self.ctx))
+        self.video_detectors = [d for d in self.detectors if d.MEDIA in ("video", "stream")]
+        self.audio_detectors = [d for d in self.detectors if d.MEDIA == "audio"]
+        self.requests: list[MetricRequest] = list(dict.fromkeys(r for d in self.detectors for r in d.requests()))
+        self.queue = StreamQueue(
+            self.counters,
+            max_video=engine.queue_frames,
+            block=self.source is not None and not self.source.realtime,
+            wakeup=engine.wakeup,
+        )
+
+    def fail(self, message: str) -> None:
+        line = f"stream {self.id}: {message}"
+        self.errors.append(message)
+        self.state = "error"
+        log.error(line)
+
+    def _thumbnail(self, event_id: str) -> str | None:
+        if self._writer is None or self.last_small is None:
+            return None
+        return self._writer.write(self.id, event_id, self.last_small, self.last_chroma)
+
+    def start(self) -> None:
+        if self.source is None:
+            self.eof = True
+            return
+
+        def body() -> None:
+            try:
+                self.source.run(self.queue, self.stop)
+            except Exception as exc:  # a source bug must end this stream, never the process
+                from engine.media import SourceStatus
+
+                self.queue.put_status(SourceStatus("error", f"source failed: {exc}", time.time()))
+                self.queue.put_status(SourceStatus("eof", "", time.time()))
+
+        self.thread = threading.Thread(target=body, name=f"src-{self.id}", daemon=True)
+        self.thread.start()
+
+    # -- audio accumulation into whole 5 ms windows
+    def add_audio(self, chunk: AudioChunk) -> list[tuple[float, torch.Tensor]]:
+        out: list[tuple[float, torch.Tensor]] = []
+        c = chunk.samples.shape[0]
+        if self._audio_t0 is not None:
+            expected = self._audio_t0 + self._audio_len / 48_000
+            channels_changed = bool(self._audio_buf) and self._audio_buf[0].shape[0] != c
+            if abs(chunk.pts - expected) > 0.002 or channels_changed:
+                out.extend(self.flush_audio(pad=True))
+                self.audio.reset()
+        if self._audio_t0 is None or not self._audio_buf:
+            self._audio_t0 = chunk.pts
+            self._audio_len = 0
+        self._audio_layout = chunk.layout
+        self._audio_buf.append(chunk.samples)
+        self._audio_len += chunk.samples.shape[-1]
+        return out
+
+    def take_ready(self) -> list[tuple[float, torch.Tensor]]:
+        """Everything buffered that fills whole 5 ms windows."""
+        usable = self._audio_len // AUDIO_WINDOW * AUDIO_WINDOW
+        return self._take(usable) if usable else []
+
+    def _take(self, n: int) -> list[tuple[float, torch.Tensor]]:
+        data = torch.cat(self._audio_buf, dim=1) if len(self._audio_buf) > 1 else self._audio_buf[0]
+        head, tail = data[:, :n], data[:, n:]
+        t0 = self._audio_t0
+        self._audio_t0 = t0 + n / 48_000
+        self._audio_buf = [tail] if tail.shape[-1] else []
+        self._audio_len = tail.shape[-1]
+        return [(t0, head)]
+
+    def flush_audio(self, pad: bool) -> list[tuple[float, torch.Tensor]]:
+        if not self._audio_buf or self._audio_len == 0:
+            return []
+        data = torch.cat(self._audio_buf, dim=1)
+        rem = (-data.shape[-1]) % AUDIO_WINDOW
+        if rem and pad:
+            data = torch.cat([data, torch.zeros(data.shape[0], rem)], dim=1)
+        t0 = self._audio_t0
+        self._audio_buf, self._audio_len, self._audio_t0 = [], 0, None
+        usable = data.shape[-1] // AUDIO_WINDOW * AUDIO_WINDOW
+        return [(t0, data[:, :usable])] if usable else []
+
+
+class Engine:
+    def __init__(
+        self,
+        sink: EventSink,
+        device: str = "cpu",
+        batch_frames: int = 16,
+        tick: float = 0.02,
+        queue_frames: int = 64,
+        thumbnails: ThumbnailWriter | None = None,
+        torch_threads: int | None = 1,
+        on_status: Callable[[StreamRuntime, str, str], None] | None = None,
+    ) -> None:
+        tune_allocator()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.sink = sink
+        self.device = torch.device(device)
+        self.scoring = ScoringStep(self.device)
+        self.batch_frames = batch_frames
+        self.tick = tick
+        self.queue_frames = queue_frames
+        self.thumbnails = thumbnails
+        self.wakeup = threading.Event()
+        self.streams: dict[str, StreamRuntime] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.on_status = on_status
+        self.events_emitted = 0
+
+    # -- stream management (safe to call while running)
+    def add_stream(self, spec: StreamSpec) -> StreamRuntime:
+        with self._lock:
+            if spec.id in self.streams:
+                raise ValueError(f"stream {spec.id!r} exists already")
+            rt = StreamRuntime(spec, self)
+            self.streams[spec.id] = rt
+        rt.start()
+        return rt
+
+    def remove_stream(self, stream_id: str) -> None:
+        with self._lock:
+            rt = self.streams.pop(stream_id, None)
+        if rt is not None:
+            self._shutdown(rt)
+            self._finish(rt)
+
+    def _shutdown(self, rt: StreamRuntime) -> None:
+        rt.stop.set()
+        rt.queue.close()
+        if rt.thread is not None:
+            rt.thread.join(timeout=5)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wakeup.set()
+
+    def _emit(self, event: Event) -> None:
+        self.events_emitted += 1
+        rt = self.streams.get(event.stream)
+        if rt is not None and event.status.value == "firing":
+            rt.stats.events[event.type] = rt.stats.events.get(event.type, 0) + 1
+        self.sink.emit(event)
+
+    # -- the device tick
+    def run(self, until_done: bool = True, deadline: float | None = None) -> None:
+        """Run ticks until every stream has ended (until_done) or stop() is called."""
+        try:
+            while not self._stopping.is_set():
+                self.wakeup.wait(self.tick)
+                self.wakeup.clear()
+                busy = self.step()
+                with self._lock:
+                    live = [rt for rt in self.streams.values() if not rt.finished]
+                if until_done and not live:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                if busy:
+                    self.wakeup.set()  # more may be queued already: go again without waiting
+        finally:
+            with self._lock:
+                rest = list(self.streams.values())
+            for rt in rest:
+                self._shutdown(rt)
+            self.step()
+            for rt in rest:
+                self._finish(rt)
+
+    def step(self) -> bool:
+        """One tick: drain every queue, score all frames in one batch, feed the detectors."""
+        with self._lock:
+            runtimes = list(self.streams.values())
+        vworks: list[tuple[StreamRuntime, VideoWork]] = []
+        aworks: list[tuple[int, StreamRuntime, AudioWork]] = []
+        busy = False
+        for rt in runtimes:
+            if rt.finished:
+                continue
+            d = rt.queue.drain(self.batch_frames)
+            if len(d.video) >= self.batch_frames:
+                busy = True
+            for st in d.status:
+                self._status(rt, st.kind, st.message, st.info)
+            if rt.queue.last_arrival is not None:
+                rt.ctx.extra["last_arrival"] = rt.queue.last_arrival
+            frames = d.video
+            scored: list[VideoFrame] = []
+            if frames:
+                scored = ([rt.held] if rt.held is not None else []) + frames[:-1]
+                rt.held = frames[-1]
+            if rt.eof and rt.held is not None:
+                scored.append(rt.held)
+                rt.held = None
+            if scored:
+                vworks.append((rt, VideoWork(rt.id, scored, rt.prev, rt.held, rt.requests)))
+                rt.prev = scored[-1]
+            pieces: list[tuple[float, torch.Tensor]] = []
+            for chunk in d.audio:
+                pieces.extend(rt.add_audio(chunk))
+            pieces.extend(rt.take_ready())
+            if rt.eof:
+                pieces.extend(rt.flush_audio(pad=True))
+            for i, (t0, samples) in enumerate(pieces):
+                aworks.append((i, rt, AudioWork(rt.id, t0, samples, rt._audio_layout, rt.audio)))
+        if vworks:
+            self._dispatch_video(vworks)
+        # A stream's audio pieces carry filter state from one to the next, so each round takes at most one
+        # piece per stream (almost always a single round).
+        for r in range(max((i for i, _, _ in aworks), default=-1) + 1):
+            self._dispatch_audio([(rt, w) for i, rt, w in aworks if i == r])
+        wall = time.time()
+        for rt in runtimes:
+            if rt.finished:
+                continue
+            for det in rt.detectors:
+                try:
+                    det.on_tick(wall, rt.stats.media_end)
+                except Exception as exc:
+                    rt.fail(f"detector {det.NAME} failed: {exc}")
+            if rt.eof and rt.held is None and rt.queue.pending() == 0:
+                self._finish(rt)
+        return busy
+
+    def _dispatch_video(self, works: list[tuple[StreamRuntime, VideoWork]]) -> None:
+        metrics = self.scoring.score_video([w for _, w in works])
+        wall = time.time()
+        for (rt, _), m in zip(works, metrics, strict=True):
+            rt.last_small = m.small[-1]
+            rt.last_chroma = m.small_chroma
+            st = rt.stats
+            st.frames_scored += len(m.pts)
+            st.media_end = float(m.pts[-1] + m.duration[-1])
+            st.first_wall = st.first_wall or wall
+            st.last_wall = wall
+            if rt.state in ("starting", "no_signal"):
+                rt.state = "running"
+            for det in rt.video_detectors:
+                try:
+                    det.on_video(m)
+                except Exception as exc:  # a detector bug is reported for its stream, others go on
+                    log.exception("stream %s: detector %s failed", rt.id, det.NAME)
+                    rt.fail(f"detector {det.NAME} failed: {exc}")
+
+    def _dispatch_audio(self, works: list[tuple[StreamRuntime, AudioWork]]) -> None:
+        metrics = self.scoring.score_audio([w for _, w in works])
+        for (rt, _), m in zip(works, metrics, strict=True):
+            rt.stats.audio_seconds += m.peak.shape[-1] * m.window
+            for det in rt.audio_detectors:
+                try:
+                    det.on_audio(m)
+                except Exception as exc:
+                    log.exception("stream %s: detector %s failed", rt.id, det.NAME)
+                    rt.fail(f"detector {det.NAME} failed: {exc}")
+
+    def _status(self, rt: StreamRuntime, kind: str, message: str, info: StreamInfo | None) -> None:
+        if kind == "connected":
+            rt.info = info or rt.info
+            if rt.state == "starting":
+                rt.state = "running"
+        elif kind == "disconnected":
+            rt.state = "no_signal"
+            log.warning("stream %s: %s", rt.id, message)
+        elif kind == "error":
+            rt.fail(message)
+        elif kind == "eof":
+            rt.eof = True
+        if self.on_status is not None:
+            self.on_status(rt, kind, message)
+
+    def _finish(self, rt: StreamRuntime) -> None:
+        if rt.finished:
+            return
+        rt.finished = True
+        end = rt.stats.media_end
+        for det in rt.detectors:
+            try:
+                det.finish(end)
+            except Exception as exc:
+                rt.fail(f"detector {det.NAME} failed at end of input: {exc}")
+        if rt.state != "error":
+            rt.state = "ended"

@@ -1,0 +1,329 @@
+"""The batched scoring step: one pass of kernels per device tick over the frames of every stream.
+
+Frames of all streams are stacked by shape and each metric family runs once per tick on the whole stack
+(not once per frame per stream). Families are pluggable: a later model (the corruption CNN) registers a
+family that takes the stacked small planes and returns per-frame values, like the built-in ones do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.detectors.base import AudioMetrics, MetricRequest, VideoMetrics
+from engine.loudness_meter import LoudnessMeter
+from engine.media import AUDIO_RATE, AUDIO_WINDOW, ColorRange, VideoFrame
+from kernels import audio as ka
+from kernels import difference as kd
+from kernels import loudness as kl
+from kernels import luma as kluma
+from kernels import spatial as ks
+from kernels.masks import region_mask
+
+
+@dataclass
+class VideoWork:
+    """Frames of one stream to score this tick, with their neighbours for temporal metrics."""
+
+    stream: str
+    frames: list[VideoFrame]
+    prev: VideoFrame | None  # the frame just before frames[0]
+    next: VideoFrame | None  # the frame just after frames[-1] (None at end of input)
+    requests: list[MetricRequest]
+
+
+@dataclass
+class AudioWork:
+    stream: str
+    t0: float
+    samples: torch.Tensor  # (C, T), T a multiple of AUDIO_WINDOW
+    layout: str
+    state: AudioState
+
+
+@dataclass
+class AudioState:
+    """Per-stream audio analysis memory carried between ticks."""
+
+    kstate: kl.KState | None = None
+    clip_carry: torch.Tensor | None = None
+    clip_level: float = 0.999
+    clip_min_run: int = 3
+    meter: LoudnessMeter = field(default_factory=LoudnessMeter)
+    channels: int | None = None
+
+    def reset(self) -> None:
+        self.kstate = None
+        self.clip_carry = None
+        self.meter.reset()
+
+
+# A family computes per-frame values for the frames of many streams at once.
+# It gets the batch context and the indices (into the stacked frame list) of the frames that asked for it.
+FamilyFn = Callable[["VideoBatch", MetricRequest, np.ndarray], dict[str, np.ndarray]]
+
+
+class VideoBatch:
+    """All frames of one tick: stacked small planes, neighbour indices, lazily stacked native luma."""
+
+    def __init__(self, works: list[VideoWork], device: torch.device) -> None:
+        self.works = works
+        self.device = device
+        self.frames: list[VideoFrame] = [f for w in works for f in w.frames]
+        seq: list[torch.Tensor] = []
+        prev_idx, cur_idx, next_idx = [], [], []
+        has_prev, has_next = [], []
+        for w in works:
+            base = len(seq)
+            if w.prev is not None:
+                seq.append(w.prev.small)
+            first = len(seq)
+            seq.extend(f.small for f in w.frames)
+            last = len(seq) - 1
+            if w.next is not None:
+                seq.append(w.next.small)
+            for i in range(len(w.frames)):
+                c = first + i
+                cur_idx.append(c)
+                prev_idx.append(c - 1 if c > base else c)
+                has_prev.append(c > base)
+                nxt = c + 1 if (c < last or w.next is not None) else c
+                next_idx.append(nxt)
+                has_next.append(nxt != c)
+        self.seq = torch.stack(seq).to(device, non_blocking=True)
+        self.prev_idx = torch.tensor(prev_idx, device=device)
+        self.cur_idx = torch.tensor(cur_idx, device=device)
+        self.next_idx = torch.tensor(next_idx, device=device)
+        self.has_prev = np.array(has_prev, dtype=bool)
+        self.has_next = np.array(has_next, dtype=bool)
+        self._small_cur: torch.Tensor | None = None
+        self._cache: dict[object, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    @property
+    def small(self) -> torch.Tensor:
+        if self._small_cur is None:
+            self._small_cur = self.seq.index_select(0, self.cur_idx)
+        return self._small_cur
+
+    def small_mask(self, request: MetricRequest) -> torch.Tensor | None:
+        if not request.ignore:
+            return None
+        key = ("small", request.ignore)
+        if key not in self._masks:
+            h, w = int(self.seq.shape[-2]), int(self.seq.shape[-1])
+            self._masks[key] = region_mask(h, w, request.ignore, self.device)
+        return self._masks[key]
+
+    def diff(self, which: str, request: MetricRequest, idx: np.ndarray) -> torch.Tensor:
+        """MAFD between each selected frame and its previous/next neighbour, or previous vs next."""
+        key = (which, request.ignore, idx.tobytes())
+        if key not in self._cache:
+            sel = torch.from_numpy(idx).to(self.device)
+            pairs = {
+                "prev": (self.cur_idx, self.prev_idx),
+                "next": (self.cur_idx, self.next_idx),
+                "outer": (self.prev_idx, self.next_idx),
+            }[which]
+            a = self.seq.index_select(0, pairs[0].index_select(0, sel))
+            b = self.seq.index_select(0, pairs[1].index_select(0, sel))
+            self._cache[key] = kd.mafd(a, b, self.small_mask(request))
+        return self._cache[key]
+
+    def luma_rows(self, idx: np.ndarray, stride: int) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Native luma of the selected frames, every `stride`-th row, stacked per resolution."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in idx:
+            f = self.frames[int(i)]
+            groups.setdefault((f.height, f.width), []).append(int(i))
+        out = []
+        for members in groups.values():
+            rows = torch.stack([self.frames[i].luma[::stride] for i in members]).to(self.device, non_blocking=True)
+            out.append((np.array(members), rows))
+        return out
+
+
+def _family_black(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+    pix_th = float(req.param("pix_th", 0.10))
+    pic_th = float(req.param("pic_th", 0.98))
+    out = np.zeros(len(idx), dtype=np.float32)
+    sel = torch.from_numpy(idx).to(batch.device)
+    small = batch.small.index_select(0, sel)
+    mask = batch.small_mask(req)
+    means = _masked_mean(small, mask).cpu().numpy()
+    thresholds = np.array(
+        [kluma.black_pixel_threshold(pix_th, batch.frames[i].color_range == ColorRange.FULL) for i in idx]
+    )
+    # A picture whose mean is above this cannot have pic_th of its pixels at or below the threshold, so
+    # only dark pictures pay for the exact count on the native plane. The margin covers the scaler.
+    bound = pic_th * thresholds + (1.0 - pic_th) * 255.0 + 3.0
+    candidates = np.flatnonzero(means <= bound)
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for j in candidates:
+        f = batch.frames[int(idx[j])]
+        groups.setdefault((f.height, f.width, int(thresholds[j])), []).append(int(j))
+    for (h, w, th), members in groups.items():
+        luma = torch.stack([batch.frames[int(idx[j])].luma for j in members]).to(batch.device, non_blocking=True)
+        native_mask = region_mask(h, w, req.ignore, batch.device) if req.ignore else None
+        out[members] = kluma.black_fraction(luma.contiguous(), th, native_mask).cpu().numpy()
+    return {"fraction": out, "mean": means}
+
+
+def _masked_mean(small: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return kluma.luma_mean(small)
+    m = mask.to(torch.float32)
+    return (small.to(torch.float32) * m).flatten(1).sum(-1) / m.sum().clamp(min=1)
+
+
+def _family_spatial(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+    stride = int(req.param("stride", 8))
+    out = {k: np.zeros(len(idx), dtype=np.float32) for k in ("blockiness", "blur", "activity")}
+    pos = {int(i): j for j, i in enumerate(idx)}
+    for members, rows in batch.luma_rows(idx, stride):
+        stats = ks.spatial_stats(rows, stride=1)
+        where = [pos[int(i)] for i in members]
+        out["blockiness"][where] = stats.blockiness.cpu().numpy()
+        out["blur"][where] = stats.blur.cpu().numpy()
+        out["activity"][where] = stats.activity.cpu().numpy()
+    return out
+
+
+def _family_difference(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+    level = int(req.param("level", 6))
+    sel = torch.from_numpy(idx).to(batch.device)
+    cur = batch.seq.index_select(0, batch.cur_idx.index_select(0, sel))
+    prev = batch.seq.index_select(0, batch.prev_idx.index_select(0, sel))
+    changed = kd.changed_fraction(cur, prev, level, batch.small_mask(req))
+    return {
+        "mafd": batch.diff("prev", req, idx).cpu().numpy(),
+        "changed": changed.cpu().numpy(),
+        "activity": kd.activity(cur).cpu().numpy(),
+    }
+
+
+def _family_glitch(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+    d_pc = batch.diff("prev", req, idx)
+    d_cn = batch.diff("next", req, idx)
+    d_pn = batch.diff("outer", req, idx)
+    jump = torch.minimum(d_pc, d_cn).cpu().numpy()
+    score = jump - d_pn.cpu().numpy()
+    valid = batch.has_prev[idx] & batch.has_next[idx]
+    return {"score": np.where(valid, score, np.nan), "jump": np.where(valid, jump, np.nan)}
+
+
+class ScoringStep:
+    """Runs the metric families for a tick's video batch and the audio kernels for its audio batch."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.families: dict[str, FamilyFn] = {
+            "black": _family_black,
+            "spatial": _family_spatial,
+            "difference": _family_difference,
+            "glitch": _family_glitch,
+        }
+
+    def add_family(self, name: str, fn: FamilyFn) -> None:
+        """The slot for models: a family computing per-frame values over the whole batch."""
+        self.families[name] = fn
+
+    @torch.inference_mode()
+    def score_video(self, works: list[VideoWork]) -> list[VideoMetrics]:
+        works = [w for w in works if w.frames]
+        if not works:
+            return []
+        batch = VideoBatch(works, self.device)
+        # Which frames asked for which request, across all streams.
+        asked: dict[MetricRequest, list[int]] = {}
+        offsets = []
+        pos = 0
+        for w in works:
+            offsets.append(pos)
+            for r in dict.fromkeys(w.requests):
+                asked.setdefault(r, []).extend(range(pos, pos + len(w.frames)))
+            pos += len(w.frames)
+        results: dict[MetricRequest, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        for req, members in asked.items():
+            idx = np.asarray(members, dtype=np.int64)
+            family = self.families.get(req.family)
+            if family is None:
+                raise KeyError(f"no metric family {req.family!r}")
+            results[req] = (idx, family(batch, req, idx))
+        out = []
+        small_all = batch.small
+        for w, base in zip(works, offsets, strict=True):
+            k = len(w.frames)
+            values: dict[MetricRequest, dict[str, np.ndarray]] = {}
+            for req in w.requests:
+                idx, vals = results[req]
+                start = int(np.searchsorted(idx, base))
+                values[req] = {name: arr[start : start + k] for name, arr in vals.items()}
+            last = w.frames[-1]
+            out.append(
+                VideoMetrics(
+                    stream=w.stream,
+                    pts=np.array([f.pts for f in w.frames], dtype=np.float64),
+                    duration=np.array([f.duration for f in w.frames], dtype=np.float64),
+                    values=values,
+                    small=small_all[base : base + k],
+                    small_chroma=last.small_chroma,
+                    prev_small=w.prev.small if w.prev is not None else None,
+                )
+            )
+        return out
+
+    @torch.inference_mode()
+    def score_audio(self, works: list[AudioWork]) -> list[AudioMetrics]:
+        """Metrics for each work item, in the order given."""
+        groups: dict[tuple[int, int, float, int], list[int]] = {}
+        for pos, w in enumerate(works):
+            key = (int(w.samples.shape[0]), int(w.samples.shape[1]), w.state.clip_level, w.state.clip_min_run)
+            groups.setdefault(key, []).append(pos)
+        out: list[AudioMetrics | None] = [None] * len(works)
+        for (c, _t, level, min_run), positions in groups.items():
+            members = [works[p] for p in positions]
+            x = torch.stack([w.samples for w in members]).to(self.device, non_blocking=True)
+            for w in members:
+                if w.state.channels != c:
+                    w.state.channels = c
+                    w.state.kstate = None
+                    w.state.clip_carry = None
+            states = [w.state.kstate or kl.KState.zeros(1, c, self.device) for w in members]
+            kstate = kl.KState(*(torch.cat([st[p] for st in states]) for p in range(3)))
+            carry = torch.stack(
+                [
+                    w.state.clip_carry if w.state.clip_carry is not None else torch.zeros(c, dtype=torch.int64)
+                    for w in members
+                ]
+            ).to(self.device)
+            peak = ka.window_peak(x, AUDIO_WINDOW)
+            ms = ka.window_mean_square(x, AUDIO_WINDOW)
+            clipped, new_carry = ka.clipped_windows(x, level, min_run, AUDIO_WINDOW, carry)
+            y, new_k = kl.k_weight(x, kstate)
+            weights = kl.channel_weights(c, members[0].layout).to(self.device)
+            power = kl.weighted_power(ka.window_mean_square(y, AUDIO_WINDOW), weights)
+            peak_np, ms_np, clip_np, power_np = (
+                t.cpu().numpy() for t in (peak, ms, clipped, power)
+            )
+            for i, w in enumerate(members):
+                w.state.kstate = new_k.select(slice(i, i + 1))
+                w.state.clip_carry = new_carry[i].cpu()
+                block = w.state.meter.feed(power_np[i])
+                out[positions[i]] = (
+                    AudioMetrics(
+                        stream=w.stream,
+                        t0=w.t0,
+                        window=AUDIO_WINDOW / AUDIO_RATE,
+                        peak=peak_np[i],
+                        mean_square=ms_np[i],
+                        clipped=clip_np[i],
+                        momentary=block.momentary,
+                        short_term=block.short_term,
+                        window_power=power_np[i],
+                    )
+                )
+        return [m for m in out if m is not None]

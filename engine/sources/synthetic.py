@@ -1,0 +1,251 @@
+"""`synthetic://` — moving test content with tone and noise audio, and faults at scheduled times.
+
+URL form: synthetic://NAME?size=640x360&fps=25&duration=30&tone=1000&level=-20&seed=1
+          &faults=black@5:3,freeze@10:3,loudness@20:4:12
+A fault is KIND@START:DURATION[:PARAM] in seconds. Kinds: black, freeze, blocky, blur, glitch (single bad
+frames every PARAM seconds, default 0.2), silence, clipping (PARAM = gain dB, default 18), loudness
+(PARAM = gain dB, default 12), nosignal (nothing is delivered). duration=0 runs until stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.batch import StreamQueue
+from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, SourceStatus, StreamInfo, VideoFrame
+from engine.sources.base import Source, SourceError, SourceOptions
+
+FAULT_KINDS = ("black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    start: float
+    duration: float
+    param: float | None = None
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+    def covers(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    name: str = "synthetic"
+    width: int = 640
+    height: int = 360
+    fps: float = 25.0
+    duration: float = 30.0
+    tone: float = 1000.0
+    level_db: float = -20.0
+    noise_db: float = -50.0
+    channels: int = 2
+    seed: int = 1
+    faults: tuple[Fault, ...] = field(default_factory=tuple)
+
+
+def parse_fault(text: str) -> Fault:
+    try:
+        kind, rest = text.strip().split("@", 1)
+        parts = [float(p) for p in rest.split(":")]
+    except ValueError as exc:
+        raise SourceError(f"bad fault {text!r}: expected KIND@START:DURATION[:PARAM]") from exc
+    kind = kind.strip().lower()
+    if kind not in FAULT_KINDS:
+        raise SourceError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
+    if len(parts) not in (2, 3) or parts[0] < 0 or parts[1] <= 0:
+        raise SourceError(f"bad fault {text!r}: expected KIND@START:DURATION[:PARAM] with DURATION > 0")
+    return Fault(kind, parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
+
+def parse_spec(url: str, extra_faults: list[dict] | None = None) -> SyntheticSpec:
+    u = urlparse(url)
+    if u.scheme != "synthetic":
+        raise SourceError(f"not a synthetic URL: {url}")
+    q = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    known = {"size", "fps", "duration", "tone", "level", "noise", "channels", "seed", "faults", "pace"}
+    unknown = set(q) - known
+    if unknown:
+        raise SourceError(f"unknown synthetic option(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        w, h = (int(x) for x in q.get("size", "640x360").lower().split("x"))
+        spec = SyntheticSpec(
+            name=(u.netloc or u.path.strip("/") or "synthetic"),
+            width=w,
+            height=h,
+            fps=float(q.get("fps", 25)),
+            duration=float(q.get("duration", 30)),
+            tone=float(q.get("tone", 1000)),
+            level_db=float(q.get("level", -20)),
+            noise_db=float(q.get("noise", -50)),
+            channels=int(q.get("channels", 2)),
+            seed=int(q.get("seed", 1)),
+        )
+    except ValueError as exc:
+        raise SourceError(f"bad synthetic URL {url!r}: {exc}") from exc
+    if spec.width < 64 or spec.height < 64 or spec.width % 16 or spec.height % 8:
+        raise SourceError("synthetic size must be at least 64x64 with width a multiple of 16, height of 8")
+    if not 1 <= spec.fps <= 240 or spec.duration < 0 or not 1 <= spec.channels <= 8:
+        raise SourceError("synthetic fps must be 1..240, duration >= 0, channels 1..8")
+    faults = [parse_fault(f) for f in q.get("faults", "").split(",") if f.strip()]
+    for f in extra_faults or []:
+        faults.append(parse_fault(f"{f['kind']}@{f['start']}:{f['duration']}" + (f":{f['param']}" if f.get("param") is not None else "")))
+    return SyntheticSpec(**{**spec.__dict__, "faults": tuple(sorted(faults, key=lambda f: f.start))})
+
+
+class Generator:
+    """Deterministic content for a spec: frame n and the audio samples [a, b) are pure functions of n, a, b."""
+
+    def __init__(self, spec: SyntheticSpec) -> None:
+        self.spec = spec
+        g = torch.Generator().manual_seed(spec.seed)
+        h, w = spec.height, spec.width
+        ch, cw = 2 * h, 2 * w
+        # A canvas twice the picture size, panned along a Lissajous path: large soft shapes plus fine
+        # texture, so every frame moves, has real detail (for blur) and no 8x8 grid (for blockiness).
+        coarse = torch.rand(1, 1, ch // 32 + 2, cw // 32 + 2, generator=g)
+        soft = F.interpolate(coarse, size=(ch, cw), mode="bicubic", align_corners=False)[0, 0]
+        mid = F.interpolate(torch.rand(1, 1, ch // 6 + 2, cw // 6 + 2, generator=g), size=(ch, cw), mode="bilinear", align_corners=False)[0, 0]
+        fine = torch.rand(ch, cw, generator=g)
+        canvas = 40 + 150 * soft.clamp(0, 1) + 30 * mid + 14 * fine
+        yy, xx = torch.meshgrid(torch.arange(ch), torch.arange(cw), indexing="ij")
+        for k in range(6):  # a few hard-edged discs at odd positions
+            cy, cx, r = (float(v) for v in torch.rand(3, generator=g) * torch.tensor([ch, cw, h / 6]) + torch.tensor([0, 0, 12]))
+            canvas = torch.where((yy - cy) ** 2 + (xx - cx) ** 2 < r * r, torch.tensor(45.0 + 30 * k), canvas)
+        self.canvas = canvas.clamp(16, 235).round().to(torch.uint8)
+        self.chroma = torch.stack(
+            [
+                (128 + 40 * torch.sin(torch.linspace(0, 3.1, SMALL_W // 2))).repeat(SMALL_H // 2, 1),
+                (128 + 40 * torch.cos(torch.linspace(0, 3.1, SMALL_H // 2))).unsqueeze(1).repeat(1, SMALL_W // 2),
+            ]
+        ).round().to(torch.uint8)
+        self.noise_rng = np.random.default_rng(spec.seed)
+        self._glitch_rng = torch.Generator().manual_seed(spec.seed + 7)
+
+    def fault(self, kind: str, t: float) -> Fault | None:
+        for f in self.spec.faults:
+            if f.kind == kind and f.covers(t):
+                return f
+        return None
+
+    def _clean(self, t: float) -> torch.Tensor:
+        s = self.spec
+        # A slow pan (at most ~1/10 of the width per second), like a camera move.
+        ox = int((s.width / 2) * (1 + 0.5 * math.sin(2 * math.pi * t / 17.0)))
+        oy = int((s.height / 2) * (1 + 0.5 * math.sin(2 * math.pi * t / 23.0 + 0.5)))
+        return self.canvas[oy : oy + s.height, ox : ox + s.width]
+
+    def luma(self, n: int) -> torch.Tensor:
+        s = self.spec
+        t = n / s.fps
+        if self.fault("black", t):
+            return torch.full((s.height, s.width), 16, dtype=torch.uint8)
+        fz = self.fault("freeze", t)
+        y = self._clean(fz.start if fz else t).clone()
+        if self.fault("blocky", t):
+            b = 16
+            y = F.avg_pool2d(y[None, None].float(), b)[0, 0].round().to(torch.uint8)
+            y = y.repeat_interleave(b, 0).repeat_interleave(b, 1)
+        if self.fault("blur", t):
+            k = torch.exp(-((torch.arange(-9, 10, dtype=torch.float32) / 3.0) ** 2) / 2)
+            k = (k / k.sum()).view(1, 1, 1, -1)
+            z = y[None, None].float()
+            z = F.conv2d(F.pad(z, (9, 9, 0, 0), mode="replicate"), k)
+            z = F.conv2d(F.pad(z, (0, 0, 9, 9), mode="replicate"), k.transpose(2, 3))
+            y = z[0, 0].round().clamp(0, 255).to(torch.uint8)
+        gl = self.fault("glitch", t)
+        if gl:
+            period = gl.param or 0.2
+            k = round((t - gl.start) * s.fps)
+            if k % max(1, round(period * s.fps)) == 0:
+                # Decoder garbage: random 16x16 blocks, visible at any scale.
+                blocks = torch.randint(16, 236, (s.height // 16 + 1, s.width // 16), dtype=torch.uint8, generator=self._glitch_rng)
+                y = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)[: s.height]
+        return y
+
+    def audio(self, a: int, b: int) -> torch.Tensor:
+        """Samples a..b-1 of the stream at 48 kHz, shape (channels, b - a)."""
+        s = self.spec
+        idx = np.arange(a, b, dtype=np.float64)
+        t = idx / AUDIO_RATE
+        amp = 10 ** (s.level_db / 20)
+        x = amp * np.sin(2 * np.pi * s.tone * t)
+        x = x + 10 ** (s.noise_db / 20) * self.noise_rng.standard_normal(len(idx))
+        gain = np.ones_like(t)
+        for f in s.faults:
+            inside = (t >= f.start) & (t < f.end)
+            if f.kind == "silence":
+                gain[inside] = 0.0
+            elif f.kind == "loudness":
+                gain[inside] = 10 ** ((f.param if f.param is not None else 12.0) / 20)
+            elif f.kind == "clipping":
+                gain[inside] = 10 ** ((f.param if f.param is not None else 18.0) / 20)
+        x = np.clip(x * gain, -1.0, 1.0).astype(np.float32)
+        return torch.from_numpy(np.tile(x, (s.channels, 1)))
+
+
+def small_of(luma: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(luma[None, None].float(), size=(SMALL_H, SMALL_W), mode="area")[0, 0].round().to(torch.uint8)
+
+
+class SyntheticSource(Source):
+    live = False
+
+    def __init__(self, url: str, options: SourceOptions, faults: list[dict] | None = None) -> None:
+        self.spec = parse_spec(url, faults)
+        q = parse_qs(urlparse(url).query)
+        if "pace" in q and options.pace == "auto":
+            options.pace = q["pace"][-1]
+        super().__init__(url, options)
+        s = self.spec
+        self.info = StreamInfo(url=url, live=False, container="synthetic", video_codec="raw", width=s.width,
+                               height=s.height, fps=s.fps, audio_codec="pcm", audio_channels=s.channels,
+                               audio_rate=AUDIO_RATE, duration=s.duration or None, decoder="synthetic")
+
+    @property
+    def realtime(self) -> bool:
+        return self.options.pace != "fast"
+
+    def run(self, queue: StreamQueue, stop: threading.Event) -> None:
+        s = self.spec
+        gen = Generator(s)
+        queue.put_status(SourceStatus("connected", "", time.time(), info=self.info))
+        wall0 = time.monotonic()
+        n = 0
+        dur = 1.0 / s.fps
+        while not stop.is_set() and not queue.closed:
+            t = n / s.fps
+            if s.duration and t >= s.duration - 1e-9:
+                break
+            if self.realtime:
+                ahead = t - (time.monotonic() - wall0)
+                if ahead > 0 and stop.wait(ahead):
+                    break
+            if gen.fault("nosignal", t):
+                n += 1
+                continue
+            y = gen.luma(n)
+            black = gen.fault("black", t) is not None
+            frame = VideoFrame(pts=t, duration=dur, luma=y, small=small_of(y),
+                               small_chroma=torch.full_like(gen.chroma, 128) if black else gen.chroma,
+                               key_frame=True, index=n)
+            a, b = round(n * AUDIO_RATE / s.fps), round((n + 1) * AUDIO_RATE / s.fps)
+            now = time.time()
+            queue.counters.video_frames += 1
+            queue.put_video(frame, now)
+            queue.counters.audio_chunks += 1
+            queue.put_audio(AudioChunk(pts=a / AUDIO_RATE, samples=gen.audio(a, b), layout="stereo" if s.channels == 2 else ("mono" if s.channels == 1 else f"{s.channels}c")), now)
+            n += 1
+        queue.put_status(SourceStatus("eof", "", time.time()))

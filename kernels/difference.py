@@ -1,0 +1,60 @@
+"""Frame-difference kernels on the small fixed-size luma plane: MAFD and glitch scores."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mafd(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute frame difference per frame pair, in 8-bit code values.
+
+    `a`, `b`: (N, h, w) uint8 (b may broadcast, e.g. (1, h, w)); `mask` (h, w) or (N, h, w) bool selects
+    the pixels that count. This is freezedetect's MAFD (times 256 on its 0..1 scale) on one plane.
+    """
+    # |a - b| on uint8 without widening: max - min never wraps.
+    diff = torch.maximum(a, b) - torch.minimum(a, b)
+    n = diff.shape[0]
+    if mask is None:
+        flat = diff.reshape(n, -1)
+        return flat.sum(-1, dtype=torch.int64).to(torch.float32) / flat.shape[1]
+    m = mask.expand_as(diff)
+    total = m.reshape(n, -1).sum(-1).clamp(min=1)
+    return (diff * m).reshape(n, -1).sum(-1, dtype=torch.int64).to(torch.float32) / total
+
+
+def changed_fraction(a: torch.Tensor, b: torch.Tensor, level: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of pixels whose absolute difference exceeds `level` code values, per frame pair.
+
+    Coding noise on a frozen picture spreads thin over the whole frame; real motion, even slow, moves whole
+    objects. The fraction of clearly changed pixels separates the two where the mean does not.
+    """
+    diff = torch.maximum(a, b) - torch.minimum(a, b)
+    hit = diff > level
+    n = diff.shape[0]
+    if mask is not None:
+        m = mask.expand_as(hit)
+        return (hit & m).reshape(n, -1).sum(-1).to(torch.float32) / m.reshape(n, -1).sum(-1).clamp(min=1)
+    return hit.reshape(n, -1).to(torch.float32).mean(-1)
+
+
+def glitch_scores(seq: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glitch evidence for the interior frames of a sequence (T, h, w) uint8 -> two (T-2,) tensors.
+
+    A glitch frame differs from both neighbours while the neighbours agree with each other, so a cut (one
+    large difference) or steady motion (neighbours differ as much as the frame) scores low. Returns
+    (score, jump): score = min(d(t-1,t), d(t,t+1)) - d(t-1,t+1) and jump = min(d(t-1,t), d(t,t+1)),
+    in code values.
+    """
+    prev, cur, nxt = seq[:-2], seq[1:-1], seq[2:]
+    d_pc = mafd(prev, cur, mask)
+    d_cn = mafd(cur, nxt, mask)
+    d_pn = mafd(prev, nxt, mask)
+    jump = torch.minimum(d_pc, d_cn)
+    return jump - d_pn, jump
+
+
+def activity(small: torch.Tensor) -> torch.Tensor:
+    """Mean absolute horizontal step of each (N, h, w) uint8 picture: how much there is to see in it."""
+    d = torch.maximum(small[..., 1:], small[..., :-1]) - torch.minimum(small[..., 1:], small[..., :-1])
+    n = d.shape[0]
+    return d.reshape(n, -1).sum(-1, dtype=torch.int64).to(torch.float32) / d[0].numel()
