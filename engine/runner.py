@@ -250,13 +250,17 @@ class Engine:
         self.sink.emit(event)
 
     # -- the device tick
-    def run(self, until_done: bool = True, deadline: float | None = None) -> None:
-        """Run ticks until every stream has ended (until_done) or stop() is called."""
+    def run(
+        self, until_done: bool = True, deadline: float | None = None, on_tick: Callable[[], None] | None = None
+    ) -> None:
+        """Run ticks until every stream has ended (until_done), the deadline passes or stop() is called."""
         try:
             while not self._stopping.is_set():
                 self.wakeup.wait(self.tick)
                 self.wakeup.clear()
                 busy = self.step()
+                if on_tick is not None:
+                    on_tick()
                 with self._lock:
                     live = [rt for rt in self.streams.values() if not rt.finished]
                 if until_done and not live:
@@ -320,9 +324,10 @@ class Engine:
         for rt in runtimes:
             if rt.finished:
                 continue
+            arrived = rt.held.pts + rt.held.duration if rt.held is not None else rt.stats.media_end
             for det in rt.detectors:
                 try:
-                    det.on_tick(wall, rt.stats.media_end)
+                    det.on_tick(wall, arrived)
                 except Exception as exc:
                     rt.fail(f"detector {det.NAME} failed: {exc}")
             if rt.eof and rt.held is None and rt.queue.pending() == 0:

@@ -44,7 +44,12 @@ class NoSignalDetector(Detector):
     def on_video(self, m: VideoMetrics) -> None:
         first = float(m.pts[0])
         if self.open is not None:
-            self._emit(self.open.resolved(max(first, self.open.start)))
+            # The first frame after the outage (frames that arrived before it may be scored only now).
+            after = m.pts[m.pts >= self.open.start - 1e-6]
+            if after.size == 0:
+                self.last_end = float(m.pts[-1] + m.duration[-1])
+                return
+            self._emit(self.open.resolved(float(after[0])))
             self.open = None
         elif not self.ctx.live:
             # Gaps in the timestamps of a file read faster than real time, before and inside this batch.
@@ -56,7 +61,7 @@ class NoSignalDetector(Detector):
         self.last_end = float(m.pts[-1] + m.duration[-1])
 
     def on_tick(self, wallclock: float, media_time: float) -> None:
-        """Called every engine tick; `media_time` is where the stream would be now had frames kept coming."""
+        """Called every engine tick; `media_time` is the end of the last frame that arrived."""
         last_arrival = self.ctx.extra.get("last_arrival")
         if self.started_wall is None:
             self.started_wall = wallclock
@@ -64,8 +69,7 @@ class NoSignalDetector(Detector):
             return
         since = wallclock - (last_arrival if last_arrival is not None else self.started_wall)
         if since >= self.config.onset:
-            start = self.last_end if self.last_end is not None else 0.0
-            self.open = self._make_event(start, since)
+            self.open = self._make_event(media_time, since)
             self._emit(self.open)
 
     def finish(self, end_time: float | None) -> None:

@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   - create .venv, install framewatch, run the built-in demo config
+#   make test  - install the dev extras too, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is pinned to the builds this project is tested with; override on other machines,
+# e.g. `make run TORCH="torch torchaudio"`.
+TORCH  ?= torch==2.14.1 torchaudio==2.11.0
+PYTEST_ARGS ?=
+
+.PHONY: run test install dev samples bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+run: $(VENV)/.installed
+	$(BIN)/framewatch run
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+samples:
+	bash tests/fetch_samples.sh
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/cpu_vs_ffmpeg.py
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) framewatch-out .pytest_cache *.egg-info

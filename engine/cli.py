@@ -1,0 +1,301 @@
+"""Command line: `framewatch run`, `framewatch check`, `framewatch config validate|schema`, `framewatch detectors`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import fields
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine import __version__
+from engine.alerts import JsonlSink, MemorySink, MultiSink, ThumbnailWriter
+from engine.alerts.sinks import CallbackSink
+from engine.config import ConfigError, FramewatchConfig, json_schema, load_config, resolve_detectors, stream_specs
+from engine.detectors import REGISTRY
+from engine.events import Event
+from engine.runner import Engine, StreamRuntime, StreamSpec
+from engine.sources import SourceOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="framewatch: real-time quality monitoring of audio/video streams.")
+config_app = typer.Typer(no_args_is_help=True, help="Validate configs and export the config schema.")
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130)
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+STYLE = {"critical": "bold red", "major": "red", "warning": "yellow", "info": "cyan"}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"framewatch: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="framewatch: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _pretty(event: Event) -> str:
+    t = f"{event.start:8.3f}s"
+    if event.status.value == "resolved":
+        return f"[dim]{t}[/] [green]resolved[/] [bold]{event.stream}[/] {event.type}  end {event.end:.3f}s  duration {event.duration:.3f}s"
+    style = STYLE.get(event.severity.value, "white")
+    return f"{t} [{style}]FIRING {event.severity.value}[/] [bold]{event.stream}[/] {event.type}  {event.message}"
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="config YAML (default: the built-in demo)")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    jsonl: Annotated[str | None, typer.Option(help="write events as JSON lines here ('-' = stdout)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no human-readable alert lines")] = False,
+) -> None:
+    """Monitor the streams of a config until they end, the duration passes, or Ctrl-C."""
+    path = config or DEMO
+    try:
+        cfg = load_config(path)
+        specs = stream_specs(cfg)
+    except ConfigError as exc:
+        raise _fail(str(exc).splitlines()[0] if len(str(exc).splitlines()) == 1 else str(exc)) from None
+    _setup_logging(cfg.output.log_level)
+    if not specs:
+        raise _fail(f"{path}: no streams configured")
+    sinks = MultiSink()
+    target = jsonl if jsonl is not None else cfg.output.jsonl
+    if target:
+        try:
+            sinks.add(JsonlSink(target))
+        except OSError as exc:
+            raise _fail(f"cannot write events to {target}: {exc}") from None
+    memory = MemorySink()
+    sinks.add(memory)
+    if not quiet:
+        sinks.add(CallbackSink(lambda e: err.print(_pretty(e))))
+    thumbs = ThumbnailWriter(cfg.output.thumbnails) if cfg.output.thumbnails else None
+    engine = Engine(
+        sinks,
+        device=cfg.engine.device,
+        batch_frames=cfg.engine.batch_frames,
+        tick=cfg.engine.tick_ms / 1000,
+        queue_frames=cfg.engine.queue_frames,
+        thumbnails=thumbs,
+        torch_threads=cfg.engine.torch_threads,
+    )
+    if not quiet:
+        err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, device {cfg.engine.device}")
+    for spec in specs:
+        engine.add_stream(spec)
+    limit = duration if duration is not None else cfg.duration
+    deadline = time.monotonic() + limit if limit else None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    try:
+        engine.run(until_done=True, deadline=deadline)
+    except KeyboardInterrupt:
+        engine.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sinks.close()
+    if cfg.output.summary and not quiet:
+        _summary(engine, memory.events)
+    if any(rt.state == "error" for rt in engine.streams.values()):
+        raise typer.Exit(2)
+
+
+def _summary(engine: Engine, events: list[Event]) -> None:
+    table = Table(title="streams", show_lines=False)
+    for col in ("stream", "state", "frames", "media s", "dropped", "decode errors", "integrated LUFS", "alerts"):
+        table.add_column(col)
+    for rt in engine.streams.values():
+        st = rt.stats
+        alerts = ", ".join(f"{k} {v}" for k, v in sorted(st.events.items())) or "none"
+        table.add_row(
+            rt.id, rt.state, str(st.frames_scored), f"{st.media_end:.1f}", str(rt.counters.frames_dropped),
+            str(rt.counters.decode_errors), _fmt(rt.audio.meter.integrated, 1), alerts,
+        )
+    err.print(table)
+    resolved = [e for e in events if e.status.value == "resolved"]
+    if resolved:
+        t2 = Table(title="alerts")
+        for col in ("stream", "type", "severity", "start s", "end s", "duration s", "value"):
+            t2.add_column(col)
+        for e in sorted(resolved, key=lambda e: (e.stream, e.start)):
+            t2.add_row(e.stream, e.type, e.severity.value, f"{e.start:.3f}", _fmt(e.end, 3), _fmt(e.duration, 3), _fmt(e.value, 3))
+        err.print(t2)
+
+
+def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str, Any]:
+    info = rt.info
+    meter = rt.audio.meter
+    resolved = [e for e in events if e.status.value == "resolved"]
+    summary: dict[str, int] = {}
+    for e in resolved:
+        summary[e.type] = summary.get(e.type, 0) + 1
+    video = None
+    if info is not None and info.video_codec:
+        video = {
+            "codec": info.video_codec, "width": info.width, "height": info.height, "fps": info.fps,
+            "frames": rt.stats.frames_scored, "decoder": info.decoder,
+            "decode_errors": rt.counters.decode_errors, "corrupt_frames": rt.counters.corrupt_frames,
+        }
+    audio = None
+    if info is not None and info.audio_codec:
+        audio = {
+            "codec": info.audio_codec, "channels": info.audio_channels, "sample_rate": info.audio_rate,
+            "seconds": round(rt.stats.audio_seconds, 3),
+            "integrated_lufs": _num(meter.integrated), "loudness_range_lu": _num(meter.loudness_range),
+            "max_momentary_lufs": _num(meter.max_momentary), "max_short_term_lufs": _num(meter.max_short_term),
+        }
+    duration = info.duration if info is not None and info.duration else rt.stats.media_end
+    return {
+        "file": path,
+        "duration": round(float(duration or 0.0), 3),
+        "video": video,
+        "audio": audio,
+        "events": [e.to_dict() for e in resolved],
+        "summary": summary,
+        "errors": rt.errors,
+    }
+
+
+def _num(v: float | None) -> float | None:
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return None
+    return round(float(v), 2)
+
+
+@app.command()
+def check(
+    files: Annotated[list[str], typer.Argument(help="media files (or URLs) to check")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per file on stdout")] = False,
+    profile: Annotated[str, typer.Option(help="detector profile from --config")] = "default",
+    config: Annotated[Path | None, typer.Option(help="config YAML with detectors and profiles")] = None,
+    thumbnails: Annotated[Path | None, typer.Option(help="write alert thumbnails to this folder")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+) -> None:
+    """Check files for faults. Exit code: 0 no fault, 1 faults found, 2 error (unreadable input, bad config)."""
+    try:
+        cfg = load_config(config) if config is not None else FramewatchConfig()
+        if profile != "default" and profile not in cfg.profiles:
+            raise ConfigError(f"unknown profile {profile!r}" + (f"; known: {', '.join(sorted(cfg.profiles))}" if cfg.profiles else " (no --config with profiles given)"))
+        detectors = resolve_detectors(cfg, profile)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    _setup_logging("error")
+    worst = 0
+    show_progress = not as_json and err.is_terminal
+    for path in files:
+        memory = MemorySink()
+        engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
+                        torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
+        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace="fast")))
+        if show_progress:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
+                task = bar.add_task(Path(path).name, total=100)
+
+                def tick() -> None:
+                    total = rt.info.duration if rt.info is not None and rt.info.duration else None
+                    if total:
+                        bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))
+
+                engine.run(on_tick=tick)
+        else:
+            engine.run()
+        report = _file_report(path, rt, memory.events)
+        unreadable = rt.state == "error" and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0
+        if unreadable:
+            err.print(f"framewatch: error: {path}: {rt.errors[0] if rt.errors else 'unreadable'}", markup=False, highlight=False, soft_wrap=True)
+            worst = 2
+        elif rt.errors:
+            err.print(f"framewatch: warning: {path}: {rt.errors[0]}", markup=False, highlight=False, soft_wrap=True)
+        if report["events"] and worst < 2:
+            worst = max(worst, 1)
+        if as_json:
+            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.flush()
+        elif not unreadable:
+            _print_file(report)
+    raise typer.Exit(worst)
+
+
+def _print_file(report: dict[str, Any]) -> None:
+    v, a = report["video"], report["audio"]
+    parts = [f"[bold]{report['file']}[/]  {report['duration']:.2f} s"]
+    if v:
+        parts.append(f"video {v['codec']} {v['width']}x{v['height']} {_fmt(v['fps'])} fps, {v['frames']} frames, {v['decode_errors']} decode errors")
+    if a:
+        parts.append(f"audio {a['codec']} {a['channels']} ch, integrated {_fmt(a['integrated_lufs'], 1)} LUFS")
+    err.print("  ".join(parts))
+    if not report["events"]:
+        err.print("  [green]no faults[/]")
+        return
+    table = Table()
+    for col in ("type", "severity", "start s", "end s", "duration s", "value", "threshold"):
+        table.add_column(col)
+    for e in report["events"]:
+        table.add_row(e["type"], e["severity"], f"{e['start']:.3f}", _fmt(e["end"], 3), _fmt(e["duration"], 3), _fmt(e["value"], 3), _fmt(e["threshold"], 3))
+    err.print(table)
+
+
+@config_app.command("validate")
+def config_validate(file: Annotated[Path, typer.Argument(help="config YAML")]) -> None:
+    """Check a config file; exit 0 when valid, 2 with one line per problem otherwise."""
+    try:
+        cfg = load_config(file)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"{file}: valid ({len(cfg.streams)} stream(s), {len(cfg.profiles)} profile(s))")
+
+
+@config_app.command("schema")
+def config_schema(output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None) -> None:
+    """Export the config's JSON schema (for editors and CI checks)."""
+    text = json.dumps(json_schema(), indent=2)
+    if output is None:
+        sys.stdout.write(text + "\n")
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+
+
+@app.command()
+def detectors() -> None:
+    """List the detectors with their version and default settings."""
+    table = Table()
+    for col in ("detector", "version", "media", "defaults"):
+        table.add_column(col)
+    for name, det in sorted(REGISTRY.items()):
+        cfg = det.Config()
+        defaults = ", ".join(
+            f"{f.name}={(getattr(cfg, f.name).value if isinstance(getattr(cfg, f.name), Enum) else getattr(cfg, f.name))}"
+            for f in fields(cfg) if f.name != "ignore"
+        )
+        table.add_row(name, det.VERSION, det.MEDIA, defaults)
+    Console().print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Configuration: YAML into pydantic models, with detector overrides per profile and per stream.
+
+Unknown keys are rejected with a suggestion. Detector options are checked against each detector's own
+frozen config dataclass, so the schema grows by itself when a detector is added.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import MISSING, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from engine.detectors import REGISTRY
+from engine.detectors.base import DetectorConfig, Region
+from engine.runner import StreamSpec
+from engine.sources import SourceOptions
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegionModel(_Strict):
+    """A rectangle in fractions of the picture: x, y of the top-left corner, w, h."""
+
+    x: float = Field(ge=0, le=1)
+    y: float = Field(ge=0, le=1)
+    w: float = Field(gt=0, le=1)
+    h: float = Field(gt=0, le=1)
+
+
+def _override_model(name: str, cfg: type[DetectorConfig]) -> type[BaseModel]:
+    hints = typing.get_type_hints(cfg)
+    spec: dict[str, Any] = {}
+    for f in fields(cfg):
+        typ = hints[f.name]
+        if f.name == "ignore":
+            typ = list[RegionModel]
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, Enum):
+            default = default.value
+        spec[f.name] = (typ | None, Field(default=None, description=f"default: {default!r}"))
+    return create_model(
+        f"{name}_options",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=(cfg.__doc__ or "").strip(),
+        **spec,
+    )
+
+
+DETECTOR_OVERRIDES: dict[str, type[BaseModel]] = {n: _override_model(n, d.Config) for n, d in REGISTRY.items()}
+DetectorsModel = create_model(
+    "Detectors",
+    __config__=ConfigDict(extra="forbid"),
+    **{n: (m | None, None) for n, m in DETECTOR_OVERRIDES.items()},
+)
+
+
+class ProfileModel(_Strict):
+    """A named set of detector overrides; `only` restricts the profile to the listed detectors."""
+
+    only: list[str] | None = None
+    detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
+
+    @field_validator("only")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if name not in REGISTRY:
+                raise ValueError(_unknown("detector", name, REGISTRY))
+        return v
+
+
+class FaultModel(_Strict):
+    """A fault scheduled on a synthetic:// stream."""
+
+    kind: Literal["black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal"]
+    start: float = Field(ge=0)
+    duration: float = Field(gt=0)
+    param: float | None = None
+
+
+class StreamModel(_Strict):
+    id: str
+    url: str
+    profile: str = "default"
+    pace: Literal["auto", "fast", "realtime"] = "auto"
+    detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
+    faults: list[FaultModel] = Field(default_factory=list)
+    options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="source options")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _ID.match(v):
+            raise ValueError("stream id must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("url must not be empty")
+        return v.strip()
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        known = {f.name for f in fields(SourceOptions)} - {"pace"}
+        for key in v:
+            if key not in known:
+                raise ValueError(_unknown("source option", key, known))
+        return v
+
+
+class EngineModel(_Strict):
+    device: str = "cpu"
+    batch_frames: int = Field(16, ge=1, le=256, description="most frames of one stream scored per tick")
+    tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
+    queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
+    torch_threads: int = Field(1, ge=0, le=256, description="CPU threads for the scoring step (0: torch's default)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+            raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class OutputModel(_Strict):
+    jsonl: str | None = Field("-", description="'-' for stdout, a file path, or null")
+    thumbnails: str | None = Field(None, description="folder for alert thumbnails, or null")
+    summary: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+
+class FramewatchConfig(_Strict):
+    """A framewatch configuration file."""
+
+    engine: EngineModel = Field(default_factory=EngineModel)
+    output: OutputModel = Field(default_factory=OutputModel)
+    detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
+    profiles: dict[str, ProfileModel] = Field(default_factory=dict)
+    streams: list[StreamModel] = Field(default_factory=list)
+    duration: float | None = Field(None, gt=0, description="stop after this many seconds (run)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FramewatchConfig:
+        seen: set[str] = set()
+        for s in self.streams:
+            if s.id in seen:
+                raise ValueError(f"stream id {s.id!r} appears twice")
+            seen.add(s.id)
+            if s.profile != "default" and s.profile not in self.profiles:
+                raise ValueError(f"stream {s.id!r}: " + _unknown("profile", s.profile, self.profiles))
+        return self
+
+
+def _unknown(what: str, name: str, known: typing.Iterable[str]) -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+    return f"unknown {what} {name!r}{hint}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at a location of the config, for suggestions."""
+    current: Any = model
+    skip_key = False
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if skip_key:  # the key of a dict (a profile name)
+            skip_key = False
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        f = current.model_fields.get(str(part))
+        if f is None:
+            return []
+        skip_key = typing.get_origin(f.annotation) is dict
+        current = _unwrap(f.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(t: Any) -> Any:
+    """The model inside Optional[...], list[...] or dict[str, ...]."""
+    for _ in range(4):
+        args = typing.get_args(t)
+        if not args:
+            return t
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            return models[0]
+        t = args[-1]
+    return t
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err.get("type") == "extra_forbidden":
+            key = str(loc[-1]) if loc else "?"
+            allowed = _allowed_keys(FramewatchConfig, loc)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            lines.append(f"{source}: {where}: unknown key{hint}")
+        else:
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, text: str | None = None) -> FramewatchConfig:
+    """Read and validate a config file (or YAML text). Raises ConfigError with one line per problem."""
+    source = str(path) if path is not None else "<config>"
+    if text is None:
+        if path is None:
+            raise ConfigError("no config given")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read: {exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping (engine, output, detectors, profiles, streams)")
+    try:
+        cfg = FramewatchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from exc
+    # Resolve every stream once so bad detector values are reported now, not when the stream starts.
+    for s in cfg.streams:
+        resolve_detectors(cfg, s.profile, s.detectors, where=f"{source}: streams.{s.id}")
+    return cfg
+
+
+def _values(model: BaseModel | None) -> dict[str, Any]:
+    if model is None:
+        return {}
+    return {k: v for k, v in model.model_dump(exclude_none=True).items()}
+
+
+def resolve_detectors(
+    cfg: FramewatchConfig, profile: str = "default", stream_overrides: BaseModel | None = None, where: str = ""
+) -> dict[str, DetectorConfig]:
+    """Detector configs for a stream: defaults <- config-wide <- profile <- stream."""
+    prof = cfg.profiles.get(profile)
+    layers = [cfg.detectors, prof.detectors if prof else None, stream_overrides]
+    only = set(prof.only) if prof and prof.only else None
+    out: dict[str, DetectorConfig] = {}
+    for name, det in REGISTRY.items():
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            if layer is not None:
+                merged.update(_values(getattr(layer, name, None)))
+        if "ignore" in merged:
+            merged["ignore"] = tuple(Region(**r) for r in merged["ignore"])
+        if only is not None and name not in only:
+            merged["enabled"] = False
+        try:
+            out[name] = det.Config(**merged)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where or 'config'}: detectors.{name}: {exc}") from exc
+    return out
+
+
+def stream_specs(cfg: FramewatchConfig) -> list[StreamSpec]:
+    specs = []
+    for s in cfg.streams:
+        opts = SourceOptions(pace=s.pace, **s.options)  # type: ignore[arg-type]
+        specs.append(
+            StreamSpec(
+                id=s.id,
+                url=s.url,
+                detectors=resolve_detectors(cfg, s.profile, s.detectors, where=f"streams.{s.id}"),
+                source=opts,
+                faults=[f.model_dump() for f in s.faults] or None,
+                profile=s.profile,
+            )
+        )
+    return specs
+
+
+def json_schema() -> dict[str, Any]:
+    return FramewatchConfig.model_json_schema()
