@@ -13,6 +13,10 @@ after that is cheap bookkeeping on the CPU, in float64 numpy, in bounded memory:
 
 The timing follows FFmpeg: block k covers the audio up to k * 100 ms after the meter start, momentary
 values exist from 400 ms, short-term values from 3 s.
+
+Feeding a batch of streams from the GPU: compute `weighted_power` for the whole (N, C, T) batch, move the
+(N, W) result to the CPU once, and feed row n to stream n's meter; feeding CUDA rows one by one would
+cost a device sync per stream.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ LRA_HIGH_PCT = 95
 # Histogram of block loudness in 0.01 LU bins from the absolute gate to +10 LUFS (louder blocks land in
 # the top bin), like FFmpeg's: the gates and percentiles are resolved to the bin, the energies are kept
 # exactly per bin.
-HIST_STEP = 0.01
+HIST_GRAIN = 100  # bins per LU
 HIST_TOP = 10.0
-HIST_BINS = round((HIST_TOP - ABS_GATE) / HIST_STEP) + 1
+HIST_BINS = round((HIST_TOP - ABS_GATE) * HIST_GRAIN) + 1
 
 MOMENTARY_S = 0.4
 SHORT_TERM_S = 3.0
@@ -52,7 +56,7 @@ def _lufs(power: np.ndarray) -> np.ndarray:
 
 
 def _bin(lufs: np.ndarray) -> np.ndarray:
-    return np.clip(((lufs - ABS_GATE) / HIST_STEP).astype(np.int64), 0, HIST_BINS - 1)
+    return np.clip(((lufs - ABS_GATE) * HIST_GRAIN).astype(np.int64), 0, HIST_BINS - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,7 @@ class _GateHistogram:
             self.energy += np.bincount(idx, weights=power[keep], minlength=HIST_BINS)
 
     def gate_bin(self, relative_lu: float) -> int | None:
-        """First bin at or above the relative gate, None while no block passed the absolute gate."""
+        """The bin holding the relative gate (blocks in it and above pass), None before any block."""
         n = int(self.count.sum())
         if n == 0:
             return None
@@ -230,7 +234,7 @@ class LoudnessMeter:
         high_rank = int(LRA_HIGH_PCT * n / 100 + 0.5)
         low = gate + int(np.searchsorted(cum, low_rank))
         high = gate + int(np.searchsorted(cum, high_rank))
-        return ABS_GATE + low * HIST_STEP, ABS_GATE + high * HIST_STEP
+        return ABS_GATE + low / HIST_GRAIN, ABS_GATE + high / HIST_GRAIN
 
     @property
     def loudness_range(self) -> float:

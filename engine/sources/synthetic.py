@@ -9,7 +9,6 @@ frames every PARAM seconds, default 0.2), silence, clipping (PARAM = gain dB, de
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -142,9 +141,10 @@ class Generator:
 
     def _clean(self, t: float) -> torch.Tensor:
         s = self.spec
-        # A slow pan (at most ~1/10 of the width per second), like a camera move.
-        ox = int((s.width / 2) * (1 + 0.5 * math.sin(2 * math.pi * t / 17.0)))
-        oy = int((s.height / 2) * (1 + 0.5 * math.sin(2 * math.pi * t / 23.0 + 0.5)))
+        # A steady diagonal pan bouncing inside the canvas, like a slow camera move: about 1/12 of the width
+        # per second, never standing still (a sinusoidal path would stop at its turning points).
+        ox = int(_bounce(t * s.width / 12.0 + s.width / 3, s.width))
+        oy = int(_bounce(t * s.height / 20.0 + s.height / 5, s.height))
         return self.canvas[oy : oy + s.height, ox : ox + s.width]
 
     def luma(self, n: int) -> torch.Tensor:
@@ -194,6 +194,12 @@ class Generator:
                 gain[inside] = 10 ** ((f.param if f.param is not None else 18.0) / 20)
         x = np.clip(x * gain, -1.0, 1.0).astype(np.float32)
         return torch.from_numpy(np.tile(x, (s.channels, 1)))
+
+
+def _bounce(x: float, span: int) -> float:
+    """Triangle wave between 0 and span: a position that moves at constant speed and turns around."""
+    x = x % (2 * span)
+    return x if x <= span else 2 * span - x
 
 
 def small_of(luma: torch.Tensor) -> torch.Tensor:
