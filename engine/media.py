@@ -6,9 +6,11 @@ scoring step and the detectors never know where a frame came from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import torch
 
 # The small plane is the fixed-size view used for frame-difference work, glitch scoring and thumbnails
@@ -33,15 +35,16 @@ class VideoFrame:
     """One decoded picture.
 
     `luma` is the native-size 8-bit Y plane on the frame's device (H, W); `small` is the Y plane scaled to
-    SMALL_H x SMALL_W with area averaging; `small_chroma` (2, SMALL_H/2, SMALL_W/2) is kept only for colour
-    thumbnails. `pts` is seconds from the stream start; `duration` the frame's nominal display time.
+    SMALL_H x SMALL_W with area averaging, limited range. `rgb`, when set, renders the picture as an
+    (SMALL_H, SMALL_W, 3) uint8 array for thumbnails: only pictures that raise an alert pay for colour.
+    `pts` is seconds from the stream start; `duration` the frame's nominal display time.
     """
 
     pts: float
     duration: float
     luma: torch.Tensor
     small: torch.Tensor
-    small_chroma: torch.Tensor | None = None
+    rgb: Callable[[], np.ndarray] | None = None
     color_range: ColorRange = ColorRange.LIMITED
     key_frame: bool = False
     index: int = 0  # frame number in the stream, set by the source

@@ -81,8 +81,7 @@ class StreamRuntime:
         self.finished = False
         self.held: VideoFrame | None = None
         self.prev: VideoFrame | None = None
-        self.last_small: torch.Tensor | None = None
-        self.last_chroma: torch.Tensor | None = None
+        self.last_frame: VideoFrame | None = None
         self.audio = AudioState()
         self._audio_buf: list[torch.Tensor] = []
         self._audio_len = 0
@@ -120,9 +119,9 @@ class StreamRuntime:
         log.error(line)
 
     def _thumbnail(self, event_id: str) -> str | None:
-        if self._writer is None or self.last_small is None:
+        if self._writer is None or self.last_frame is None:
             return None
-        return self._writer.write(self.id, event_id, self.last_small, self.last_chroma)
+        return self._writer.write(self.id, event_id, self.last_frame)
 
     def start(self) -> None:
         if self.source is None:
@@ -338,8 +337,7 @@ class Engine:
         metrics = self.scoring.score_video([w for _, w in works])
         wall = time.time()
         for (rt, _), m in zip(works, metrics, strict=True):
-            rt.last_small = m.small[-1]
-            rt.last_chroma = m.small_chroma
+            rt.last_frame = m.last
             st = rt.stats
             st.frames_scored += len(m.pts)
             st.media_end = float(m.pts[-1] + m.duration[-1])

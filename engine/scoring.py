@@ -184,7 +184,9 @@ def _family_spatial(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> d
     out = {k: np.zeros(len(idx), dtype=np.float32) for k in ("blockiness", "blur", "activity")}
     pos = {int(i): j for j, i in enumerate(idx)}
     for members, rows in batch.luma_rows(idx, stride):
-        stats = ks.spatial_stats(rows, stride=1)
+        f = batch.frames[int(members[0])]
+        mask = region_mask(f.height, f.width, req.ignore, batch.device)[::stride] if req.ignore else None
+        stats = ks.spatial_stats(rows, stride=1, mask=mask)
         where = [pos[int(i)] for i in members]
         out["blockiness"][where] = stats.blockiness.cpu().numpy()
         out["blur"][where] = stats.blur.cpu().numpy()
@@ -270,7 +272,7 @@ class ScoringStep:
                     duration=np.array([f.duration for f in w.frames], dtype=np.float64),
                     values=values,
                     small=small_all[base : base + k],
-                    small_chroma=last.small_chroma,
+                    last=last,
                     prev_small=w.prev.small if w.prev is not None else None,
                 )
             )

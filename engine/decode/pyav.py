@@ -49,13 +49,16 @@ class PyAVVideoDecoder:
             src = self._convert.reformat(frame, format="yuv420p")
             full = False
         luma = torch.from_numpy(_plane(src, 0, frame.height, frame.width))
-        small = self._scaler.reformat(src, width=SMALL_W, height=SMALL_H, format="yuv420p", interpolation="AREA")
-        y = torch.from_numpy(_plane(small, 0, SMALL_H, SMALL_W).copy())
-        uv = torch.from_numpy(
-            np.stack([_plane(small, 1, SMALL_H // 2, SMALL_W // 2), _plane(small, 2, SMALL_H // 2, SMALL_W // 2)])
+        # One thread: a 320x180 area scale is too small to gain from swscale's worker threads, which the
+        # decoder's frame threads need. Both ranges are declared equal so swscale only averages and keeps
+        # the code values (it would otherwise stretch "gray" to full range).
+        small = self._scaler.reformat(
+            src, width=SMALL_W, height=SMALL_H, format="gray", interpolation="AREA",
+            src_color_range="JPEG", dst_color_range="JPEG", threads=1,
         )
+        y = torch.from_numpy(_plane(small, 0, SMALL_H, SMALL_W).copy())
         if full:
-            # The scaler keeps the range; the small plane's analyses expect limited range luma.
+            # The small plane's analyses are calibrated on limited-range luma.
             y = (y.to(torch.float32) * (219.0 / 255.0) + 16.0).round_().to(torch.uint8)
         corrupt = bool(getattr(frame, "is_corrupt", False))
         if corrupt:
@@ -66,7 +69,7 @@ class PyAVVideoDecoder:
             duration=1.0 / self.fps,
             luma=luma,
             small=y,
-            small_chroma=uv,
+            rgb=lambda: frame.to_ndarray(width=SMALL_W, height=SMALL_H, format="rgb24"),
             color_range=ColorRange.FULL if full else ColorRange.LIMITED,
             key_frame=bool(frame.key_frame),
             corrupt=corrupt,

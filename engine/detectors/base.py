@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.events import Event, Severity, Status, new_event_id, now_iso
+from engine.media import VideoFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class VideoMetrics:
     duration: np.ndarray  # (k,) seconds
     values: dict[MetricRequest, dict[str, np.ndarray]]
     small: torch.Tensor  # (k, h, w) uint8 small planes of these frames
-    small_chroma: torch.Tensor | None  # (2, h/2, w/2) of the last frame, for thumbnails
+    last: VideoFrame  # the last of these frames (thumbnails)
     prev_small: torch.Tensor | None  # (h, w) the frame before the first one here, None at stream start
 
     def get(self, request: MetricRequest, name: str) -> np.ndarray:

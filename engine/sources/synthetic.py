@@ -133,6 +133,20 @@ class Generator:
         self.noise_rng = np.random.default_rng(spec.seed)
         self._glitch_rng = torch.Generator().manual_seed(spec.seed + 7)
 
+    def rgb_fn(self, luma: torch.Tensor, black: bool):
+        """Thumbnail renderer for a frame: its luma tinted with the stream's colour gradient."""
+
+        def render() -> np.ndarray:
+            y = (small_of(luma).float() - 16.0) * 1.164
+            c = self.chroma.float().repeat_interleave(2, 1).repeat_interleave(2, 2) - 128.0
+            if black:
+                c = torch.zeros_like(c)
+            u, v = c[0], c[1]
+            rgb = torch.stack([y + 1.596 * v, y - 0.392 * u - 0.813 * v, y + 2.017 * u], dim=-1)
+            return rgb.clamp(0, 255).to(torch.uint8).numpy()
+
+        return render
+
     def fault(self, kind: str, t: float) -> Fault | None:
         for f in self.spec.faults:
             if f.kind == kind and f.covers(t):
@@ -244,8 +258,7 @@ class SyntheticSource(Source):
                 continue
             y = gen.luma(n)
             black = gen.fault("black", t) is not None
-            frame = VideoFrame(pts=t, duration=dur, luma=y, small=small_of(y),
-                               small_chroma=torch.full_like(gen.chroma, 128) if black else gen.chroma,
+            frame = VideoFrame(pts=t, duration=dur, luma=y, small=small_of(y), rgb=gen.rgb_fn(y, black),
                                key_frame=True, index=n)
             a, b = round(n * AUDIO_RATE / s.fps), round((n + 1) * AUDIO_RATE / s.fps)
             now = time.time()

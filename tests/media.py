@@ -1,0 +1,277 @@
+"""Media helpers shared by the tests: generated clips (PyAV), the CLI as a subprocess, the FFmpeg CLI.
+
+Everything here makes its own media; nothing is downloaded. Clips are small (320x240, a few seconds) so a
+whole test file stays within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+AUDIO_RATE = 48_000
+
+LumaFn = Callable[[int], np.ndarray]
+AudioFn = Callable[[int, int], np.ndarray]
+
+# suffix -> (container format, default audio codec)
+_CONTAINERS = {
+    ".mp4": ("mp4", "aac"),
+    ".mov": ("mov", "aac"),
+    ".mkv": ("matroska", "aac"),
+    ".ts": ("mpegts", "aac"),
+    ".avi": ("avi", "pcm_s16le"),
+    ".wav": ("wav", "pcm_s16le"),
+}
+
+
+# -- content -------------------------------------------------------------------------------------------
+
+
+class MovingPattern:
+    """Default picture content: a textured canvas twice the picture size panned diagonally at about
+    one pixel per frame (never still, real fine detail, no 8x8 grid), deterministic for a seed."""
+
+    def __init__(self, size: tuple[int, int], seed: int = 1) -> None:
+        w, h = size
+        self.w, self.h = w, h
+        rng = np.random.default_rng(seed)
+        ch, cw = 2 * h, 2 * w
+        yy, xx = np.mgrid[0:ch, 0:cw].astype(np.float32)
+        soft = np.zeros((ch, cw), np.float32)
+        for _ in range(6):  # a few large soft waves
+            fx, fy, ph = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi)
+            soft += np.sin(2 * np.pi * (fx * xx / cw + fy * yy / ch) + ph)
+        soft = (soft - soft.min()) / (soft.max() - soft.min())
+        fine = rng.random((ch, cw), dtype=np.float32)
+        canvas = 40 + 140 * soft + 24 * fine
+        for k in range(6):  # hard-edged discs
+            cy, cx, r = rng.uniform(0, ch), rng.uniform(0, cw), rng.uniform(h / 10, h / 5)
+            canvas = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r * r, 50.0 + 28 * k, canvas)
+        self.canvas = np.clip(np.round(canvas), 16, 235).astype(np.uint8)
+
+    def __call__(self, n: int) -> np.ndarray:
+        ox = _bounce(n * 1.0 + self.w / 3, self.w)
+        oy = _bounce(n * 0.6 + self.h / 5, self.h)
+        return self.canvas[int(oy) : int(oy) + self.h, int(ox) : int(ox) + self.w]
+
+
+def _bounce(x: float, span: int) -> float:
+    x = x % (2 * span)
+    return x if x <= span else 2 * span - x
+
+
+def sine(freq: float = 1000.0, dbfs: float = -20.0, channels: int = 2, rate: int = AUDIO_RATE) -> AudioFn:
+    """audio_fn for a sine of `dbfs` peak level in every channel."""
+    amp = 10 ** (dbfs / 20)
+
+    def fn(a: int, b: int) -> np.ndarray:
+        t = np.arange(a, b, dtype=np.float64) / rate
+        x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+        return np.tile(x, (channels, 1))
+
+    return fn
+
+
+def with_black(luma_fn: LumaFn, fps: float, start: float, end: float) -> LumaFn:
+    """luma_fn with black pictures (luma 16) for frames whose time n/fps is in [start, end)."""
+
+    def fn(n: int) -> np.ndarray:
+        y = luma_fn(n)
+        if start <= n / fps < end:
+            return np.full_like(y, 16)
+        return y
+
+    return fn
+
+
+def synthetic_luma(url: str) -> LumaFn:
+    """luma_fn from the engine's own synthetic:// generator (faults included)."""
+    from engine.sources.synthetic import Generator, parse_spec
+
+    gen = Generator(parse_spec(url))
+    return lambda n: gen.luma(n).numpy()
+
+
+def synthetic_audio(url: str) -> AudioFn:
+    """audio_fn from the engine's synthetic:// generator (48 kHz)."""
+    from engine.sources.synthetic import Generator, parse_spec
+
+    gen = Generator(parse_spec(url))
+    return lambda a, b: gen.audio(a, b).numpy()
+
+
+# -- writing clips -------------------------------------------------------------------------------------
+
+
+def _yuv420(y: np.ndarray) -> np.ndarray:
+    h, w = y.shape
+    c = np.full((h // 2) * (w // 2), 128, np.uint8)
+    return np.concatenate([y.reshape(-1), c, c]).reshape(h * 3 // 2, w)
+
+
+def write_clip(
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (320, 240),
+    fps: int = 25,
+    seconds: float = 4.0,
+    codec: str | None = "libx264",
+    audio: bool = True,
+    luma_fn: LumaFn | None = None,
+    audio_fn: AudioFn | None = None,
+    crf: int = 18,
+    gop: int = 25,
+    audio_codec: str | None = None,
+    audio_rate: int = AUDIO_RATE,
+    channels: int = 2,
+    start: float = 0.0,
+) -> Path:
+    """Write a clip with PyAV; the container follows the suffix (.mp4 .mov .mkv .ts .avi .wav).
+
+    Video (unless codec is None or the file is .wav): `round(seconds * fps)` frames of luma_fn(n), an
+    (H, W) uint8 array, with neutral chroma; libx264 (crf, gop), ffv1 (lossless: decoded frames equal the
+    input) or any other encoder PyAV has, e.g. mpeg4. Audio: `channels` float samples from audio_fn(a, b)
+    (default a 1 kHz sine at -20 dBFS) at `audio_rate`, encoded with AAC or, for .wav/.avi or when asked,
+    pcm_s16le. `start` shifts every timestamp (seconds), like a capture that does not begin at 0.
+    Returns the path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _CONTAINERS:
+        raise ValueError(f"unsupported suffix {suffix!r}")
+    fmt, default_acodec = _CONTAINERS[suffix]
+    if suffix == ".wav":
+        codec = None
+        audio = True
+    w, h = size
+    luma_fn = luma_fn or MovingPattern(size)
+    audio_fn = audio_fn or sine(rate=audio_rate, channels=channels)
+    acodec = audio_codec or default_acodec
+    n_frames = round(seconds * fps) if codec else 0
+    n_samples = round(seconds * audio_rate)
+
+    out = av.open(str(path), "w", format=fmt)
+    try:
+        vs = as_ = None
+        if codec:
+            vs = out.add_stream(codec, rate=fps)
+            vs.width, vs.height = w, h
+            vs.pix_fmt = "yuv420p"
+            vs.time_base = Fraction(1, fps)
+            vs.codec_context.time_base = Fraction(1, fps)
+            if codec == "libx264":
+                vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+            elif codec == "mpeg4":
+                vs.codec_context.gop_size = gop
+                vs.options = {"qscale": "3"}
+                vs.codec_context.qmax = 4
+            elif codec == "ffv1":
+                vs.codec_context.gop_size = 1
+        if audio:
+            layout = "stereo" if channels == 2 else ("mono" if channels == 1 else f"{channels}c")
+            as_ = out.add_stream(acodec, rate=audio_rate, layout=layout)
+            if acodec == "aac":
+                as_.codec_context.bit_rate = 192_000
+            as_.time_base = Fraction(1, audio_rate)
+
+        a_done = 0
+        aframe = 1024
+
+        def push_audio(until: int) -> None:
+            nonlocal a_done
+            while as_ is not None and a_done < min(until, n_samples):
+                b = min(a_done + aframe, n_samples)
+                x = np.ascontiguousarray(audio_fn(a_done, b), dtype=np.float32)
+                assert x.shape == (channels, b - a_done), x.shape
+                frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=as_.codec_context.layout.name)
+                frame.sample_rate = audio_rate
+                frame.pts = a_done + round(start * audio_rate)
+                frame.time_base = Fraction(1, audio_rate)
+                for p in as_.encode(frame):
+                    out.mux(p)
+                a_done = b
+
+        for n in range(n_frames):
+            y = np.ascontiguousarray(luma_fn(n), dtype=np.uint8)
+            assert y.shape == (h, w), (y.shape, (h, w))
+            frame = av.VideoFrame.from_ndarray(_yuv420(y), format="yuv420p")
+            frame.pts = n + round(start * fps)
+            frame.time_base = Fraction(1, fps)
+            for p in vs.encode(frame):
+                out.mux(p)
+            push_audio(round((n + 1) * audio_rate / fps))
+        push_audio(n_samples)
+        if vs is not None:
+            for p in vs.encode(None):
+                out.mux(p)
+        if as_ is not None:
+            for p in as_.encode(None):
+                out.mux(p)
+    finally:
+        out.close()
+    return path
+
+
+def frame_count(path: str | Path) -> int:
+    """Frames in the first video stream, by decoding (the truth for comparisons)."""
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+
+
+def run_check(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m engine.cli check ARGS...` in a subprocess, text output captured."""
+    return run_cli("check", *args, timeout=timeout)
+
+
+def run_cli(*args: str | Path, timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m engine.cli ARGS...` in a subprocess (stdin closed, wide non-terminal stderr)."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        cwd=str(cwd or REPO), env=env,
+    )
+
+
+def json_lines(stdout: str) -> list[dict]:
+    """Every non-empty stdout line parsed as one JSON object."""
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def check_json(path: str | Path, *extra: str | Path, timeout: float = 60) -> dict:
+    """`check --json PATH EXTRA...` for one file: its report, with the exit code under "_rc" and stderr
+    under "_stderr". Fails unless stdout holds exactly one JSON object."""
+    proc = run_check("--json", path, *extra, timeout=timeout)
+    objs = json_lines(proc.stdout)
+    assert len(objs) == 1, f"expected one JSON object, got {len(objs)}; rc={proc.returncode} stderr={proc.stderr!r}"
+    report = objs[0]
+    report["_rc"] = proc.returncode
+    report["_stderr"] = proc.stderr
+    return report
+
+
+# -- environment ---------------------------------------------------------------------------------------
+
+
+def has_ffmpeg() -> bool:
+    return shutil.which("ffmpeg") is not None
+
+
+def samples_dir() -> Path | None:
+    """The real sample clips fetched by tests/fetch_samples.sh, or None when they are not there."""
+    p = Path(os.environ.get("FRAMEWATCH_SAMPLES", Path.home() / ".cache" / "framewatch" / "samples"))
+    return p if p.is_dir() and any(p.iterdir()) else None
