@@ -195,7 +195,7 @@ def check(
         detectors = resolve_detectors(cfg, profile)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    _setup_logging("error")
+    _setup_logging("critical")  # stream problems are reported once, by the lines below (one line per file)
     worst = 0
     show_progress = not as_json and err.is_terminal
     for path in files:

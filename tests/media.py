@@ -136,6 +136,7 @@ def write_clip(
     audio_rate: int = AUDIO_RATE,
     channels: int = 2,
     start: float = 0.0,
+    audio_drop: tuple[float, float] | None = None,
 ) -> Path:
     """Write a clip with PyAV; the container follows the suffix (.mp4 .mov .mkv .ts .avi .wav).
 
@@ -144,7 +145,9 @@ def write_clip(
     input) or any other encoder PyAV has, e.g. mpeg4. Audio: `channels` float samples from audio_fn(a, b)
     (default a 1 kHz sine at -20 dBFS) at `audio_rate`, encoded with AAC or, for .wav/.avi or when asked,
     pcm_s16le. `start` shifts every timestamp (seconds), like a capture that does not begin at 0.
-    Returns the path.
+    `audio_drop=(a, b)` leaves out the audio frames that begin within [a, b) seconds (lost packets: a gap
+    in the audio timestamps while the video goes on). Encoding is single-threaded, so a clip is the same
+    bytes on every machine. Returns the path.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -171,7 +174,8 @@ def write_clip(
             vs.time_base = Fraction(1, fps)
             vs.codec_context.time_base = Fraction(1, fps)
             if codec == "libx264":
-                vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "0"}
+                vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "keyint_min": str(gop),
+                              "sc_threshold": "0", "bf": "0", "threads": "1"}
             elif codec == "mpeg4":
                 vs.codec_context.gop_size = gop
                 vs.options = {"qscale": "3"}
@@ -192,6 +196,9 @@ def write_clip(
             nonlocal a_done
             while as_ is not None and a_done < min(until, n_samples):
                 b = min(a_done + aframe, n_samples)
+                if audio_drop is not None and audio_drop[0] <= a_done / audio_rate < audio_drop[1]:
+                    a_done = b
+                    continue
                 x = np.ascontiguousarray(audio_fn(a_done, b), dtype=np.float32)
                 assert x.shape == (channels, b - a_done), x.shape
                 frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=as_.codec_context.layout.name)
@@ -232,19 +239,40 @@ def frame_count(path: str | Path) -> int:
 # -- the CLI -------------------------------------------------------------------------------------------
 
 
-def run_check(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m engine.cli check ARGS...` in a subprocess, text output captured."""
-    return run_cli("check", *args, timeout=timeout)
+class Cli:
+    """`python -m engine.cli ARGS...` started in the background; `result()` waits for it. Starting several
+    before waiting on any runs them side by side (each pays the torch import once)."""
+
+    def __init__(self, *args: str | Path, timeout: float = 60, cwd: str | Path | None = None) -> None:
+        self.args = [sys.executable, "-m", "engine.cli", *map(str, args)]
+        self.timeout = timeout
+        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            cwd=str(cwd or REPO), env=env,
+        )
+        self._result: subprocess.CompletedProcess | None = None
+
+    def result(self) -> subprocess.CompletedProcess:
+        if self._result is None:
+            try:
+                out, err = self.proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+                raise
+            self._result = subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+        return self._result
 
 
 def run_cli(*args: str | Path, timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m engine.cli ARGS...` in a subprocess (stdin closed, wide non-terminal stderr)."""
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        cwd=str(cwd or REPO), env=env,
-    )
+    """`python -m engine.cli ARGS...` in a subprocess (stdin closed, stdout/stderr captured as text)."""
+    return Cli(*args, timeout=timeout, cwd=cwd).result()
+
+
+def run_check(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`python -m engine.cli check ARGS...` in a subprocess."""
+    return run_cli("check", *args, timeout=timeout)
 
 
 def json_lines(stdout: str) -> list[dict]:

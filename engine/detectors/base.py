@@ -131,6 +131,7 @@ class Hysteresis:
     higher_is_worse: bool = True
     pending_start: float | None = None
     pending_worst: float | None = None
+    pending_clear: float | None = None  # when a pending fault last went away
     open: _Open | None = None
     last_end: float = 0.0
 
@@ -170,17 +171,25 @@ class Hysteresis:
                     op.clear_since = None
                     op.worst = self._worse(op.worst, worst)
                     return
-            if self.pending_start is None:
+            gap_too_long = self.pending_clear is not None and t0 - self.pending_clear >= self.recovery - 1e-9
+            if self.pending_start is None or gap_too_long:
                 self.pending_start, self.pending_worst = t0, worst
             else:
                 self.pending_worst = self._worse(self.pending_worst, worst)
+            self.pending_clear = None
             if t1 - self.pending_start >= self.onset - 1e-9:
                 event = self.make_event(self.pending_start, self.pending_worst)
                 self.open = _Open(event=event, worst=self.pending_worst)
-                self.pending_start = self.pending_worst = None
+                self.pending_start = self.pending_worst = self.pending_clear = None
                 self.emit(event)
         else:
-            self.pending_start = self.pending_worst = None
+            if self.pending_start is not None:
+                # A fault that has not reached its onset survives gaps shorter than the recovery time, so a
+                # flickering decision (a few clean frames inside a blur) does not restart the count.
+                if self.pending_clear is None:
+                    self.pending_clear = t0
+                if t1 - self.pending_clear >= self.recovery - 1e-9:
+                    self.pending_start = self.pending_worst = self.pending_clear = None
             if op is not None:
                 if op.clear_since is None:
                     op.clear_since = t0
@@ -196,11 +205,13 @@ class Hysteresis:
     def finish(self, end_time: float | None = None) -> None:
         """End of input: an open event resolves at the moment its fault stopped, or at the end of input."""
         end = self.last_end if end_time is None else end_time
+        if self.pending_clear is not None:
+            end = min(end, self.pending_clear)
         if self.pending_start is not None and end - self.pending_start >= self.onset - 1e-9:
             event = self.make_event(self.pending_start, self.pending_worst)
             self.open = _Open(event=event, worst=self.pending_worst)
             self.emit(event)
-        self.pending_start = self.pending_worst = None
+        self.pending_start = self.pending_worst = self.pending_clear = None
         if self.open is not None:
             self._resolve(self.open.clear_since if self.open.clear_since is not None else end)
 
