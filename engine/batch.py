@@ -91,10 +91,12 @@ class StreamQueue:
                 out.video.append(self._video.popleft())
             out.audio.extend(self._audio)
             self._audio.clear()
-            if not self._video:
-                # Status goes out after the frames queued before it (end of input after the last frame).
-                out.status.extend(self._status)
-                self._status.clear()
+            # End of input goes out after the frames queued before it; other news (a disconnect, an error)
+            # at once, so a live queue that never empties cannot hold it back.
+            keep: deque[SourceStatus] = deque()
+            for st in self._status:
+                (keep if st.kind == "eof" and self._video else out.status).append(st)
+            self._status = keep
             self._cond.notify_all()
         return out
 

@@ -21,7 +21,14 @@ from rich.table import Table
 from engine import __version__
 from engine.alerts import JsonlSink, MemorySink, MultiSink, ThumbnailWriter
 from engine.alerts.sinks import CallbackSink
-from engine.config import ConfigError, FramewatchConfig, json_schema, load_config, resolve_detectors, stream_specs
+from engine.config import (
+    ConfigError,
+    FramewatchConfig,
+    json_schema,
+    load_config,
+    resolve_detectors,
+    stream_specs,
+)
 from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec
@@ -207,7 +214,7 @@ def check(
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
                 task = bar.add_task(Path(path).name, total=100)
 
-                def tick() -> None:
+                def tick(rt: StreamRuntime = rt, task: int = task) -> None:
                     total = rt.info.duration if rt.info is not None and rt.info.duration else None
                     if total:
                         bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from engine.detectors import REGISTRY
 from engine.detectors.base import DetectorConfig, Region
@@ -254,7 +262,10 @@ def load_config(path: str | Path | None = None, text: str | None = None) -> Fram
         cfg = FramewatchConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from exc
-    # Resolve every stream once so bad detector values are reported now, not when the stream starts.
+    # Resolve everything once so bad detector values are reported now, not when a stream starts.
+    resolve_detectors(cfg, "default", where=f"{source}")
+    for name in cfg.profiles:
+        resolve_detectors(cfg, name, where=f"{source}: profiles.{name}")
     for s in cfg.streams:
         resolve_detectors(cfg, s.profile, s.detectors, where=f"{source}: streams.{s.id}")
     return cfg

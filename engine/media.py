@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ AUDIO_WINDOW = 240
 AUDIO_CHUNK = 4_800
 
 
-class ColorRange(str, Enum):
+class ColorRange(StrEnum):
     LIMITED = "limited"  # 16..235 luma (TV/MPEG range, the default for broadcast video)
     FULL = "full"  # 0..255 luma (JPEG range, yuvj formats)
 

@@ -87,9 +87,10 @@ class StreamRuntime:
         self._audio_len = 0
         self._audio_t0: float | None = None
         self._audio_layout = "stereo"
+        self._restart = False
         clip = spec.detectors.get("clipping")
         if clip is not None:
-            self.audio.clip_level = float(getattr(clip, "level", 0.999))
+            self.audio.clip_level = float(getattr(clip, "level", 0.891))
             self.audio.clip_min_run = int(getattr(clip, "min_run", 3))
         try:
             self.source = open_source(spec.url, spec.source, spec.faults)
@@ -141,15 +142,15 @@ class StreamRuntime:
         self.thread.start()
 
     # -- audio accumulation into whole 5 ms windows
-    def add_audio(self, chunk: AudioChunk) -> list[tuple[float, torch.Tensor]]:
-        out: list[tuple[float, torch.Tensor]] = []
+    def add_audio(self, chunk: AudioChunk) -> list[tuple[float, torch.Tensor, bool]]:
+        out: list[tuple[float, torch.Tensor, bool]] = []
         c = chunk.samples.shape[0]
         if self._audio_t0 is not None:
             expected = self._audio_t0 + self._audio_len / 48_000
             channels_changed = bool(self._audio_buf) and self._audio_buf[0].shape[0] != c
             if abs(chunk.pts - expected) > 0.002 or channels_changed:
                 out.extend(self.flush_audio(pad=True))
-                self.audio.reset()
+                self._restart = True  # applies to the first piece after the gap, once scored in order
         if self._audio_t0 is None or not self._audio_buf:
             self._audio_t0 = chunk.pts
             self._audio_len = 0
@@ -158,21 +159,22 @@ class StreamRuntime:
         self._audio_len += chunk.samples.shape[-1]
         return out
 
-    def take_ready(self) -> list[tuple[float, torch.Tensor]]:
+    def take_ready(self) -> list[tuple[float, torch.Tensor, bool]]:
         """Everything buffered that fills whole 5 ms windows."""
         usable = self._audio_len // AUDIO_WINDOW * AUDIO_WINDOW
         return self._take(usable) if usable else []
 
-    def _take(self, n: int) -> list[tuple[float, torch.Tensor]]:
+    def _take(self, n: int) -> list[tuple[float, torch.Tensor, bool]]:
         data = torch.cat(self._audio_buf, dim=1) if len(self._audio_buf) > 1 else self._audio_buf[0]
         head, tail = data[:, :n], data[:, n:]
         t0 = self._audio_t0
         self._audio_t0 = t0 + n / 48_000
         self._audio_buf = [tail] if tail.shape[-1] else []
         self._audio_len = tail.shape[-1]
-        return [(t0, head)]
+        restart, self._restart = self._restart, False
+        return [(t0, head, restart)]
 
-    def flush_audio(self, pad: bool) -> list[tuple[float, torch.Tensor]]:
+    def flush_audio(self, pad: bool) -> list[tuple[float, torch.Tensor, bool]]:
         if not self._audio_buf or self._audio_len == 0:
             return []
         data = torch.cat(self._audio_buf, dim=1)
@@ -182,7 +184,10 @@ class StreamRuntime:
         t0 = self._audio_t0
         self._audio_buf, self._audio_len, self._audio_t0 = [], 0, None
         usable = data.shape[-1] // AUDIO_WINDOW * AUDIO_WINDOW
-        return [(t0, data[:, :usable])] if usable else []
+        if not usable:
+            return []
+        restart, self._restart = self._restart, False
+        return [(t0, data[:, :usable], restart)]
 
 
 class Engine:
@@ -305,14 +310,14 @@ class Engine:
             if scored:
                 vworks.append((rt, VideoWork(rt.id, scored, rt.prev, rt.held, rt.requests)))
                 rt.prev = scored[-1]
-            pieces: list[tuple[float, torch.Tensor]] = []
+            pieces: list[tuple[float, torch.Tensor, bool]] = []
             for chunk in d.audio:
                 pieces.extend(rt.add_audio(chunk))
             pieces.extend(rt.take_ready())
             if rt.eof:
                 pieces.extend(rt.flush_audio(pad=True))
-            for i, (t0, samples) in enumerate(pieces):
-                aworks.append((i, rt, AudioWork(rt.id, t0, samples, rt._audio_layout, rt.audio)))
+            for i, (t0, samples, restart) in enumerate(pieces):
+                aworks.append((i, rt, AudioWork(rt.id, t0, samples, rt._audio_layout, rt.audio, restart)))
         if vworks:
             self._dispatch_video(vworks)
         # A stream's audio pieces carry filter state from one to the next, so each round takes at most one

@@ -42,6 +42,7 @@ class AudioWork:
     samples: torch.Tensor  # (C, T), T a multiple of AUDIO_WINDOW
     layout: str
     state: AudioState
+    restart: bool = False  # the first audio after a gap: start the filters afresh
 
 
 @dataclass
@@ -50,15 +51,15 @@ class AudioState:
 
     kstate: kl.KState | None = None
     clip_carry: torch.Tensor | None = None
-    clip_level: float = 0.999
+    clip_level: float = 0.891
     clip_min_run: int = 3
     meter: LoudnessMeter = field(default_factory=LoudnessMeter)
     channels: int | None = None
 
-    def reset(self) -> None:
+    def restart_filters(self) -> None:
+        """After a gap: the filters must not join audio across it; the loudness measurement goes on."""
         self.kstate = None
         self.clip_carry = None
-        self.meter.reset()
 
 
 # A family computes per-frame values for the frames of many streams at once.
@@ -288,6 +289,9 @@ class ScoringStep:
         out: list[AudioMetrics | None] = [None] * len(works)
         for (c, _t, level, min_run), positions in groups.items():
             members = [works[p] for p in positions]
+            for w in members:
+                if w.restart:
+                    w.state.restart_filters()
             x = torch.stack([w.samples for w in members]).to(self.device, non_blocking=True)
             for w in members:
                 if w.state.channels != c:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 import media
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +33,3 @@ def make_clip(media_dir: Path) -> Callable[..., Path]:
 
     return make
 
-
-@pytest.fixture
-def requires_ffmpeg() -> None:
-    """Skips the test when the ffmpeg CLI is not installed."""
-    if not media.has_ffmpeg():
-        pytest.skip("needs the ffmpeg CLI (apt-get install ffmpeg)")

@@ -2,8 +2,9 @@
 
 Everything here builds its own media (PyAV encoding of frames from `engine.sources.synthetic.Generator`, or
 of hand-made frames) so every test knows to the frame and to the sample where each fault starts and ends.
-Nothing here is a test; the test modules import it (tests/ is on sys.path under pytest's rootdir
-conftest-less import mode: `from detect_media import ...`).
+Nothing here is a test; test modules import it as `from detect_media import ...` (pytest's default
+"prepend" import mode puts tests/, which has no __init__.py, on sys.path). Set FRAMEWATCH_TIMING_LOG to a
+file to collect the measured start/end errors of every timing assertion as JSON lines.
 """
 
 from __future__ import annotations
@@ -123,6 +124,24 @@ def run_engine(url: str, detectors: dict[str, DetectorConfig] | None = None) -> 
     )
 
 
+REAL_CLIPS = ("Megamind.avi", "tree.avi", "vtest.avi", "cityCC0.mpg")
+_sample_reports: dict[str, Any] | None = None
+
+
+def sample_reports() -> dict[str, Any]:
+    """`check --json` over the real sample clips that are present, run once per test session (one process
+    for all of them): {"rc": exit code, "stderr": ..., "reports": {name: report}}."""
+    global _sample_reports
+    if _sample_reports is None:
+        present = [samples_dir() / n for n in REAL_CLIPS if (samples_dir() / n).is_file()]
+        if not present:
+            _sample_reports = {"rc": None, "stderr": "", "reports": {}}
+        else:
+            rc, reports, stderr = run_check_cli(*present, timeout=300)
+            _sample_reports = {"rc": rc, "stderr": stderr, "reports": {Path(r["file"]).name: r for r in reports}}
+    return _sample_reports
+
+
 def run_check_cli(*files: str | Path, timeout: float = 120) -> tuple[int, list[dict[str, Any]], str]:
     """`python -m engine.cli check FILE... --json`: (exit code, one report per file, stderr)."""
     proc = subprocess.run(
@@ -202,7 +221,9 @@ def encode_clip(
         if video.name == "libx264":
             # A fixed GOP: key frames exactly every `gop` frames, no scene-cut key frames, no B-frame
             # reordering surprises in the timestamps of short clips.
-            opts.setdefault("x264-params", f"keyint={video.gop}:min-keyint={video.gop}:scenecut=0")
+            # Two encoder threads whatever the machine: x264's rate control depends on the thread count, so a
+            # fixed count makes the same bits on every machine.
+            opts.setdefault("x264-params", f"keyint={video.gop}:min-keyint={video.gop}:scenecut=0:threads=2")
         vs.options = opts
         aus = None
         if audio is not None:
@@ -247,20 +268,9 @@ def encode_clip(
 def encode_synthetic(path: Path, url: str, video: VideoCodec = VideoCodec(), audio: bool = True, audio_codec: str = "aac") -> Path:
     """Encode the frames and sound of a synthetic:// spec into a file (faults made before the encoder)."""
     spec = parse_spec(url)
-    gen = Generator(spec)
-    fps = int(spec.fps)
-    assert fps == spec.fps, "encode_synthetic needs an integer frame rate"
-    n = round(spec.duration * fps)
-    return encode_clip(
-        path,
-        lambda i: _full_size(gen.luma(i).numpy(), spec.height, spec.width),
-        n,
-        fps,
-        (lambda a, b: gen.audio(a, b).numpy()) if audio else None,
-        video=video,
-        audio_codec=audio_codec,
-        channels=spec.channels,
-    )
+    assert spec.fps == int(spec.fps), "encode_synthetic needs an integer frame rate"
+    frame, sound, n, fps = synthetic_frames(url)
+    return encode_clip(path, frame, n, fps, sound if audio else None, video=video, audio_codec=audio_codec, channels=spec.channels)
 
 
 def _full_size(y: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -271,15 +281,19 @@ def _full_size(y: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(y, ((0, h - y.shape[0]), (0, w - y.shape[1])), mode="edge")
 
 
-def decoded_luma(path: Path, limit: int | None = None) -> list[np.ndarray]:
-    """The luma planes FFmpeg decodes from a file (for checking that a lossless clip is lossless)."""
-    out = []
+def decoded_luma(path: Path, keep: Iterable[int] | None = None) -> tuple[int, dict[int, np.ndarray]]:
+    """Decode every picture of a file: (frame count, {index: luma plane} for the indices in `keep`, all when
+    None). For checking that a lossless clip decodes to exactly the frames that were made."""
+    wanted = None if keep is None else set(keep)
+    out: dict[int, np.ndarray] = {}
+    n = 0
     with av.open(str(path)) as c:
         for f in c.decode(video=0):
-            out.append(f.to_ndarray(format="gray").copy() if f.format.name != "yuv420p" else f.to_ndarray()[: f.height].copy())
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+            if wanted is None or n in wanted:
+                p = f.planes[0]
+                out[n] = np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[: f.height, : f.width].copy()
+            n += 1
+    return n, out
 
 
 # --------------------------------------------------------------------------------------------- ffmpeg
@@ -322,3 +336,135 @@ def ffmpeg_integrated_lufs(log: str) -> float:
     if m is None:
         raise AssertionError(f"no ebur128 summary in the FFmpeg log: {log[-1500:]}")
     return float(m.group(1))
+
+
+def remux(src: Path, dst: Path, format: str | None = None) -> Path:
+    """Copy the coded streams of `src` into another container (e.g. MP4 -> MPEG-TS) without re-encoding."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", format=format) as o:
+        omap = {s.index: o.add_stream_from_template(s) for s in i.streams if s.type in ("video", "audio")}
+        for p in i.demux():
+            if p.dts is None or p.stream.index not in omap:
+                continue
+            p.stream = omap[p.stream.index]
+            o.mux(p)
+    return dst
+
+
+def stream_starts(path: Path) -> dict[str, float]:
+    """Start time (s) of the first video and audio stream, and of the container timeline ('origin': the
+    earliest of them, where framewatch and FFmpeg count media time from)."""
+    out: dict[str, float] = {}
+    with av.open(str(path)) as c:
+        for kind in ("video", "audio"):
+            ss = getattr(c.streams, kind)
+            if ss and ss[0].start_time is not None:
+                out[kind] = float(ss[0].start_time * ss[0].time_base)
+    out["origin"] = min(out.values()) if out else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- timing log
+_TIMING_LOG = os.environ.get("FRAMEWATCH_TIMING_LOG")
+
+
+def log_timing(name: str, kind: str, start_err: float, end_err: float) -> None:
+    """Append measured edge errors (seconds) to $FRAMEWATCH_TIMING_LOG as JSON lines, when set."""
+    if _TIMING_LOG:
+        with open(_TIMING_LOG, "a") as f:
+            f.write(json.dumps({"case": name, "type": kind, "start_err": start_err, "end_err": end_err}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- frame makers
+def canvas(seed: int = 1) -> np.ndarray:
+    """The synthetic generator's still canvas (soft shapes, fine texture, hard-edged discs), 720x1280 uint8."""
+    return Generator(parse_spec(f"synthetic://c?size=640x360&seed={seed}")).canvas.numpy()
+
+
+def slow_pan(speed_px_per_frame: float, h: int = 360, w: int = 640, seed: int = 1) -> FrameFn:
+    """A textured picture panning horizontally by a fraction of a pixel per frame (linear interpolation)."""
+    c = canvas(seed).astype(np.float32)
+
+    def frame(n: int) -> np.ndarray:
+        x = 100 + n * speed_px_per_frame
+        i = int(np.floor(x))
+        f = x - i
+        a, b = c[40 : 40 + h, i : i + w], c[40 : 40 + h, i + 1 : i + 1 + w]
+        return np.round(a * (1 - f) + b * f).clip(0, 255).astype(np.uint8)
+
+    return frame
+
+
+def moving_object(size: int, every: int, h: int = 360, w: int = 640, seed: int = 1) -> FrameFn:
+    """A static textured background with a small bright textured square moving right by 1 px every `every`
+    frames (a far-away pedestrian, a slow car)."""
+    bg = canvas(seed)[40 : 40 + h, 100 : 100 + w].copy()
+    obj = (np.random.default_rng(seed + 100).integers(0, 60, (size, size)) + 170).astype(np.uint8)
+
+    def frame(n: int) -> np.ndarray:
+        y = bg.copy()
+        x = w // 3 + n // every
+        y0 = h // 2 - size // 2
+        y[y0 : y0 + size, x : x + size] = obj
+        return y
+
+    return frame
+
+
+def with_clock(base: FrameFn, box: tuple[int, int, int, int]) -> FrameFn:
+    """Overlay a running clock: a box (x, y, w, h) of high-contrast 'digits' that change on every frame."""
+    x, y, bw, bh = box
+
+    def frame(n: int) -> np.ndarray:
+        img = np.array(base(n), dtype=np.uint8, copy=True)
+        cells = np.random.default_rng(10_000 + n).integers(16, 236, (bh // 8, bw // 8)).astype(np.uint8)
+        img[y : y + bh, x : x + bw] = np.kron(cells, np.ones((8, 8), dtype=np.uint8))
+        return img
+
+    return frame
+
+
+def with_logo(base: FrameFn, box: tuple[int, int, int, int], seed: int = 5) -> FrameFn:
+    """Overlay a static bright textured logo in a box (x, y, w, h) on every frame."""
+    x, y, bw, bh = box
+    logo = (np.random.default_rng(seed).integers(0, 40, (bh, bw)) + 180).astype(np.uint8)
+
+    def frame(n: int) -> np.ndarray:
+        img = np.array(base(n), dtype=np.uint8, copy=True)
+        img[y : y + bh, x : x + bw] = logo
+        return img
+
+    return frame
+
+
+def synthetic_frames(url: str) -> tuple[FrameFn, AudioFn, int, int]:
+    """(luma of frame n, audio samples [a, b), frame count, fps) of a synthetic:// spec, full-size frames.
+
+    Pictures are Generator.luma's, except that `blur` frames are cropped from a canvas blurred once (the
+    generator's Gaussian, sigma 3) instead of blurring every frame: the same picture up to the 9 pixels at
+    the borders, at a fraction of the cost (the per-frame convolution dominates clip making on a CPU)."""
+    spec = parse_spec(url)
+    gen = Generator(spec)
+    fps = int(spec.fps)
+    blurred = Generator(spec)
+    blurred.canvas = _gauss_np(gen.canvas.numpy(), 3.0, 9)
+
+    def frame(i: int) -> np.ndarray:
+        t = i / spec.fps
+        if gen.fault("blur", t) and not any(gen.fault(k, t) for k in ("black", "freeze", "blocky", "glitch")):
+            return np.asarray(blurred._clean(t))
+        return _full_size(gen.luma(i).numpy(), spec.height, spec.width)
+
+    return frame, (lambda a, b: gen.audio(a, b).numpy()), round(spec.duration * fps), fps
+
+
+def _gauss_np(img: np.ndarray, sigma: float, r: int) -> np.ndarray:
+    k = np.exp(-((np.arange(-r, r + 1) / sigma) ** 2) / 2)
+    k /= k.sum()
+    z = img.astype(np.float32)
+    for axis in (1, 0):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        zp = np.pad(z, pad, mode="edge")
+        n = z.shape[axis]
+        z = sum(k[j] * np.take(zp, np.arange(j, j + n), axis=axis) for j in range(2 * r + 1))
+    return np.round(z).clip(0, 255).astype(np.uint8)

@@ -1,16 +1,24 @@
-"""Media helpers shared by the tests: generated clips (PyAV), the CLI as a subprocess, the FFmpeg CLI.
+"""Helpers shared by the tests: generated clips (PyAV), the framewatch CLI in processes of its own, the
+FFmpeg CLI and the optional real sample clips.
 
 Everything here makes its own media; nothing is downloaded. Clips are small (320x240, a few seconds) so a
-whole test file stays within seconds.
+whole test file stays within seconds. Import as `from media import write_clip, Cli, ...` (tests/ is on
+sys.path under pytest's default import mode).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -237,42 +245,223 @@ def frame_count(path: str | Path) -> int:
 
 
 # -- the CLI -------------------------------------------------------------------------------------------
+#
+# A fresh `python -m engine.cli` spends about 3 s of CPU importing torch before it does anything. `Cli`
+# therefore runs commands by default in processes forked from one server that imported engine.cli once:
+# each command still is a process of its own (its own stdout/stderr files, exit code, signals; a crash in
+# FFmpeg is a negative exit code, not a dead test run), it just starts warm. `fresh=True` (and run_cli /
+# run_check) start a real `python -m engine.cli` instead.
+
+_SERVER = r"""
+import json, os, select, sys, traceback
+
+import engine.cli  # the slow import, once for every command
+
+
+def child(req):
+    code = 1
+    try:
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            f = os.open(path, flags, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        os.chdir(req["cwd"])
+        sys.argv = ["framewatch", *req["argv"]]
+        try:
+            engine.cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def say(msg):
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+children, buf, eof = set(), b"", False
+while not (eof and not children):
+    ready, _, _ = select.select([] if eof else [0], [], [], 0.02)
+    if ready:
+        data = os.read(0, 65536)
+        eof = not data
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            req = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                child(req)
+            children.add(pid)
+            say({"id": req["id"], "pid": pid})
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            break
+        children.discard(pid)
+        say({"pid": pid, "rc": os.waitstatus_to_exitcode(status)})
+"""
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+class _ForkServer:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="framewatch-cli-"))
+        self._log = open(self.dir / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            cwd=str(REPO), env=_cli_env(),
+        )
+        self._cond = threading.Condition()
+        self._pids: dict[int, int] = {}
+        self._rcs: dict[int, int] = {}
+        self._next = 0
+        self._dead = False
+        threading.Thread(target=self._read, name="cli-server", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self._cond:
+                if "id" in msg:
+                    self._pids[msg["id"]] = msg["pid"]
+                else:
+                    self._rcs[msg["pid"]] = msg["rc"]
+                self._cond.notify_all()
+        with self._cond:
+            self._dead = True
+            self._cond.notify_all()
+
+    def submit(self, argv: list[str], cwd: str) -> tuple[int, Path, Path]:
+        with self._cond:
+            rid = self._next
+            self._next += 1
+        out, err = self.dir / f"{rid}.out", self.dir / f"{rid}.err"
+        line = json.dumps({"id": rid, "argv": argv, "cwd": cwd, "out": str(out), "err": str(err)}) + "\n"
+        with self._cond:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.flush()
+        return rid, out, err
+
+    def pid(self, rid: int) -> int | None:
+        with self._cond:
+            return self._pids.get(rid)
+
+    def wait(self, rid: int, timeout: float) -> int:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                pid = self._pids.get(rid)
+                if pid is not None and pid in self._rcs:
+                    return self._rcs.pop(pid)
+                if self._dead:
+                    raise RuntimeError(f"CLI fork server died: {(self.dir / 'server.log').read_text()[-2000:]}")
+                left = end - time.monotonic()
+                if left <= 0:
+                    if pid is not None:
+                        self._rcs.pop(pid, None)
+                    raise subprocess.TimeoutExpired(["engine.cli", str(rid)], timeout)
+                self._cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_server: _ForkServer | None = None
+_server_lock = threading.Lock()
+
+
+def _fork_server() -> _ForkServer:
+    global _server
+    with _server_lock:
+        if _server is None:
+            _server = _ForkServer()
+            atexit.register(_server.close)
+        return _server
 
 
 class Cli:
-    """`python -m engine.cli ARGS...` started in the background; `result()` waits for it. Starting several
-    before waiting on any runs them side by side (each pays the torch import once)."""
+    """`framewatch ARGS...` started in the background in a process of its own; `result()` waits for it and
+    returns a CompletedProcess (text stdout/stderr). Starting several before waiting on any runs them side
+    by side. Default: forked from the warm server above; fresh=True: a new `python -m engine.cli`."""
 
-    def __init__(self, *args: str | Path, timeout: float = 60, cwd: str | Path | None = None) -> None:
-        self.args = [sys.executable, "-m", "engine.cli", *map(str, args)]
+    def __init__(self, *args: str | Path, timeout: float = 60, cwd: str | Path | None = None, fresh: bool = False) -> None:
+        self.argv = [str(a) for a in args]
+        self.args = [sys.executable, "-m", "engine.cli", *self.argv]
         self.timeout = timeout
-        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-        self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-            cwd=str(cwd or REPO), env=env,
-        )
         self._result: subprocess.CompletedProcess | None = None
+        self.proc: subprocess.Popen | None = None
+        if fresh:
+            self.proc = subprocess.Popen(
+                self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                cwd=str(cwd or REPO), env=_cli_env(),
+            )
+        else:
+            self._server = _fork_server()
+            self._rid, self._out, self._err = self._server.submit(self.argv, str(cwd or REPO))
+
+    def kill(self) -> None:
+        """Stops the command if it still runs (for fixture teardown)."""
+        if self._result is not None:
+            return
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
+            return
+        pid = self._server.pid(self._rid)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def result(self) -> subprocess.CompletedProcess:
         if self._result is None:
-            try:
-                out, err = self.proc.communicate(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
-                raise
-            self._result = subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+            if self.proc is not None:
+                try:
+                    out, err = self.proc.communicate(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+                    raise
+                rc = self.proc.returncode
+            else:
+                try:
+                    rc = self._server.wait(self._rid, self.timeout)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+                    raise
+                out = self._out.read_text(encoding="utf-8", errors="replace")
+                err = self._err.read_text(encoding="utf-8", errors="replace")
+            self._result = subprocess.CompletedProcess(self.args, rc, out, err)
         return self._result
 
 
-def run_cli(*args: str | Path, timeout: float = 60, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m engine.cli ARGS...` in a subprocess (stdin closed, stdout/stderr captured as text)."""
-    return Cli(*args, timeout=timeout, cwd=cwd).result()
+def run_cli(*args: str | Path, timeout: float = 60, cwd: str | Path | None = None, fresh: bool = True) -> subprocess.CompletedProcess:
+    """`python -m engine.cli ARGS...` in a new process (stdin closed, stdout/stderr captured as text);
+    fresh=False forks it from the warm server instead (seconds faster)."""
+    return Cli(*args, timeout=timeout, cwd=cwd, fresh=fresh).result()
 
 
-def run_check(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`python -m engine.cli check ARGS...` in a subprocess."""
-    return run_cli("check", *args, timeout=timeout)
+def run_check(*args: str | Path, timeout: float = 60, fresh: bool = True) -> subprocess.CompletedProcess:
+    """`python -m engine.cli check ARGS...` in a new process."""
+    return run_cli("check", *args, timeout=timeout, fresh=fresh)
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -280,10 +469,10 @@ def json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
-def check_json(path: str | Path, *extra: str | Path, timeout: float = 60) -> dict:
+def check_json(path: str | Path, *extra: str | Path, timeout: float = 60, fresh: bool = True) -> dict:
     """`check --json PATH EXTRA...` for one file: its report, with the exit code under "_rc" and stderr
     under "_stderr". Fails unless stdout holds exactly one JSON object."""
-    proc = run_check("--json", path, *extra, timeout=timeout)
+    proc = run_check("--json", path, *extra, timeout=timeout, fresh=fresh)
     objs = json_lines(proc.stdout)
     assert len(objs) == 1, f"expected one JSON object, got {len(objs)}; rc={proc.returncode} stderr={proc.stderr!r}"
     report = objs[0]

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, FramewatchConfig, json_schema, load_config, resolve_detectors, stream_specs
+from engine.config import (
+    ConfigError,
+    FramewatchConfig,
+    json_schema,
+    load_config,
+    resolve_detectors,
+    stream_specs,
+)
 from engine.detectors import REGISTRY
 from engine.events import Severity
 
@@ -119,12 +126,6 @@ def test_bad_value_is_reported_with_its_field(text, needles):
         assert needle in msg, (needle, msg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/config.py load_config only resolves detector overrides per stream (the loop at the end of "
-    "load_config): invalid values in the config-wide `detectors:` or in a profile no stream uses are "
-    "accepted, so `config validate` passes a file that `check --config` then rejects",
-)
 def test_bad_detector_value_without_streams_is_rejected():
     msg = _error("detectors: {freeze: {onset: -1}}")
     assert "detectors.freeze" in msg and "onset" in msg

@@ -132,24 +132,33 @@ def test_value_is_the_worst_over_the_event_and_nan_is_ignored() -> None:
 
 # ------------------------------------------------------------------------------------------------ batches
 PATTERN = (
-    "." * 7 + "X" * 60 + "." * 5 + "X" * 20 + "." * 30  # one event bridged over a short gap
-    + "X" * 24 + "." * 3  # too short for onset (1 s = 25 frames)
-    + "X" * 26 + "." * 13 + "X" * 40 + "." * 9  # gap of 13 frames = 0.52 s > recovery: two events
+    "." * 7 + "X" * 60 + "." * 5 + "X" * 20 + "." * 30  # one event bridged over a 0.2 s gap: 0.28..3.68
+    + "X" * 20 + "." * 15  # 0.8 s, then a 0.6 s gap >= recovery: dropped
+    + "X" * 15 + "." * 3 + "X" * 12  # 0.6 s + 0.12 s gap + 0.48 s: a pending fault bridges it, 6.28..7.48
+    + "." * 13 + "X" * 40 + "." * 9  # 0.52 s gap > recovery: a new event 8.0..9.6, still recovering at the end
 )
 
 
 def _run(cuts: list[int] | None) -> list[tuple[str, float, float | None, float | None]]:
+    """Resolved events (with their worst value) and the firing events' starts for PATTERN fed in batches."""
     values = np.sin(np.arange(len(PATTERN)) * 0.37) + 2
     h, out = _machine(onset=1.0, recovery=0.5)
     _feed(h, PATTERN, values, cuts)
     h.finish()
-    return [(s, a, b, e.value) for (s, a, b), e in zip(_pairs(out), out, strict=True)]
+    # A firing event carries the worst value seen *so far*, which depends on where the batches end; the
+    # resolved event carries the worst over the whole event, which must not.
+    return [(s, a, b, e.value if s == "resolved" else None) for (s, a, b), e in zip(_pairs(out), out, strict=True)]
 
 
 def test_batches_reference() -> None:
     ref = _run(None)
-    starts_ends = [(s, a, b) for s, a, b, _ in ref if s == "resolved"]
-    assert starts_ends == [("resolved", 0.28, 4.48), ("resolved", 6.6, 8.64), ("resolved", 9.16, 10.76)]
+    assert [(s, a, b) for s, a, b, _ in ref] == [
+        ("firing", 0.28, None), ("resolved", 0.28, 3.68),
+        ("firing", 6.28, None), ("resolved", 6.28, 7.48),
+        ("firing", 8.0, None), ("resolved", 8.0, 9.6),
+    ]
+    values = np.sin(np.arange(len(PATTERN)) * 0.37) + 2
+    assert ref[1][3] == pytest.approx(values[7:92].max())
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -161,6 +170,20 @@ def test_runs_split_across_batches_give_the_same_events(seed: int) -> None:
     else:
         cuts = sorted(set(rng.integers(1, n, size=int(rng.integers(3, 40))).tolist()))
     assert _run(cuts) == _run(None)
+
+
+def test_pending_fault_survives_a_gap_shorter_than_recovery() -> None:
+    # 0.6 s fault, 0.2 s gap, 0.6 s fault: onset (1 s) counts from the first faulty frame across the gap.
+    h, out = _machine(onset=1.0, recovery=0.5)
+    _feed(h, "." * 5 + "X" * 15 + "." * 5 + "X" * 15 + "." * 20)
+    assert _pairs(out) == [("firing", 0.2, None), ("resolved", 0.2, 1.6)]
+
+
+def test_pending_fault_is_dropped_after_a_gap_of_recovery() -> None:
+    h, out = _machine(onset=1.0, recovery=0.2)
+    _feed(h, "." * 5 + "X" * 15 + "." * 5 + "X" * 15 + "." * 20)  # 0.2 s gap = recovery
+    h.finish()
+    assert out == []
 
 
 def test_onset_reached_only_across_batches() -> None:
@@ -223,6 +246,15 @@ def test_finish_with_a_pending_fault_that_reaches_onset_by_the_end_time() -> Non
     _feed(h, "." * 5 + "X" * 20)
     h.finish(1.6)
     assert _pairs(out) == [("firing", 0.2, None), ("resolved", 0.2, 1.6)]
+
+
+def test_finish_with_a_pending_fault_that_already_went_away() -> None:
+    # 0.8 s of fault, then 0.2 s clear (< recovery) when the input ends at 1.6 s: the fault ended at 1.0 s,
+    # so it never lasted its onset, however late the input ends.
+    h, out = _machine(onset=1.0, recovery=0.5)
+    _feed(h, "." * 5 + "X" * 20 + "." * 5)
+    h.finish(1.6)
+    assert out == []
 
 
 def test_finish_twice_emits_nothing_more() -> None:

@@ -37,6 +37,16 @@ class Region:
             raise ValueError("region w and h must be > 0")
 
 
+def unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be within 0..1, not {value}")
+
+
+def positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, not {value}")
+
+
 @dataclass(frozen=True)
 class DetectorConfig:
     """Fields every detector has.
@@ -129,7 +139,9 @@ class Hysteresis:
     make_event: Callable[[float, float | None], Event]  # (start, value) -> firing event
     emit: Emit
     higher_is_worse: bool = True
+    fill: float = 0.8  # share of the onset span that must really be faulty (gaps excluded)
     pending_start: float | None = None
+    pending_faulty: float = 0.0  # faulty seconds since pending_start
     pending_worst: float | None = None
     pending_clear: float | None = None  # when a pending fault last went away
     open: _Open | None = None
@@ -173,11 +185,15 @@ class Hysteresis:
                     return
             gap_too_long = self.pending_clear is not None and t0 - self.pending_clear >= self.recovery - 1e-9
             if self.pending_start is None or gap_too_long:
-                self.pending_start, self.pending_worst = t0, worst
+                self.pending_start, self.pending_worst, self.pending_faulty = t0, worst, 0.0
             else:
                 self.pending_worst = self._worse(self.pending_worst, worst)
             self.pending_clear = None
-            if t1 - self.pending_start >= self.onset - 1e-9:
+            self.pending_faulty += t1 - t0
+            span = t1 - self.pending_start
+            # Short gaps do not restart the count, but a fault that is mostly absent (a blocky garbage frame
+            # every few frames, isolated loud peaks) must not add up to a sustained one.
+            if span >= self.onset - 1e-9 and self.pending_faulty >= self.fill * span - 1e-9:
                 event = self.make_event(self.pending_start, self.pending_worst)
                 self.open = _Open(event=event, worst=self.pending_worst)
                 self.pending_start = self.pending_worst = self.pending_clear = None
@@ -186,6 +202,7 @@ class Hysteresis:
             if self.pending_start is not None:
                 # A fault that has not reached its onset survives gaps shorter than the recovery time, so a
                 # flickering decision (a few clean frames inside a blur) does not restart the count.
+                # (It must still fill `fill` of the span, see above.)
                 if self.pending_clear is None:
                     self.pending_clear = t0
                 if t1 - self.pending_clear >= self.recovery - 1e-9:
@@ -207,7 +224,10 @@ class Hysteresis:
         end = self.last_end if end_time is None else end_time
         if self.pending_clear is not None:
             end = min(end, self.pending_clear)
-        if self.pending_start is not None and end - self.pending_start >= self.onset - 1e-9:
+        elif self.pending_start is not None:
+            self.pending_faulty += max(0.0, end - self.last_end)  # the fault lasts to the end of input
+        span = end - self.pending_start if self.pending_start is not None else 0.0
+        if self.pending_start is not None and span >= self.onset - 1e-9 and self.pending_faulty >= self.fill * span - 1e-9:
             event = self.make_event(self.pending_start, self.pending_worst)
             self.open = _Open(event=event, worst=self.pending_worst)
             self.emit(event)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.detectors.base import Detector, DetectorConfig, MetricRequest, VideoMetrics, register
+from engine.detectors.base import unit_interval as _unit
 from engine.events import Severity
 
 
@@ -19,6 +20,11 @@ class BlackConfig(DetectorConfig):
     severity: Severity = Severity.CRITICAL
     pix_th: float = 0.10
     pic_th: float = 0.98
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit("pix_th", self.pix_th)
+        _unit("pic_th", self.pic_th)
 
 
 @register

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.detectors.base import Detector, DetectorConfig, MetricRequest, VideoMetrics, positive, register
 from engine.events import Severity
 
 
@@ -20,6 +20,11 @@ class BlockinessConfig(DetectorConfig):
     severity: Severity = Severity.MAJOR
     threshold: float = 2.2
     stride: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("threshold", self.threshold)
+        positive("stride", self.stride)
 
 
 @register

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.detectors.base import (
+    Detector,
+    DetectorConfig,
+    MetricRequest,
+    VideoMetrics,
+    positive,
+    register,
+    unit_interval,
+)
 from engine.events import Severity
 
 
@@ -22,6 +30,11 @@ class BlurConfig(DetectorConfig):
     severity: Severity = Severity.WARNING
     threshold: float = 0.8
     stride: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unit_interval("threshold", self.threshold)
+        positive("stride", self.stride)
 
 
 @register

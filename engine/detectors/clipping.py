@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.detectors.base import AudioMetrics, DetectorConfig, Detector, register
+from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, register
 from engine.events import Severity
 
 
 @dataclass(frozen=True)
 class ClippingConfig(DetectorConfig):
-    """A sample is clipped when |sample| >= level (linear, 0.999 = -0.009 dBFS) and belongs to a run of at
-    least min_run such samples in a channel; a 5 ms window with any clipped sample is faulty. Clipping that
-    lasts onset seconds raises the event; gaps shorter than recovery keep it open."""
+    """A sample is clipped when |sample| >= level (linear) and belongs to a run of at least min_run such
+    samples in a channel; a 5 ms window with any clipped sample is faulty. Clipping that lasts onset
+    seconds raises the event; gaps shorter than recovery keep it open. The default level, 0.891 (-1 dBFS,
+    EBU R128's peak ceiling), catches clipping that went through a lossy codec, whose flat tops come back
+    at -0.3 to -0.6 dBFS with ripple; use 0.999 to count only digital overs in PCM."""
 
     onset: float = 0.1
     recovery: float = 0.5
     severity: Severity = Severity.WARNING
-    level: float = 0.999
+    level: float = 0.891
     min_run: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.level <= 1.0:
+            raise ValueError(f"level must be within (0, 1], not {self.level}")
+        if self.min_run < 1:
+            raise ValueError(f"min_run must be >= 1, not {self.min_run}")
 
 
 @register

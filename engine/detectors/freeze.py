@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.detectors.base import (
+    Detector,
+    DetectorConfig,
+    MetricRequest,
+    VideoMetrics,
+    positive,
+    register,
+    unit_interval,
+)
 from engine.events import Severity
 from kernels.difference import changed_fraction, mafd
 from kernels.masks import region_mask
@@ -24,10 +32,10 @@ from kernels.masks import region_mask
 
 @dataclass(frozen=True)
 class FreezeConfig(DetectorConfig):
-    """noise_db: freezedetect's noise tolerance (-60 dB = mean difference 0.1 % of full scale); frames
-    within it are identical for any purpose. coded: also treat coding-noise-only differences as frozen:
-    mean difference <= coded_mafd code values and at most coded_changed of the pixels differing by more
-    than coded_level code values (small plane). Pictures with less detail than min_activity (mean step
+    """A frame is frozen when its mean difference from the anchor is within noise_db (freezedetect's
+    tolerance, -60 dB = 0.1 % of full scale) or, with `coded`, within coded_mafd code values (coding
+    noise), and in both cases at most coded_changed of its pixels differ by more than coded_level code
+    values (small plane): a small moving object barely moves the mean but clearly changes its pixels. Pictures with less detail than min_activity (mean step
     between neighbouring pixels, code values) never count as frozen: a black or flat picture shows nothing
     that could move, and black has its own detector. Defaults: freezedetect's -60 dB and 2 s."""
 
@@ -40,6 +48,15 @@ class FreezeConfig(DetectorConfig):
     coded_level: int = 6
     coded_changed: float = 0.002
     min_activity: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.noise_db >= 0:
+            raise ValueError(f"noise_db must be < 0 dB, not {self.noise_db}")
+        positive("coded_mafd", self.coded_mafd)
+        unit_interval("coded_changed", self.coded_changed)
+        if not 0 <= self.coded_level < 255:
+            raise ValueError(f"coded_level must be within 0..254, not {self.coded_level}")
 
 
 @register
@@ -72,10 +89,12 @@ class FreezeDetector(Detector):
 
     def _frozen(self, d: np.ndarray, changed: np.ndarray) -> np.ndarray:
         c = self.config
-        ok = d <= self.noise
+        small = d <= self.noise
         if c.coded:
-            ok |= (d <= c.coded_mafd) & (changed <= c.coded_changed)
-        return ok
+            small |= d <= c.coded_mafd
+        # Whatever the mean says, a picture with clearly changed pixels is moving: a small object (a
+        # pedestrian far away) hardly moves the mean but changes its own pixels by far more than noise.
+        return small & (changed <= c.coded_changed)
 
     def _mask(self, small: torch.Tensor) -> torch.Tensor | None:
         if not self.config.ignore:

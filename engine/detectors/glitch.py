@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import DetectorConfig, Detector, MetricRequest, VideoMetrics, register
+from engine.detectors.base import Detector, DetectorConfig, MetricRequest, VideoMetrics, positive, register
 from engine.events import Severity
 
 
@@ -21,6 +21,11 @@ class GlitchConfig(DetectorConfig):
     severity: Severity = Severity.WARNING
     min_jump: float = 20.0
     min_score: float = 15.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive("min_jump", self.min_jump)
+        positive("min_score", self.min_score)
 
 
 @register

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import AudioMetrics, DetectorConfig, Detector, register
+from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, register
 from engine.events import Severity
 
 SPANS = {"momentary": 0.4, "short_term": 3.0}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import DetectorConfig, Detector, VideoMetrics, register
+from engine.detectors.base import Detector, DetectorConfig, VideoMetrics, register
 from engine.events import Event, Severity
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import AudioMetrics, DetectorConfig, Detector, register
+from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, register
 from engine.events import Severity
 
 
@@ -19,6 +19,11 @@ class SilenceConfig(DetectorConfig):
     recovery: float = 0.0
     severity: Severity = Severity.MAJOR
     noise_db: float = -60.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.noise_db >= 0:
+            raise ValueError(f"noise_db must be < 0 dBFS, not {self.noise_db}")
 
 
 @register

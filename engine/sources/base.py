@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -68,14 +69,19 @@ class Timeline:
         if self.origin is None:
             self.origin = raw
 
+    def anchor(self, raw: float | None, duration: float, wall: float) -> None:
+        """Set the origin from the first timestamp of the stream, or of a new connection, where time
+        continues after the outage (the wall-clock time that passed) instead of restarting."""
+        if self.origin is not None:
+            return
+        if self.last is None:
+            self.origin = raw if raw is not None else 0.0
+        else:
+            gap = max(duration, wall - (self.last_wall or wall))
+            self.origin = (raw if raw is not None else 0.0) - (self.last + gap)
+
     def map(self, raw: float | None, duration: float, wall: float) -> float:
-        if self.origin is None:
-            if self.last is None:
-                self.origin = raw if raw is not None else 0.0
-            else:
-                # First timestamp of a new connection: continue after the outage.
-                gap = max(duration, wall - (self.last_wall or wall))
-                self.origin = (raw if raw is not None else 0.0) - (self.last + gap)
+        self.anchor(raw, duration, wall)
         if raw is None:
             t = (self.last + duration) if self.last is not None else 0.0
         else:
@@ -109,13 +115,12 @@ class AudioClock:
         self.rate = rate
         self.next: float | None = None
 
-    def map(self, raw: float | None, samples: int) -> tuple[float, bool]:
+    def map(self, raw: float | None, samples: int, wall: float | None = None) -> tuple[float, bool]:
         """Start time of a chunk of `samples`, and whether it is discontinuous with the previous one."""
         tl = self.timeline
         t = None
         if raw is not None:
-            if tl.origin is None:
-                tl.origin = raw
+            tl.anchor(raw, samples / self.rate, time.time() if wall is None else wall)
             t = raw - tl.origin
         jump = False
         if self.next is None:

@@ -40,6 +40,8 @@ def describe_error(exc: BaseException) -> str:
         return f"permission denied: {exc.filename}"
     if isinstance(exc, av.error.InvalidDataError):
         return "not a readable media file (invalid data found when processing input)"
+    if isinstance(exc, (av.error.ExitError, TimeoutError)):
+        return "no data within the read timeout"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text
 

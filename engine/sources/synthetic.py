@@ -170,8 +170,8 @@ class Generator:
         y = self._clean(fz.start if fz else t).clone()
         if self.fault("blocky", t):
             b = 16
-            y = F.avg_pool2d(y[None, None].float(), b)[0, 0].round().to(torch.uint8)
-            y = y.repeat_interleave(b, 0).repeat_interleave(b, 1)
+            y = F.avg_pool2d(y[None, None].float(), b, ceil_mode=True)[0, 0].round().to(torch.uint8)
+            y = y.repeat_interleave(b, 0).repeat_interleave(b, 1)[: s.height, : s.width].contiguous()
         if self.fault("blur", t):
             k = torch.exp(-((torch.arange(-9, 10, dtype=torch.float32) / 3.0) ** 2) / 2)
             k = (k / k.sum()).view(1, 1, 1, -1)

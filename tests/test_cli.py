@@ -1,0 +1,197 @@
+"""The command line as a user runs it, each command in a process of its own.
+
+The `cli` fixture starts this file's commands at once (tests.media.Cli: forked from a server that imported
+engine.cli once, and `run` as a fresh `python -m engine.cli`); the tests then wait on the one they look at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from media import Cli, MovingPattern, json_lines, with_black
+
+FPS = 25
+REPORT_KEYS = {"file", "duration", "video", "audio", "events", "summary", "errors"}
+DETECTORS = ["black", "blockiness", "blur", "clipping", "freeze", "glitch", "loudness", "no_signal", "silence"]
+# BS.1770: a 0 dBFS 1 kHz sine in one channel reads -3.01 LUFS (mean square 1/2, and the K-weighting gain at
+# 1 kHz is cancelled by the -0.691 dB constant); a second identical channel adds 10*log10(2) = +3.01 dB.
+# So a -20 dBFS sine in both channels of a stereo clip is -20.0 LUFS (not -23).
+SINE_LUFS = -20.0 + 10 * math.log10(0.5) + 10 * math.log10(2)
+BLACK = (1.0, 4.0)  # seconds of black in the 5 s clip: frames 25..99
+
+RUN_CONFIG = """\
+output: {jsonl: null, thumbnails: null, summary: true}
+streams:
+  - id: t1
+    url: "synthetic://t?size=320x240&fps=25&duration=4&pace=fast&faults=black@1:2.5"
+"""
+
+BAD_CONFIG = """\
+streams:
+  - id: a
+    url: "synthetic://a"
+    detectors: {frezee: {onset: 1}}
+"""
+
+PROFILE_CONFIG = """\
+profiles:
+  lenient:
+    detectors:
+      black: {onset: 5}
+"""
+
+
+@pytest.fixture(scope="module")
+def files(make_clip, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "run.yaml").write_text(RUN_CONFIG)
+    (d / "bad.yaml").write_text(BAD_CONFIG)
+    (d / "profile.yaml").write_text(PROFILE_CONFIG)
+    return {
+        "dir": d,
+        "clean": make_clip("clean.mp4", seconds=4.0),
+        "black": make_clip("black5s.mp4", seconds=5.0, luma_fn=with_black(MovingPattern((320, 240)), FPS, *BLACK)),
+    }
+
+
+@pytest.fixture(scope="module")
+def cli(files):
+    d = files["dir"]
+    runs = {
+        "clean": Cli("check", "--json", files["clean"]),
+        "black": Cli("check", "--json", files["black"]),
+        "two": Cli("check", "--json", files["black"], files["clean"]),
+        "profile": Cli("check", "--json", "--config", d / "profile.yaml", "--profile", "lenient", files["black"]),
+        "validate_good": Cli("config", "validate", d / "run.yaml"),
+        "validate_bad": Cli("config", "validate", d / "bad.yaml"),
+        "schema": Cli("config", "schema"),
+        "detectors": Cli("detectors"),
+        # a real `python -m engine.cli`, once: the module entry point itself works
+        "run": Cli("run", d / "run.yaml", "--jsonl", d / "events.jsonl", cwd=d, fresh=True),
+    }
+    yield runs
+    for r in runs.values():  # nothing left running when a test failed early
+        r.kill()
+
+
+def test_check_clean_clip(cli):
+    proc = cli["clean"].result()
+    assert proc.returncode == 0, proc.stderr
+    (report,) = json_lines(proc.stdout)
+    assert set(report) == REPORT_KEYS
+    assert report["file"].endswith("clean.mp4")
+    assert report["duration"] == pytest.approx(4.0, abs=0.05)
+    v, a = report["video"], report["audio"]
+    assert (v["codec"], v["width"], v["height"], v["fps"]) == ("h264", 320, 240, 25.0)
+    assert v["frames"] == 100
+    assert v["decode_errors"] == 0 and v["corrupt_frames"] == 0
+    assert (a["codec"], a["channels"], a["sample_rate"]) == ("aac", 2, 48000)
+    assert a["seconds"] == pytest.approx(4.0, abs=0.05)
+    assert a["integrated_lufs"] == pytest.approx(SINE_LUFS, abs=0.3)
+    assert a["max_momentary_lufs"] == pytest.approx(SINE_LUFS, abs=0.3)
+    assert report["events"] == [] and report["summary"] == {} and report["errors"] == []
+
+
+def test_check_two_files_one_line_each_and_worst_exit_code(cli, files):
+    proc = cli["two"].result()
+    # The black clip comes first: the exit code must be the worst, not the last file's.
+    assert proc.returncode == 1, proc.stderr
+    black, clean = json_lines(proc.stdout)
+    assert len(proc.stdout.strip().splitlines()) == 2
+    assert black["file"] == str(files["black"]) and clean["file"] == str(files["clean"])
+    assert set(black) == REPORT_KEYS and set(clean) == REPORT_KEYS
+    assert clean["events"] == [] and clean["video"]["frames"] == 100
+
+
+def _without_ids(report: dict) -> dict:
+    return {**report, "events": [{**e, "id": "", "wallclock": ""} for e in report["events"]]}
+
+
+def test_check_black_clip_exit_1(cli):
+    proc = cli["black"].result()
+    assert proc.returncode == 1, proc.stderr
+    (report,) = json_lines(proc.stdout)
+    assert report["summary"] == {"black": 1}
+    # the same report as when it is checked together with another file
+    two, _ = json_lines(cli["two"].result().stdout)
+    assert _without_ids(report) == _without_ids(two)
+
+
+def test_check_finds_the_black_section(cli):
+    black, _ = json_lines(cli["two"].result().stdout)
+    assert black["video"]["frames"] == 125
+    assert black["summary"] == {"black": 1}
+    (event,) = black["events"]
+    assert event["type"] == "black" and event["status"] == "resolved"
+    assert event["start"] == pytest.approx(BLACK[0], abs=1 / FPS)
+    assert event["end"] == pytest.approx(BLACK[1], abs=1 / FPS)
+    assert event["duration"] == pytest.approx(BLACK[1] - BLACK[0], abs=2 / FPS)
+    assert event["value"] == pytest.approx(1.0, abs=0.01) and event["threshold"] == 0.98
+    assert event["severity"] == "critical" and event["stream"] == "black5s.mp4"
+    assert re.fullmatch(r"[0-9a-f]{16}", event["id"])
+
+
+def test_check_profile_from_config(cli):
+    # The profile raises black's onset to 5 s: the 3 s of black are no fault any more.
+    proc = cli["profile"].result()
+    assert proc.returncode == 0, proc.stderr
+    (report,) = json_lines(proc.stdout)
+    assert report["events"] == [] and report["video"]["frames"] == 125
+
+
+def test_config_validate_good(cli, files):
+    proc = cli["validate_good"].result()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == f"{files['dir'] / 'run.yaml'}: valid (1 stream(s), 0 profile(s))"
+
+
+def test_config_validate_bad(cli, files):
+    proc = cli["validate_bad"].result()
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"framewatch: error: {files['dir'] / 'bad.yaml'}: streams.0.detectors.frezee: unknown key; did you mean 'freeze'?"
+    ]
+
+
+def test_config_schema_prints_json(cli):
+    proc = cli["schema"].result()
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert set(schema["properties"]) == {"engine", "output", "detectors", "profiles", "streams", "duration"}
+    assert "pic_th" in proc.stdout and "coded_mafd" in proc.stdout
+
+
+def test_detectors_lists_all_nine(cli):
+    proc = cli["detectors"].result()
+    assert proc.returncode == 0, proc.stderr
+    # table rows: | name | version | media | defaults |; wrapped defaults continue with an empty name cell
+    cells = [[c.strip() for c in line.split("│")] for line in proc.stdout.splitlines()]
+    names = [row[1] for row in cells if len(row) >= 4 and row[1] and re.fullmatch(r"\d+\.\d+", row[2])]
+    assert names == DETECTORS, proc.stdout
+    assert "pic_th=0.98" in proc.stdout and "pix_th=0.1" in proc.stdout
+
+
+def test_run_writes_firing_and_resolved_events(cli, files):
+    proc = cli["run"].result()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # --jsonl FILE: nothing on stdout
+    events = [json.loads(line) for line in (files["dir"] / "events.jsonl").read_text().splitlines()]
+    assert [(e["type"], e["status"]) for e in events] == [("black", "firing"), ("black", "resolved")]
+    firing, resolved = events
+    assert firing["id"] == resolved["id"]
+    assert firing["stream"] == resolved["stream"] == "t1"
+    # black@1:2.5 at 25 fps: frames 25 (1.00 s) to 87 (3.48 s) are black, frame 88 (3.52 s) is not.
+    assert firing["start"] == resolved["start"] == pytest.approx(1.0, abs=1e-6)
+    assert firing["end"] is None and firing["duration"] is None
+    assert resolved["end"] == pytest.approx(3.52, abs=1e-6)
+    assert resolved["duration"] == pytest.approx(2.52, abs=1e-6)
+    # the human-readable lines and the summary go to stderr
+    assert "FIRING critical t1 black" in proc.stderr
+    assert "resolved t1 black" in proc.stderr
+    assert not (files["dir"] / "framewatch-out").exists()
+
