@@ -32,6 +32,7 @@ class StreamQueue:
         max_audio: int = 256,
         block: bool = False,
         wakeup: threading.Event | None = None,
+        wake_at: int = 16,
     ) -> None:
         self.counters = counters
         self.max_video = max_video
@@ -43,6 +44,9 @@ class StreamQueue:
         self._cond = threading.Condition()
         self._closed = False
         self._wakeup = wakeup
+        # The tick is woken early only when a whole batch is waiting: waking it for every frame would
+        # score tiny batches and spend the CPU on per-call overhead instead of on the kernels.
+        self.wake_at = wake_at
         self.last_arrival: float | None = None
 
     def close(self) -> None:
@@ -68,7 +72,8 @@ class StreamQueue:
             q.append(item)
             if now is not None:
                 self.last_arrival = now
-        if self._wakeup is not None:
+            full = len(self._video) >= self.wake_at
+        if full and self._wakeup is not None:
             self._wakeup.set()
         return True
 

@@ -100,6 +100,8 @@ class VideoBatch:
         self.next_idx = torch.tensor(next_idx, device=device)
         self.has_prev = np.array(has_prev, dtype=bool)
         self.has_next = np.array(has_next, dtype=bool)
+        self._has_prev_t = torch.from_numpy(self.has_prev).to(device)
+        self._has_next_t = torch.from_numpy(self.has_next).to(device)
         self._small_cur: torch.Tensor | None = None
         self._cache: dict[object, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor | None] = {}
@@ -119,30 +121,40 @@ class VideoBatch:
             self._masks[key] = region_mask(h, w, request.ignore, self.device)
         return self._masks[key]
 
-    def diff(self, which: str, request: MetricRequest, idx: np.ndarray) -> torch.Tensor:
-        """MAFD between each selected frame and its previous/next neighbour, or previous vs next."""
-        key = (which, request.ignore, idx.tobytes())
+    def steps(self, request: MetricRequest, level: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAFD and changed fraction of every element of the stacked sequence against the one before it
+        (index 0: 0). A frame's difference to its previous and to its next frame both come from this one
+        pass."""
+        key = ("steps", request.ignore, level)
         if key not in self._cache:
-            sel = torch.from_numpy(idx).to(self.device)
-            pairs = {
-                "prev": (self.cur_idx, self.prev_idx),
-                "next": (self.cur_idx, self.next_idx),
-                "outer": (self.prev_idx, self.next_idx),
-            }[which]
-            a = self.seq.index_select(0, pairs[0].index_select(0, sel))
-            b = self.seq.index_select(0, pairs[1].index_select(0, sel))
-            self._cache[key] = kd.mafd(a, b, self.small_mask(request))
+            d, c = kd.difference_stats(self.seq[1:], self.seq[:-1], level, self.small_mask(request))
+            zero = torch.zeros(1, device=d.device)
+            self._cache[key] = (torch.cat([zero, d]), torch.cat([zero, c]))
         return self._cache[key]
 
-    def luma_rows(self, idx: np.ndarray, stride: int) -> list[tuple[np.ndarray, torch.Tensor]]:
-        """Native luma of the selected frames, every `stride`-th row, stacked per resolution."""
+    def diff(self, which: str, request: MetricRequest, idx: np.ndarray) -> torch.Tensor:
+        """MAFD between each selected frame and its previous/next neighbour, or previous vs next."""
+        sel = torch.from_numpy(idx).to(self.device)
+        if which in ("prev", "next"):
+            # Without a neighbour the difference is 0 (stream start, end of input), never a step
+            # across into another stream's frames.
+            at, ok = (self.cur_idx, self._has_prev_t) if which == "prev" else (self.next_idx, self._has_next_t)
+            v = self.steps(request)[0].index_select(0, at.index_select(0, sel))
+            return torch.where(ok.index_select(0, sel), v, torch.zeros_like(v))
+        a = self.seq.index_select(0, self.prev_idx.index_select(0, sel))
+        b = self.seq.index_select(0, self.next_idx.index_select(0, sel))
+        return kd.mafd(a, b, self.small_mask(request))
+
+    def luma_rows(self, idx: np.ndarray, stride: Callable[[int], int]) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Native luma of the selected frames, every stride(height)-th row, stacked per resolution."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i in idx:
             f = self.frames[int(i)]
             groups.setdefault((f.height, f.width), []).append(int(i))
         out = []
         for members in groups.values():
-            rows = torch.stack([self.frames[i].luma[::stride] for i in members]).to(self.device, non_blocking=True)
+            step = stride(self.frames[members[0]].height)
+            rows = torch.stack([self.frames[i].luma[::step] for i in members]).to(self.device, non_blocking=True)
             out.append((np.array(members), rows))
         return out
 
@@ -181,11 +193,12 @@ def _masked_mean(small: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 def _family_spatial(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
-    stride = int(req.param("stride", 8))
+    rows_wanted = int(req.param("rows", 54))
     out = {k: np.zeros(len(idx), dtype=np.float32) for k in ("blockiness", "blur", "activity")}
     pos = {int(i): j for j, i in enumerate(idx)}
-    for members, rows in batch.luma_rows(idx, stride):
+    for members, rows in batch.luma_rows(idx, lambda h: max(1, h // rows_wanted)):
         f = batch.frames[int(members[0])]
+        stride = max(1, f.height // rows_wanted)
         mask = region_mask(f.height, f.width, req.ignore, batch.device)[::stride] if req.ignore else None
         stats = ks.spatial_stats(rows, stride=1, mask=mask)
         where = [pos[int(i)] for i in members]
@@ -198,13 +211,13 @@ def _family_spatial(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> d
 def _family_difference(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
     level = int(req.param("level", 6))
     sel = torch.from_numpy(idx).to(batch.device)
-    cur = batch.seq.index_select(0, batch.cur_idx.index_select(0, sel))
-    prev = batch.seq.index_select(0, batch.prev_idx.index_select(0, sel))
-    changed = kd.changed_fraction(cur, prev, level, batch.small_mask(req))
+    at = batch.cur_idx.index_select(0, sel)
+    ok = batch._has_prev_t.index_select(0, sel)
+    mean, changed = (torch.where(ok, v.index_select(0, at), torch.zeros_like(at, dtype=v.dtype)) for v in batch.steps(req, level))
     return {
-        "mafd": batch.diff("prev", req, idx).cpu().numpy(),
+        "mafd": mean.cpu().numpy(),
         "changed": changed.cpu().numpy(),
-        "activity": kd.activity(cur).cpu().numpy(),
+        "activity": kd.activity(batch.seq.index_select(0, at)).cpu().numpy(),
     }
 
 

@@ -14,12 +14,29 @@ def mafd(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> 
     # |a - b| on uint8 without widening: max - min never wraps.
     diff = torch.maximum(a, b) - torch.minimum(a, b)
     n = diff.shape[0]
-    if mask is None:
-        flat = diff.reshape(n, -1)
-        return flat.sum(-1, dtype=torch.int64).to(torch.float32) / flat.shape[1]
-    m = mask.expand_as(diff)
-    total = m.reshape(n, -1).sum(-1).clamp(min=1)
-    return (diff * m).reshape(n, -1).sum(-1, dtype=torch.int64).to(torch.float32) / total
+    if mask is not None:
+        diff = diff * mask
+    # int32 accumulation (exact up to 8 M pixels of 255) runs twice as fast as int64 on a CPU.
+    total = diff.reshape(n, -1).sum(-1, dtype=torch.int32).to(torch.float32)
+    count = diff[0].numel() if mask is None else mask.expand_as(diff[:1]).sum().clamp(min=1)
+    return total / count
+
+
+def difference_stats(
+    a: torch.Tensor, b: torch.Tensor, level: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mafd(a, b) and changed_fraction(a, b, level) from one pass over the absolute differences."""
+    diff = torch.maximum(a, b) - torch.minimum(a, b)
+    n = diff.shape[0]
+    if mask is not None:
+        diff = diff * mask
+    count = diff[0].numel() if mask is None else mask.expand_as(diff[:1]).sum().clamp(min=1)
+    mean = diff.reshape(n, -1).sum(-1, dtype=torch.int32).to(torch.float32) / count
+    hit = diff.clamp_(min=level, max=level + 1).sub_(level)
+    if mask is not None:
+        hit = hit * mask  # ignored pixels were 0 and became 0 again only if level == 0
+    changed = hit.reshape(n, -1).sum(-1, dtype=torch.int32).to(torch.float32) / count
+    return mean, changed
 
 
 def changed_fraction(a: torch.Tensor, b: torch.Tensor, level: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,12 +46,14 @@ def changed_fraction(a: torch.Tensor, b: torch.Tensor, level: int, mask: torch.T
     objects. The fraction of clearly changed pixels separates the two where the mean does not.
     """
     diff = torch.maximum(a, b) - torch.minimum(a, b)
-    hit = diff > level
-    n = diff.shape[0]
+    # clamp(level, level + 1) - level is 1 where diff > level and 0 elsewhere: a 0/1 count in uint8
+    # arithmetic, which CPU torch runs several times faster than a comparison into bool.
+    hit = diff.clamp_(min=level, max=level + 1).sub_(level)
+    n = hit.shape[0]
     if mask is not None:
-        m = mask.expand_as(hit)
-        return (hit & m).reshape(n, -1).sum(-1).to(torch.float32) / m.reshape(n, -1).sum(-1).clamp(min=1)
-    return hit.reshape(n, -1).to(torch.float32).mean(-1)
+        hit = hit * mask
+    count = hit[0].numel() if mask is None else mask.expand_as(hit[:1]).sum().clamp(min=1)
+    return hit.reshape(n, -1).sum(-1, dtype=torch.int32).to(torch.float32) / count
 
 
 def glitch_scores(seq: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,4 +76,4 @@ def activity(small: torch.Tensor) -> torch.Tensor:
     """Mean absolute horizontal step of each (N, h, w) uint8 picture: how much there is to see in it."""
     d = torch.maximum(small[..., 1:], small[..., :-1]) - torch.minimum(small[..., 1:], small[..., :-1])
     n = d.shape[0]
-    return d.reshape(n, -1).sum(-1, dtype=torch.int64).to(torch.float32) / d[0].numel()
+    return d.reshape(n, -1).sum(-1, dtype=torch.int32).to(torch.float32) / d[0].numel()

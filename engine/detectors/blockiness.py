@@ -13,18 +13,19 @@ from engine.events import Severity
 @dataclass(frozen=True)
 class BlockinessConfig(DetectorConfig):
     """threshold: block-boundary step over in-block step (about 1 for clean pictures, 1.2-1.6 for coded
-    video at ordinary bit rates, well above 2 for blocky pictures); stride: analyse every stride-th row."""
+    video at ordinary bit rates, well above 2 for blocky pictures); rows: how many evenly spaced rows are analysed (a grid or a blur shows on every row; 54 rows of a
+    1080p picture measure it as well as all 1080 at a twentieth of the cost)."""
 
     onset: float = 1.0
     recovery: float = 0.5
     severity: Severity = Severity.MAJOR
     threshold: float = 2.2
-    stride: int = 8
+    rows: int = 54
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive("threshold", self.threshold)
-        positive("stride", self.stride)
+        positive("rows", self.rows)
 
 
 @register
@@ -36,7 +37,7 @@ class BlockinessDetector(Detector):
 
     def __init__(self, config: BlockinessConfig, ctx) -> None:
         super().__init__(config, ctx)
-        self.request = MetricRequest("spatial", (("stride", config.stride),), config.ignore)
+        self.request = MetricRequest("spatial", (("rows", config.rows),), config.ignore)
 
     def requests(self) -> list[MetricRequest]:
         return [self.request]

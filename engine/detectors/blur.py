@@ -21,7 +21,8 @@ from engine.events import Severity
 @dataclass(frozen=True)
 class BlurConfig(DetectorConfig):
     """threshold: blur score 0 (sharp) .. 1 (smooth) above which a picture counts as blurred; pictures too
-    flat to judge (black, slates) never count. stride: analyse every stride-th row. Ordinary programme
+    flat to judge (black, slates) never count. rows: how many evenly spaced rows are analysed (a grid or a blur shows on every row; 54 rows of a
+    1080p picture measure it as well as all 1080 at a twentieth of the cost). Ordinary programme
     scores 0.2-0.65; soft close-ups up to ~0.8; a Gaussian defocus of sigma 2 px on SD 0.8-0.85, sigma 3
     px 0.85-0.9, so the default catches strong defocus without flagging soft content."""
 
@@ -29,12 +30,12 @@ class BlurConfig(DetectorConfig):
     recovery: float = 1.0
     severity: Severity = Severity.WARNING
     threshold: float = 0.8
-    stride: int = 8
+    rows: int = 54
 
     def __post_init__(self) -> None:
         super().__post_init__()
         unit_interval("threshold", self.threshold)
-        positive("stride", self.stride)
+        positive("rows", self.rows)
 
 
 @register
@@ -46,7 +47,7 @@ class BlurDetector(Detector):
 
     def __init__(self, config: BlurConfig, ctx) -> None:
         super().__init__(config, ctx)
-        self.request = MetricRequest("spatial", (("stride", config.stride),), config.ignore)
+        self.request = MetricRequest("spatial", (("rows", config.rows),), config.ignore)
 
     def requests(self) -> list[MetricRequest]:
         return [self.request]
