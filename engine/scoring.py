@@ -167,12 +167,13 @@ def _family_black(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dic
     small = batch.small.index_select(0, sel)
     mask = batch.small_mask(req)
     means = _masked_mean(small, mask).cpu().numpy()
-    thresholds = np.array(
-        [kluma.black_pixel_threshold(pix_th, batch.frames[i].color_range == ColorRange.FULL) for i in idx]
-    )
+    full = np.array([batch.frames[i].color_range == ColorRange.FULL for i in idx], dtype=bool)
+    thresholds = np.array([kluma.black_pixel_threshold(pix_th, bool(f)) for f in full])
     # A picture whose mean is above this cannot have pic_th of its pixels at or below the threshold, so
-    # only dark pictures pay for the exact count on the native plane. The margin covers the scaler.
-    bound = pic_th * thresholds + (1.0 - pic_th) * 255.0 + 3.0
+    # only dark pictures pay for the exact count on the native plane. The small plane is limited range
+    # (full-range sources are mapped to it), and the margin covers the scaler's rounding.
+    bound = pic_th * thresholds + (1.0 - pic_th) * 255.0
+    bound = np.where(full, 16.0 + bound * (219.0 / 255.0), bound) + 3.0
     candidates = np.flatnonzero(means <= bound)
     groups: dict[tuple[int, int, int], list[int]] = {}
     for j in candidates:

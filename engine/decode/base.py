@@ -14,6 +14,7 @@ from engine.media import AudioChunk, VideoFrame
 
 class VideoDecoder(Protocol):
     backend: str
+    fps: float  # nominal frame rate, for frame durations
     errors: int  # packets that failed to decode
     corrupt: int  # frames output with concealed errors
 

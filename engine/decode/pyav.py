@@ -21,6 +21,19 @@ _Y_FIRST = {
 _FULL_RANGE_FORMATS = {"yuvj420p", "yuvj422p", "yuvj444p", "yuvj440p"}
 
 
+def _decode(owner: PyAVVideoDecoder | PyAVAudioDecoder, packet: av.Packet | None) -> list:
+    """Frames completed by a packet (None flushes). A damaged packet is counted, never raised: FFmpeg has
+    concealed what it could and the stream goes on."""
+    try:
+        return owner.stream.codec_context.decode(packet)
+    except av.error.EOFError:
+        return []
+    except av.error.FFmpegError as exc:
+        owner.errors += 1
+        log.debug("%s decode error: %s", owner.stream.type, exc)
+        return []
+
+
 def _plane(frame: av.VideoFrame, index: int, height: int, width: int) -> np.ndarray:
     p = frame.planes[index]
     return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:height, :width]
@@ -77,15 +90,7 @@ class PyAVVideoDecoder:
         return ts, vf
 
     def decode(self, packet: av.Packet | None) -> list[tuple[float | None, VideoFrame]]:
-        try:
-            frames = self.stream.codec_context.decode(packet)
-        except av.error.EOFError:
-            return []
-        except av.error.FFmpegError as exc:
-            self.errors += 1
-            log.debug("video decode error: %s", exc)
-            return []
-        return [self._to_frame(f) for f in frames]
+        return [self._to_frame(f) for f in _decode(self, packet)]
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:
         return self.decode(None)
@@ -112,15 +117,7 @@ class PyAVAudioDecoder:
         return out
 
     def decode(self, packet: av.Packet | None) -> list[tuple[float | None, AudioChunk]]:
-        try:
-            frames = self.stream.codec_context.decode(packet)
-        except av.error.EOFError:
-            return []
-        except av.error.FFmpegError as exc:
-            self.errors += 1
-            log.debug("audio decode error: %s", exc)
-            return []
-        return self._chunks(frames)
+        return self._chunks(_decode(self, packet))
 
     def flush(self) -> list[tuple[float | None, AudioChunk]]:
         out = self.decode(None)

@@ -327,6 +327,32 @@ def _round_value(event: Event) -> Event:
     return replace(event, value=round(float(event.value), 4)) if event.value is not None else event
 
 
+class SpatialThresholdDetector(Detector):
+    """A video check that compares one value of the spatial metric family with a threshold."""
+
+    METRIC: ClassVar[str]
+    LABEL: ClassVar[str]
+
+    def __init__(self, config: DetectorConfig, ctx: StreamContext) -> None:
+        super().__init__(config, ctx)
+        self.request = MetricRequest("spatial", (("rows", config.rows),), config.ignore)  # type: ignore[attr-defined]
+
+    def requests(self) -> list[MetricRequest]:
+        return [self.request]
+
+    def threshold(self) -> float:
+        return self.config.threshold  # type: ignore[attr-defined]
+
+    def message(self, value: float | None) -> str:
+        return f"{self.LABEL} picture" if value is None else f"{self.LABEL} picture ({self.METRIC} {value:.2f})"
+
+    def on_video(self, m: VideoMetrics) -> None:
+        v = m.get(self.request, self.METRIC)
+        # NaN (a picture too flat to judge) never counts as faulty.
+        faulty = np.nan_to_num(v, nan=-np.inf) >= self.threshold()
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, v)
+
+
 REGISTRY: dict[str, type[Detector]] = {}
 
 

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from engine.detectors.base import (
-    Detector,
-    DetectorConfig,
-    MetricRequest,
-    VideoMetrics,
-    positive,
-    register,
-    unit_interval,
-)
+from engine.detectors.base import DetectorConfig, SpatialThresholdDetector, positive, register, unit_interval
 from engine.events import Severity
 
 
 @dataclass(frozen=True)
 class BlurConfig(DetectorConfig):
     """threshold: blur score 0 (sharp) .. 1 (smooth) above which a picture counts as blurred; pictures too
-    flat to judge (black, slates) never count. rows: how many evenly spaced rows are analysed (a grid or a blur shows on every row; 54 rows of a
-    1080p picture measure it as well as all 1080 at a twentieth of the cost). Ordinary programme
+    flat to judge (black, slates) never count. rows: how many evenly spaced rows are
+    analysed (a grid or a blur shows on every row; 54 rows of a 1080p picture measure it as well as all
+    1080 at a twentieth of the cost). Ordinary programme
     scores 0.2-0.65; soft close-ups up to ~0.8; a Gaussian defocus of sigma 2 px on SD 0.8-0.85, sigma 3
     px 0.85-0.9, so the default catches strong defocus without flagging soft content."""
 
@@ -39,26 +30,10 @@ class BlurConfig(DetectorConfig):
 
 
 @register
-class BlurDetector(Detector):
+class BlurDetector(SpatialThresholdDetector):
     NAME = "blur"
     VERSION = "1.0"
     MEDIA = "video"
     Config = BlurConfig
-
-    def __init__(self, config: BlurConfig, ctx) -> None:
-        super().__init__(config, ctx)
-        self.request = MetricRequest("spatial", (("rows", config.rows),), config.ignore)
-
-    def requests(self) -> list[MetricRequest]:
-        return [self.request]
-
-    def threshold(self) -> float:
-        return self.config.threshold
-
-    def message(self, value: float | None) -> str:
-        return "blurred picture" if value is None else f"blurred picture (blur {value:.2f})"
-
-    def on_video(self, m: VideoMetrics) -> None:
-        b = m.get(self.request, "blur")
-        faulty = np.nan_to_num(b, nan=0.0) >= self.config.threshold
-        self.hyst.update(m.pts, m.pts + m.duration, faulty, b)
+    METRIC = "blur"
+    LABEL = "blurred"

@@ -26,6 +26,7 @@ class SourceOptions:
     video: bool = True
     audio: bool = True
     threads: int = 0
+    decoder: str = "pyav"  # video decoder backend (engine.decode.VIDEO_BACKENDS)
 
 
 class Source(ABC):

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import av
 
 from engine.batch import StreamQueue
-from engine.decode.pyav import PyAVAudioDecoder, PyAVVideoDecoder
+from engine.decode import PyAVAudioDecoder, video_decoder
 from engine.media import AUDIO_RATE, SourceStatus
 from engine.sources.base import AudioClock, Source, SourceError, SourceOptions, Timeline
 
@@ -125,7 +125,8 @@ class MediaSource(Source):
         info.container = container.format.name
         vdec = adec = None
         if vs is not None:
-            vdec = PyAVVideoDecoder(vs, self.options.threads)
+            vdec = video_decoder(vs, self.options.decoder, self.options.threads)
+            info.decoder = vdec.backend
             info.video_codec = vs.codec_context.name
             info.width, info.height = vs.codec_context.width, vs.codec_context.height
             info.fps = vdec.fps
