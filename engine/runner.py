@@ -349,10 +349,27 @@ class Engine:
                 self._finish(rt)
         return busy
 
+    def _scored(self, works: list, score: Callable[[list], list]) -> list[tuple]:
+        """Score the whole batch; if that fails, stream by stream, so that one stream's odd frames end only
+        that stream (reported on it) and the others go on."""
+        try:
+            return list(zip(works, score([w for _, w in works]), strict=True))
+        except Exception:
+            log.exception("batched scoring failed; scoring streams one by one")
+        out = []
+        for item in works:
+            try:
+                out.append((item, score([item[1]])[0]))
+            except Exception as exc:
+                item[0].fail(f"scoring failed: {exc}")
+                self._shutdown(item[0])
+                self._finish(item[0])
+        return out
+
     def _dispatch_video(self, works: list[tuple[StreamRuntime, VideoWork]]) -> None:
-        metrics = self.scoring.score_video([w for _, w in works])
+        scored = self._scored(works, self.scoring.score_video)
         wall = time.time()
-        for (rt, _), m in zip(works, metrics, strict=True):
+        for (rt, _), m in scored:
             rt.last_frame = m.last
             st = rt.stats
             st.frames_scored += len(m.pts)
@@ -369,8 +386,7 @@ class Engine:
                     rt.fail(f"detector {det.NAME} failed: {exc}")
 
     def _dispatch_audio(self, works: list[tuple[StreamRuntime, AudioWork]]) -> None:
-        metrics = self.scoring.score_audio([w for _, w in works])
-        for (rt, _), m in zip(works, metrics, strict=True):
+        for (rt, _), m in self._scored(works, self.scoring.score_audio):
             rt.stats.audio_seconds += m.peak.shape[-1] * m.window
             for det in rt.audio_detectors:
                 try:

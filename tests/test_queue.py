@@ -47,10 +47,20 @@ def test_drain_takes_at_most_max_video_in_order():
     assert not q.drain(2)
 
 
+def test_the_tick_is_woken_only_when_a_whole_batch_waits():
+    wakeup = threading.Event()
+    q = StreamQueue(StreamCounters(), max_video=64, wakeup=wakeup, wake_at=3)
+    q.put_video(_frame(0))
+    q.put_video(_frame(1))
+    assert not wakeup.is_set()
+    q.put_video(_frame(2))
+    assert wakeup.is_set()
+
+
 def test_file_queue_blocks_the_producer_and_never_drops():
     counters = StreamCounters()
     wakeup = threading.Event()
-    q = StreamQueue(counters, max_video=2, block=True, wakeup=wakeup)
+    q = StreamQueue(counters, max_video=2, block=True, wakeup=wakeup, wake_at=2)
     produced: list[int] = []
 
     def producer() -> None:
