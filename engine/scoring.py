@@ -180,9 +180,15 @@ def _family_black(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dic
         f = batch.frames[int(idx[j])]
         groups.setdefault((f.height, f.width, int(thresholds[j])), []).append(int(j))
     for (h, w, th), members in groups.items():
-        luma = torch.stack([batch.frames[int(idx[j])].luma for j in members]).to(batch.device, non_blocking=True)
         native_mask = region_mask(h, w, req.ignore, batch.device) if req.ignore else None
-        out[members] = kluma.black_fraction(luma.contiguous(), th, native_mask).cpu().numpy()
+        if batch.device.type == "cpu":
+            # No stacking copy on the CPU: the kernel reads each decoder plane in place.
+            for j in members:
+                luma = batch.frames[int(idx[j])].luma.unsqueeze(0)
+                out[j] = float(kluma.black_fraction(luma, th, native_mask)[0])
+            continue
+        luma = torch.stack([batch.frames[int(idx[j])].luma for j in members]).to(batch.device, non_blocking=True)
+        out[members] = kluma.black_fraction(luma, th, native_mask).cpu().numpy()
     return {"fraction": out, "mean": means}
 
 
