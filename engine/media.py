@@ -7,7 +7,7 @@ scoring step and the detectors never know where a frame came from.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -115,4 +115,3 @@ class StreamCounters:
     decode_errors: int = 0
     corrupt_frames: int = 0
     reconnects: int = 0
-    extra: dict[str, float] = field(default_factory=dict)

@@ -65,8 +65,6 @@ class StreamSpec:
 class StreamStats:
     frames_scored: int = 0
     audio_seconds: float = 0.0
-    first_wall: float | None = None
-    last_wall: float | None = None
     media_end: float = 0.0
     events: dict[str, int] = field(default_factory=dict)
 
@@ -224,7 +222,6 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.on_status = on_status
-        self.events_emitted = 0
 
     # -- stream management (safe to call while running)
     def add_stream(self, spec: StreamSpec) -> StreamRuntime:
@@ -254,7 +251,6 @@ class Engine:
         self.wakeup.set()
 
     def _emit(self, event: Event) -> None:
-        self.events_emitted += 1
         rt = self.streams.get(event.stream)
         if rt is not None and event.status.value == "firing":
             rt.stats.events[event.type] = rt.stats.events.get(event.type, 0) + 1
@@ -368,14 +364,11 @@ class Engine:
 
     def _dispatch_video(self, works: list[tuple[StreamRuntime, VideoWork]]) -> None:
         scored = self._scored(works, self.scoring.score_video)
-        wall = time.time()
         for (rt, _), m in scored:
             rt.last_frame = m.last
             st = rt.stats
             st.frames_scored += len(m.pts)
             st.media_end = float(m.pts[-1] + m.duration[-1])
-            st.first_wall = st.first_wall or wall
-            st.last_wall = wall
             if rt.state in ("starting", "no_signal"):
                 rt.state = "running"
             for det in rt.video_detectors:

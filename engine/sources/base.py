@@ -66,10 +66,6 @@ class Timeline:
         self.last: float | None = None  # last normalised time handed out
         self.last_wall: float | None = None
 
-    def set_origin(self, raw: float) -> None:
-        if self.origin is None:
-            self.origin = raw
-
     def anchor(self, raw: float | None, duration: float, wall: float) -> None:
         """Set the origin from the first timestamp of the stream, or of a new connection, where time
         continues after the outage (the wall-clock time that passed) instead of restarting."""
