@@ -136,7 +136,7 @@ class StreamModel(_Strict):
 
 class EngineModel(_Strict):
     device: str = "cpu"
-    batch_frames: int = Field(16, ge=1, le=256, description="most frames of one stream scored per tick")
+    batch_frames: int = Field(32, ge=1, le=256, description="most frames of one stream scored per tick")
     tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
     queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU threads for the scoring step (0: torch's default)")

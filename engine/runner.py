@@ -200,7 +200,7 @@ class Engine:
         self,
         sink: EventSink,
         device: str = "cpu",
-        batch_frames: int = 16,
+        batch_frames: int = 32,
         tick: float = 0.02,
         queue_frames: int = 64,
         thumbnails: ThumbnailWriter | None = None,

@@ -229,13 +229,18 @@ def _family_difference(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -
 
 
 def _family_glitch(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """jump = min(d(prev, cur), d(cur, next)); score = jump - d(prev, next), computed only where jump reaches
+    the request's min_jump (NaN elsewhere): a frame close to a neighbour cannot be a glitch, and most frames
+    are, so the third difference is skipped for them."""
     d_pc = batch.diff("prev", req, idx)
     d_cn = batch.diff("next", req, idx)
-    d_pn = batch.diff("outer", req, idx)
     jump = torch.minimum(d_pc, d_cn).cpu().numpy()
-    score = jump - d_pn.cpu().numpy()
     valid = batch.has_prev[idx] & batch.has_next[idx]
-    return {"score": np.where(valid, score, np.nan), "jump": np.where(valid, jump, np.nan)}
+    score = np.full(len(idx), np.nan)
+    worth = np.flatnonzero(valid & (jump >= float(req.param("min_jump", 0.0))))
+    if worth.size:
+        score[worth] = jump[worth] - batch.diff("outer", req, idx[worth]).cpu().numpy()
+    return {"score": score, "jump": np.where(valid, jump, np.nan)}
 
 
 class ScoringStep:

@@ -37,7 +37,7 @@ class GlitchDetector(Detector):
 
     def __init__(self, config: GlitchConfig, ctx) -> None:
         super().__init__(config, ctx)
-        self.request = MetricRequest("glitch", (), config.ignore)
+        self.request = MetricRequest("glitch", (("min_jump", config.min_jump),), config.ignore)
         self.count = 0
 
     def requests(self) -> list[MetricRequest]:
