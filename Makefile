@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench lint clean
+.PHONY: run test install dev samples bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ samples:
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_vs_ffmpeg.py
+
+# On a GPU machine: cuda tests + GPU benchmark (WHEELS: folder of wheels or site-*.tar.xz to install first)
+gpu-check:
+	bash benchmarks/gpu_check.sh $(WHEELS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

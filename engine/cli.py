@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +29,7 @@ from engine.config import (
     resolve_detectors,
     stream_specs,
 )
+from engine.decode import BACKEND_NAMES, TIERS
 from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec
@@ -156,7 +157,8 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
     if info is not None and info.video_codec:
         video = {
             "codec": info.video_codec, "width": info.width, "height": info.height, "fps": info.fps,
-            "frames": rt.stats.frames_scored, "decoder": info.decoder,
+            "frames": rt.stats.frames_scored, "decoder": info.decoder, "tier": rt.tier,
+            "decoder_note": info.decoder_note or None, "packets_skipped": rt.counters.packets_skipped,
             "decode_errors": rt.counters.decode_errors, "corrupt_frames": rt.counters.corrupt_frames,
         }
     audio = None
@@ -193,6 +195,8 @@ def check(
     config: Annotated[Path | None, typer.Option(help="config YAML with detectors and profiles")] = None,
     thumbnails: Annotated[Path | None, typer.Option(help="write alert thumbnails to this folder")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
+    decoder: Annotated[str, typer.Option(help="auto (NVDEC on a GPU device), pyav or nvdec")] = "auto",
+    tier: Annotated[str, typer.Option(help="all, skip_nonref or keyframes: which frames are decoded")] = "all",
 ) -> None:
     """Check files for faults. Exit code: 0 no fault, 1 faults found, 2 error (unreadable input, bad config)."""
     try:
@@ -200,6 +204,12 @@ def check(
         if profile != "default" and profile not in cfg.profiles:
             raise ConfigError(f"unknown profile {profile!r}" + (f"; known: {', '.join(sorted(cfg.profiles))}" if cfg.profiles else " (no --config with profiles given)"))
         detectors = resolve_detectors(cfg, profile)
+        if decoder not in BACKEND_NAMES:
+            raise ConfigError(f"unknown decoder {decoder!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        if tier not in TIERS:
+            raise ConfigError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+        if tier != "all":
+            detectors = {n: (replace(c, enabled=False) if REGISTRY[n].NEEDS_EVERY_FRAME else c) for n, c in detectors.items()}
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     _setup_logging("critical")  # stream problems are reported once, by the lines below (one line per file)
@@ -209,7 +219,7 @@ def check(
         memory = MemorySink()
         engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
                         torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
-        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace="fast")))
+        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace="fast", decoder=decoder, tier=tier)))
         if show_progress:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
                 task = bar.add_task(Path(path).name, total=100)
@@ -276,6 +286,64 @@ def config_schema(output: Annotated[Path | None, typer.Option("--output", "-o", 
         sys.stdout.write(text + "\n")
     else:
         output.write_text(text + "\n", encoding="utf-8")
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="cuda[:N] or cpu")] = "cuda",
+    codecs: Annotated[str, typer.Option(help="comma-separated: h264,hevc")] = "h264,hevc",
+    tiers: Annotated[str, typer.Option(help="comma-separated tiers: all,skip_nonref,keyframes")] = "all,skip_nonref,keyframes",
+    streams: Annotated[int, typer.Option(min=1, max=4096, help="concurrent streams per case")] = 32,
+    procs: Annotated[str, typer.Option(help="worker processes for tier all, comma-separated, e.g. 1,4")] = "1",
+    clip_seconds: Annotated[float, typer.Option(min=1, max=600, help="length of each generated 1080p30 clip")] = 10.0,
+    keyframe_streams: Annotated[int | None, typer.Option(min=1, max=8192, help="streams for the keyframes tier (default: --streams)")] = None,
+    clip: Annotated[list[str] | None, typer.Option(help="use this clip instead: CODEC=PATH (repeatable)")] = None,
+    clip_dir: Annotated[Path, typer.Option(help="where generated clips are cached")] = Path("benchmarks/.cache"),
+    output: Annotated[Path, typer.Option("--json", help="write the JSON report here")] = Path("benchmarks/results/bench.json"),
+    calibration: Annotated[Path | None, typer.Option(help="write the scheduler calibration file here")] = None,
+) -> None:
+    """Throughput on this machine: decode-only ceiling vs end to end with all detectors, per codec and tier."""
+    from engine import bench as b
+
+    _setup_logging("warning")
+    want_codecs = [c.strip() for c in codecs.split(",") if c.strip()]
+    want_tiers = [t.strip() for t in tiers.split(",") if t.strip()]
+    for c in want_codecs:
+        if c not in b.ENCODERS:
+            raise _fail(f"unknown codec {c!r}; choose from {', '.join(b.ENCODERS)}")
+    for t in want_tiers:
+        if t not in TIERS:
+            raise _fail(f"unknown tier {t!r}; choose from {', '.join(TIERS)}")
+    try:
+        proc_list = [int(p) for p in procs.split(",") if p.strip()]
+    except ValueError:
+        raise _fail(f"--procs must be numbers like 1,4, not {procs!r}") from None
+    given: dict[str, Path] = {}
+    for item in clip or []:
+        codec, _, path = item.partition("=")
+        if codec not in b.ENCODERS or not path or not Path(path).is_file():
+            raise _fail(f"--clip wants CODEC=PATH with an existing file, got {item!r}")
+        given[codec] = Path(path)
+    report = b.run(want_codecs, want_tiers, streams, proc_list or [1], device, clip_dir, clip_seconds, clips=given,
+                   output=output, keyframe_streams=keyframe_streams)
+    b.write(report, output)
+    cal = b.calibration(report)
+    if calibration is not None:
+        if cal is None:
+            err.print("framewatch: no GPU measured; no calibration written")
+        else:
+            b.write(cal, calibration)
+    rows = b.table(report)
+    t = Table(title=f"framewatch bench on {report['environment'].get('gpu', 'CPU')} ({device})")
+    for col in rows[0]:
+        t.add_column(col)
+    for r in rows[1:]:
+        t.add_row(*r)
+    Console(width=max(160, Console().width)).print(t)
+    for r in report["results"]:
+        for e in r["errors"]:
+            err.print(f"  {r['codec']}/{r['tier']}: {e}", markup=False)
+    err.print(f"JSON: {output}")
 
 
 @app.command()

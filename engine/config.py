@@ -81,6 +81,8 @@ class ProfileModel(_Strict):
     """A named set of detector overrides; `only` restricts the profile to the listed detectors."""
 
     only: list[str] | None = None
+    tier: Literal["all", "skip_nonref", "keyframes"] | None = Field(
+        None, description="density tier for the profile's streams (see README: density tiers)")
     detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
 
     @field_validator("only")
@@ -108,6 +110,8 @@ class StreamModel(_Strict):
     pace: Literal["auto", "fast", "realtime"] = "auto"
     detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
     faults: list[FaultModel] = Field(default_factory=list)
+    tier: Literal["all", "skip_nonref", "keyframes"] | None = Field(
+        None, description="density tier: which frames are decoded (default: the profile's, else all)")
     options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="source options")
 
     @field_validator("id")
@@ -127,7 +131,7 @@ class StreamModel(_Strict):
     @field_validator("options")
     @classmethod
     def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        known = {f.name for f in fields(SourceOptions)} - {"pace"}
+        known = {f.name for f in fields(SourceOptions)} - {"pace", "tier", "device", "keep_luma"}
         for key in v:
             if key not in known:
                 raise ValueError(_unknown("source option", key, known))
@@ -135,7 +139,9 @@ class StreamModel(_Strict):
 
 
 class EngineModel(_Strict):
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda or cuda:N: where frames are decoded (NVDEC) and scored")
+    decoder: Literal["auto", "pyav", "nvdec"] = Field(
+        "auto", description="video decoder: auto (NVDEC on a GPU device, else PyAV), pyav, nvdec")
     batch_frames: int = Field(32, ge=1, le=256, description="most frames of one stream scored per tick")
     tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
     queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
@@ -304,12 +310,22 @@ def resolve_detectors(
 def stream_specs(cfg: FramewatchConfig) -> list[StreamSpec]:
     specs = []
     for s in cfg.streams:
-        opts = SourceOptions(pace=s.pace, **s.options)  # type: ignore[arg-type]
+        opts = SourceOptions(pace=s.pace, **{"decoder": cfg.engine.decoder, **s.options})  # type: ignore[arg-type]
+        profile = cfg.profiles.get(s.profile)
+        opts.tier = s.tier or (profile.tier if profile is not None and profile.tier else "all")
+        detectors = resolve_detectors(cfg, s.profile, s.detectors, where=f"streams.{s.id}")
+        if opts.tier != "all":
+            every = [n for n, c in detectors.items() if c.enabled and REGISTRY[n].NEEDS_EVERY_FRAME]
+            if every:
+                raise ConfigError(
+                    f"streams.{s.id}: tier {opts.tier} decodes only some frames, but detector(s) {', '.join(every)} "
+                    "need every frame; disable them for this stream (detectors: {name: {enabled: false}}) or use tier all"
+                )
         specs.append(
             StreamSpec(
                 id=s.id,
                 url=s.url,
-                detectors=resolve_detectors(cfg, s.profile, s.detectors, where=f"streams.{s.id}"),
+                detectors=detectors,
                 source=opts,
                 faults=[f.model_dump() for f in s.faults] or None,
                 profile=s.profile,

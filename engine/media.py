@@ -31,6 +31,19 @@ class ColorRange(StrEnum):
 
 
 @dataclass(slots=True)
+class LumaSummary:
+    """What remains of a frame's native luma plane when it is not kept (GPU frames): the 256-bin histogram
+    (256,) int32, which gives the black fraction for any threshold, and every `row_stride`-th row (R, W)
+    uint8, which is what the blockiness/blur kernel reads."""
+
+    hist: torch.Tensor
+    rows: torch.Tensor
+    row_stride: int
+    height: int
+    width: int
+
+
+@dataclass(slots=True)
 class VideoFrame:
     """One decoded picture.
 
@@ -42,21 +55,22 @@ class VideoFrame:
 
     pts: float
     duration: float
-    luma: torch.Tensor
+    luma: torch.Tensor | None  # None when only `summary` was kept
     small: torch.Tensor
     rgb: Callable[[], np.ndarray] | None = None
     color_range: ColorRange = ColorRange.LIMITED
     key_frame: bool = False
     index: int = 0  # frame number in the stream, set by the source
     corrupt: bool = False  # the decoder concealed an error in this frame
+    summary: LumaSummary | None = None
 
     @property
     def height(self) -> int:
-        return int(self.luma.shape[-2])
+        return int(self.luma.shape[-2]) if self.luma is not None else self.summary.height
 
     @property
     def width(self) -> int:
-        return int(self.luma.shape[-1])
+        return int(self.luma.shape[-1]) if self.luma is not None else self.summary.width
 
 
 @dataclass(slots=True)
@@ -92,6 +106,8 @@ class StreamInfo:
     audio_rate: int | None = None
     duration: float | None = None  # seconds, files only
     decoder: str = "pyav"  # backend that decodes the video
+    decoder_note: str = ""  # why it is not the backend asked for (a fallback), else empty
+    tier: str = "all"
 
 
 @dataclass(slots=True)
@@ -115,3 +131,5 @@ class StreamCounters:
     decode_errors: int = 0
     corrupt_frames: int = 0
     reconnects: int = 0
+    packets_skipped: int = 0  # video packets not decoded because of the stream's density tier
+    decoder_fallbacks: int = 0  # times the requested decoder backend could not be used

@@ -6,10 +6,11 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,6 +50,53 @@ def tune_allocator() -> None:
         pass
 
 
+def resolve_device(device: str | torch.device) -> tuple[torch.device, str]:
+    """The device to score on, and a note when it is not the one asked for (a GPU that is not there):
+    monitoring goes on on the CPU and the fallback is said out loud, never silent."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev, ""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), f"device {device} requested but no CUDA device is available; scoring on the CPU"
+    index = dev.index if dev.index is not None else 0
+    if index >= torch.cuda.device_count():
+        return torch.device("cpu"), (
+            f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist; scoring on the CPU")
+    return torch.device("cuda", index), ""
+
+
+# What a lost or broken accelerator says, as opposed to a bug in a kernel or a frame no kernel can digest. Out
+# of memory is left out on purpose: it is a capacity problem, and scoring streams one by one (smaller batches)
+# is the right answer to it, not writing the GPU off.
+_DEVICE_ERROR = re.compile(
+    r"cuda (?:error|failure|driver|runtime error)|cuda kernel errors|cublas_status|cudnn_status|cufft_internal|"
+    r"device-side|illegal (?:memory access|address|instruction)|device (?:lost|is lost|has been lost)|"
+    r"gpu (?:is lost|lost|has fallen off)|fallen off the bus|unspecified launch failure|launch timed out|"
+    r"uncorrectable ecc|ecc error|nvml_error|xid \d+",
+    re.IGNORECASE,
+)
+# torch.AcceleratorError is newer than the oldest torch supported.
+_DEVICE_EXC: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None), torch.cuda.CudaError) if t is not None)
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether an exception means the device itself failed (lost, hung, memory faults, a device-side assert),
+    after which nothing more can be scored on it, rather than one batch being bad."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return False
+        if isinstance(e, _DEVICE_EXC):
+            return True
+        if isinstance(e, RuntimeError) and _DEVICE_ERROR.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @dataclass
 class StreamSpec:
     """One stream as the engine runs it: resolved detector configs and source options."""
@@ -67,6 +115,19 @@ class StreamStats:
     audio_seconds: float = 0.0
     media_end: float = 0.0
     events: dict[str, int] = field(default_factory=dict)
+
+
+def _needs_native_luma(requests: list[MetricRequest]) -> bool:
+    """Whether a GPU decoder must keep whole luma planes: the summaries it keeps otherwise (histogram and the
+    default sampled rows) cannot exclude ignored regions or give another row count."""
+    from kernels.luma_summary import ROWS
+
+    for r in requests:
+        if r.family in ("black", "spatial") and r.ignore:
+            return True
+        if r.family == "spatial" and int(r.param("rows", ROWS)) != ROWS:
+            return True
+    return False
 
 
 class StreamRuntime:
@@ -96,20 +157,30 @@ class StreamRuntime:
         if clip is not None:
             self.audio.clip_level = float(getattr(clip, "level", 0.891))
             self.audio.clip_min_run = int(getattr(clip, "min_run", 3))
+        # Frames go where the engine scores them; the stream's tier decides which frames are decoded at all.
+        spec.source = replace(spec.source, device=str(engine.device))
+        self.tier = spec.source.tier
         try:
             self.source = open_source(spec.url, spec.source, spec.faults)
         except SourceError as exc:
             self.fail(str(exc))
         live = bool(self.source is not None and self.source.realtime)
-        self.ctx = StreamContext(stream=spec.id, emit=engine._emit, thumbnail=self._thumbnail, live=live)
+        self.ctx = StreamContext(stream=spec.id, emit=engine._emit, thumbnail=self._thumbnail, live=live, tier=self.tier)
         self._writer = engine.thumbnails
         self.detectors: list[Detector] = []
         for name, cfg in spec.detectors.items():
-            if cfg.enabled:
-                self.detectors.append(REGISTRY[name](cfg, self.ctx))
+            if not cfg.enabled:
+                continue
+            if self.tier != "all" and REGISTRY[name].NEEDS_EVERY_FRAME:
+                # Config validation refuses this; a stream added through the API is told, not half-checked.
+                log.warning("stream %s: detector %s needs every frame and is off in tier %s", spec.id, name, self.tier)
+                continue
+            self.detectors.append(REGISTRY[name](cfg, self.ctx))
         self.video_detectors = [d for d in self.detectors if d.MEDIA in ("video", "stream")]
         self.audio_detectors = [d for d in self.detectors if d.MEDIA == "audio"]
         self.requests: list[MetricRequest] = list(dict.fromkeys(r for d in self.detectors for r in d.requests()))
+        if self.source is not None and _needs_native_luma(self.requests):
+            self.source.options = replace(self.source.options, keep_luma=True)
         self.queue = StreamQueue(
             self.counters,
             max_video=engine.queue_frames,
@@ -206,12 +277,16 @@ class Engine:
         thumbnails: ThumbnailWriter | None = None,
         torch_threads: int | None = 1,
         on_status: Callable[[StreamRuntime, str, str], None] | None = None,
+        on_device_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         tune_allocator()
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.sink = sink
-        self.device = torch.device(device)
+        self.requested_device = str(device)
+        self.device, self.device_note = resolve_device(device)
+        if self.device_note:
+            log.warning(self.device_note)
         self.scoring = ScoringStep(self.device)
         self.batch_frames = batch_frames
         self.tick = tick
@@ -222,6 +297,10 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.on_status = on_status
+        # Set: a device error ends the whole engine and is handed over once (the owner moves the streams
+        # elsewhere); unset: device errors are handled like any other scoring error, stream by stream.
+        self.on_device_error = on_device_error
+        self.device_lost = False
 
     # -- stream management (safe to call while running)
     def add_stream(self, spec: StreamSpec) -> StreamRuntime:
@@ -347,23 +426,48 @@ class Engine:
 
     def _scored(self, works: list, score: Callable[[list], list]) -> list[tuple]:
         """Score the whole batch; if that fails, stream by stream, so that one stream's odd frames end only
-        that stream (reported on it) and the others go on."""
+        that stream (reported on it) and the others go on. A lost device (with on_device_error set) is not
+        retried stream by stream: every stream would fail the same way."""
+        if self.device_lost:
+            return []
         try:
             return list(zip(works, score([w for _, w in works]), strict=True))
-        except Exception:
+        except Exception as exc:
+            if self._lose_device(exc):
+                return []
             log.exception("batched scoring failed; scoring streams one by one")
         out = []
         for item in works:
             try:
                 out.append((item, score([item[1]])[0]))
             except Exception as exc:
+                if self._lose_device(exc):
+                    # The handler has taken the streams away already: nothing scored here may reach them.
+                    return []
                 item[0].fail(f"scoring failed: {exc}")
                 self._shutdown(item[0])
                 self._finish(item[0])
         return out
 
+    def _lose_device(self, exc: BaseException) -> bool:
+        """Whether `exc` ends this engine: a device error with a handler to give it to (once)."""
+        if self.on_device_error is None or not is_device_error(exc):
+            return False
+        if not self.device_lost:
+            self.device_lost = True
+            log.error("device %s failed: %s; engine stopping", self.requested_device, exc)
+            self.stop()
+            self.on_device_error(exc)
+        return True
+
     def _dispatch_video(self, works: list[tuple[StreamRuntime, VideoWork]]) -> None:
         scored = self._scored(works, self.scoring.score_video)
+        # Detectors that compute on the GPU (freeze compares small planes) run on the scoring stream too:
+        # one stream orders every read of the tick's tensors before their memory can be reused.
+        with self.scoring.on_stream():
+            self._feed_video(scored)
+
+    def _feed_video(self, scored: list) -> None:
         for (rt, _), m in scored:
             rt.last_frame = m.last
             st = rt.stats

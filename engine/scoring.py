@@ -7,6 +7,7 @@ family that takes the stacked small planes and returns per-frame values, like th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,7 +95,7 @@ class VideoBatch:
                 nxt = c + 1 if (c < last or w.next is not None) else c
                 next_idx.append(nxt)
                 has_next.append(nxt != c)
-        self.seq = torch.stack(seq).to(device, non_blocking=True)
+        self.seq = torch.stack(seq).to(device)
         self.prev_idx = torch.tensor(prev_idx, device=device)
         self.cur_idx = torch.tensor(cur_idx, device=device)
         self.next_idx = torch.tensor(next_idx, device=device)
@@ -127,8 +128,11 @@ class VideoBatch:
         pass."""
         key = ("steps", request.ignore, level)
         if key not in self._cache:
+            zero = torch.zeros(1, device=self.seq.device)
+            if self.seq.shape[0] < 2:  # one lone frame (a sparse tier's first keyframe): nothing to compare
+                self._cache[key] = (zero, zero)
+                return self._cache[key]
             d, c = kd.difference_stats(self.seq[1:], self.seq[:-1], level, self.small_mask(request))
-            zero = torch.zeros(1, device=d.device)
             self._cache[key] = (torch.cat([zero, d]), torch.cat([zero, c]))
         return self._cache[key]
 
@@ -145,17 +149,24 @@ class VideoBatch:
         b = self.seq.index_select(0, self.next_idx.index_select(0, sel))
         return kd.mafd(a, b, self.small_mask(request))
 
-    def luma_rows(self, idx: np.ndarray, stride: Callable[[int], int]) -> list[tuple[np.ndarray, torch.Tensor]]:
-        """Native luma of the selected frames, every stride(height)-th row, stacked per resolution."""
-        groups: dict[tuple[int, int], list[int]] = {}
+    def luma_rows(self, idx: np.ndarray, stride: Callable[[int], int], summaries: bool = True) -> list[tuple[np.ndarray, torch.Tensor]]:
+        """Native luma of the selected frames, every stride(height)-th row, stacked per resolution. Frames that
+        kept only a summary give its rows (taken with the same stride when the frame was decoded)."""
+        groups: dict[tuple[int, int, bool], list[int]] = {}
         for i in idx:
             f = self.frames[int(i)]
-            groups.setdefault((f.height, f.width), []).append(int(i))
+            use = summaries and f.summary is not None and f.summary.row_stride == stride(f.height)
+            if not use and f.luma is None:
+                raise ValueError("frame kept only a luma summary with another row stride; decode with keep_luma")
+            groups.setdefault((f.height, f.width, use), []).append(int(i))
         out = []
-        for members in groups.values():
-            step = stride(self.frames[members[0]].height)
-            rows = torch.stack([self.frames[i].luma[::step] for i in members]).to(self.device, non_blocking=True)
-            out.append((np.array(members), rows))
+        for (h, _w, use), members in groups.items():
+            if use:
+                rows = torch.stack([self.frames[i].summary.rows for i in members])
+            else:
+                step = stride(h)
+                rows = torch.stack([self.frames[i].luma[::step] for i in members])
+            out.append((np.array(members), rows.to(self.device)))
         return out
 
 
@@ -175,6 +186,17 @@ def _family_black(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dic
     bound = pic_th * thresholds + (1.0 - pic_th) * 255.0
     bound = np.where(full, 16.0 + bound * (219.0 / 255.0), bound) + 3.0
     candidates = np.flatnonzero(means <= bound)
+    if not req.ignore:
+        # Frames that kept only a summary: the histogram gives the exact count for any threshold.
+        summed = [int(j) for j in candidates if batch.frames[int(idx[j])].summary is not None]
+        if summed:
+            hists = torch.stack([batch.frames[int(idx[j])].summary.hist for j in summed]).to(batch.device)
+            th = torch.from_numpy(thresholds[summed].astype(np.int64)).to(batch.device)
+            below = hists.to(torch.int64).cumsum(1).gather(1, th.unsqueeze(1)).squeeze(1)
+            total = torch.tensor([batch.frames[int(idx[j])].height * batch.frames[int(idx[j])].width for j in summed],
+                                 dtype=torch.float64, device=batch.device)
+            out[summed] = (below.to(torch.float64) / total).cpu().numpy()
+            candidates = np.array([j for j in candidates if batch.frames[int(idx[j])].summary is None], dtype=np.int64)
     groups: dict[tuple[int, int, int], list[int]] = {}
     for j in candidates:
         f = batch.frames[int(idx[j])]
@@ -187,7 +209,7 @@ def _family_black(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dic
                 luma = batch.frames[int(idx[j])].luma.unsqueeze(0)
                 out[j] = float(kluma.black_fraction(luma, th, native_mask)[0])
             continue
-        luma = torch.stack([batch.frames[int(idx[j])].luma for j in members]).to(batch.device, non_blocking=True)
+        luma = torch.stack([batch.frames[int(idx[j])].luma for j in members]).to(batch.device)
         out[members] = kluma.black_fraction(luma, th, native_mask).cpu().numpy()
     return {"fraction": out, "mean": means}
 
@@ -203,7 +225,7 @@ def _family_spatial(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> d
     rows_wanted = int(req.param("rows", 54))
     out = {k: np.zeros(len(idx), dtype=np.float32) for k in ("blockiness", "blur", "activity")}
     pos = {int(i): j for j, i in enumerate(idx)}
-    for members, rows in batch.luma_rows(idx, lambda h: max(1, h // rows_wanted)):
+    for members, rows in batch.luma_rows(idx, lambda h: max(1, h // rows_wanted), summaries=not req.ignore):
         f = batch.frames[int(members[0])]
         stride = max(1, f.height // rows_wanted)
         mask = region_mask(f.height, f.width, req.ignore, batch.device)[::stride] if req.ignore else None
@@ -248,6 +270,9 @@ class ScoringStep:
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        # Scoring kernels go on a stream of their own so they overlap the decoders' copy work; results are
+        # read back once per family per tick (.cpu()), never per frame.
+        self.cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.families: dict[str, FamilyFn] = {
             "black": _family_black,
             "spatial": _family_spatial,
@@ -259,8 +284,33 @@ class ScoringStep:
         """The slot for models: a family computing per-frame values over the whole batch."""
         self.families[name] = fn
 
-    @torch.inference_mode()
+    def on_stream(self) -> contextlib.AbstractContextManager:
+        """The scoring stream as the current CUDA stream (nothing on the CPU)."""
+        return torch.cuda.stream(self.cuda_stream) if self.cuda_stream is not None else contextlib.nullcontext()
+
+    def _done(self) -> None:
+        # Once per tick, not per frame: every kernel that reads this tick's frames has finished before the
+        # frames are released, so their memory (allocated by decoder threads on their own streams) cannot be
+        # handed out again while a scoring kernel still reads it, and detectors see finished results.
+        if self.cuda_stream is not None:
+            self.cuda_stream.synchronize()
+
     def score_video(self, works: list[VideoWork]) -> list[VideoMetrics]:
+        with self.on_stream():
+            try:
+                return self._score_video(works)
+            finally:
+                self._done()
+
+    def score_audio(self, works: list[AudioWork]) -> list[AudioMetrics]:
+        with self.on_stream():
+            try:
+                return self._score_audio(works)
+            finally:
+                self._done()
+
+    @torch.inference_mode()
+    def _score_video(self, works: list[VideoWork]) -> list[VideoMetrics]:
         works = [w for w in works if w.frames]
         if not works:
             return []
@@ -305,7 +355,7 @@ class ScoringStep:
         return out
 
     @torch.inference_mode()
-    def score_audio(self, works: list[AudioWork]) -> list[AudioMetrics]:
+    def _score_audio(self, works: list[AudioWork]) -> list[AudioMetrics]:
         """Metrics for each work item, in the order given."""
         groups: dict[tuple[int, int, float, int], list[int]] = {}
         for pos, w in enumerate(works):
@@ -317,7 +367,8 @@ class ScoringStep:
             for w in members:
                 if w.restart:
                     w.state.restart_filters()
-            x = torch.stack([w.samples for w in members]).to(self.device, non_blocking=True)
+            # A plain copy: the stacked host buffer is a temporary, and audio is a few hundred KB per tick.
+            x = torch.stack([w.samples for w in members]).to(self.device)
             for w in members:
                 if w.state.channels != c:
                     w.state.channels = c

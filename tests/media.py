@@ -145,6 +145,7 @@ def write_clip(
     channels: int = 2,
     start: float = 0.0,
     audio_drop: tuple[float, float] | None = None,
+    bframes: int = 0,
 ) -> Path:
     """Write a clip with PyAV; the container follows the suffix (.mp4 .mov .mkv .ts .avi .wav).
 
@@ -183,7 +184,10 @@ def write_clip(
             vs.codec_context.time_base = Fraction(1, fps)
             if codec == "libx264":
                 vs.options = {"crf": str(crf), "preset": "veryfast", "g": str(gop), "keyint_min": str(gop),
-                              "sc_threshold": "0", "bf": "0", "threads": "1"}
+                              "sc_threshold": "0", "bf": str(bframes), "threads": "1"}
+            elif codec == "libx265":
+                vs.options = {"crf": str(crf + 4), "preset": "ultrafast", "x265-params":
+                              f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:pools=1:frame-threads=1:log-level=error"}
             elif codec == "mpeg4":
                 vs.codec_context.gop_size = gop
                 vs.options = {"qscale": "3"}

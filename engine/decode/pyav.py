@@ -42,10 +42,12 @@ def _plane(frame: av.VideoFrame, index: int, height: int, width: int) -> np.ndar
 class PyAVVideoDecoder:
     backend = "pyav"
 
-    def __init__(self, stream: av.video.stream.VideoStream, threads: int = 0) -> None:
+    def __init__(self, stream: av.video.stream.VideoStream, threads: int = 0, low_delay: bool = False) -> None:
         self.stream = stream
         cc = stream.codec_context
-        cc.thread_type = "AUTO"  # frame + slice threads, as the ffmpeg CLI does
+        # Frame + slice threads, as the ffmpeg CLI does. Frame threads hold back one picture per thread: fine
+        # for a dense stream, but with key frames only that is seconds of delay, so slices only there.
+        cc.thread_type = "SLICE" if low_delay else "AUTO"
         cc.thread_count = threads
         self.errors = 0
         self.corrupt = 0
@@ -76,7 +78,9 @@ class PyAVVideoDecoder:
         corrupt = bool(getattr(frame, "is_corrupt", False))
         if corrupt:
             self.corrupt += 1
-        ts = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+        # Frames drained from frame threads can come without a time base; the stream's is the same one.
+        tb = frame.time_base or self.stream.time_base
+        ts = float(frame.pts * tb) if frame.pts is not None and tb else None
         vf = VideoFrame(
             pts=0.0,
             duration=1.0 / self.fps,

@@ -32,6 +32,7 @@ class BlackDetector(Detector):
     NAME = "black"
     VERSION = "1.0"
     MEDIA = "video"
+    NEEDS_EVERY_FRAME = False
     Config = BlackConfig
 
     def __init__(self, config: BlackConfig, ctx) -> None:

@@ -32,6 +32,7 @@ class BlockinessDetector(SpatialThresholdDetector):
     NAME = "blockiness"
     VERSION = "1.0"
     MEDIA = "video"
+    NEEDS_EVERY_FRAME = False
     Config = BlockinessConfig
     METRIC = "blockiness"
     LABEL = "blocky"

@@ -34,6 +34,7 @@ class BlurDetector(SpatialThresholdDetector):
     NAME = "blur"
     VERSION = "1.0"
     MEDIA = "video"
+    NEEDS_EVERY_FRAME = False
     Config = BlurConfig
     METRIC = "blur"
     LABEL = "blurred"

@@ -35,6 +35,7 @@ class ClippingDetector(Detector):
     NAME = "clipping"
     VERSION = "1.0"
     MEDIA = "audio"
+    NEEDS_EVERY_FRAME = False
     Config = ClippingConfig
 
     def threshold(self) -> float:

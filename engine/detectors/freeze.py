@@ -64,6 +64,7 @@ class FreezeDetector(Detector):
     NAME = "freeze"
     VERSION = "1.0"
     MEDIA = "video"
+    NEEDS_EVERY_FRAME = False
     Config = FreezeConfig
 
     def __init__(self, config: FreezeConfig, ctx) -> None:

@@ -45,6 +45,7 @@ class LoudnessDetector(Detector):
     NAME = "loudness"
     VERSION = "1.0"
     MEDIA = "audio"
+    NEEDS_EVERY_FRAME = False
     Config = LoudnessConfig
 
     def __init__(self, config: LoudnessConfig, ctx) -> None:

@@ -26,6 +26,7 @@ class NoSignalDetector(Detector):
     NAME = "no_signal"
     VERSION = "1.0"
     MEDIA = "stream"
+    NEEDS_EVERY_FRAME = False
     Config = NoSignalConfig
     THUMBNAIL = False
 
@@ -34,6 +35,7 @@ class NoSignalDetector(Detector):
         self.last_end: float | None = None  # media time at which the last frame ended
         self.open: Event | None = None
         self.started_wall: float | None = None
+        self.spacing = 0.0  # seconds between decoded pictures in a sparse tier
 
     def threshold(self) -> float:
         return self.config.onset
@@ -59,6 +61,13 @@ class NoSignalDetector(Detector):
                 self._emit(event)
                 self._emit(event.resolved(float(m.pts[i])))
         self.last_end = float(m.pts[-1] + m.duration[-1])
+        if self.ctx.tier != "all":
+            self.spacing = float(np.max(m.duration))
+
+    def onset(self) -> float:
+        """A sparse tier decodes a picture every GOP or so: silence between those pictures is not an outage,
+        so the wall-clock onset is at least 2.5 picture spacings there."""
+        return max(self.config.onset, 2.5 * self.spacing)
 
     def on_tick(self, wallclock: float, media_time: float) -> None:
         """Called every engine tick; `media_time` is the end of the last frame that arrived."""
@@ -68,7 +77,7 @@ class NoSignalDetector(Detector):
         if not self.ctx.live or self.open is not None:
             return
         since = wallclock - (last_arrival if last_arrival is not None else self.started_wall)
-        if since >= self.config.onset:
+        if since >= self.onset():
             self.open = self._make_event(media_time, since)
             self._emit(self.open)
 

@@ -31,6 +31,7 @@ class SilenceDetector(Detector):
     NAME = "silence"
     VERSION = "1.0"
     MEDIA = "audio"
+    NEEDS_EVERY_FRAME = False
     Config = SilenceConfig
 
     def __init__(self, config: SilenceConfig, ctx) -> None:

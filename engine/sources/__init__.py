@@ -11,6 +11,17 @@ from engine.sources.synthetic import SyntheticSource
 __all__ = ["MediaSource", "Source", "SourceError", "SourceOptions", "SyntheticSource", "Timeline", "is_live_url", "open_source"]
 
 
+def _threaded_nvdec(options: SourceOptions) -> bool:
+    """Files at tier `all` on a GPU go through the native threaded NVDEC reader when NVDEC is usable."""
+    if options.decoder not in ("auto", "nvdec") or not str(options.device).startswith("cuda") or options.tier != "all":
+        return False
+    if not options.video or not options.threaded:
+        return False
+    from engine.decode.nvdec import available
+
+    return available()[0]
+
+
 def open_source(url: str, options: SourceOptions | None = None, faults: list[dict] | None = None) -> Source:
     """The source for a URL. Raises SourceError for a URL no source can take (checked before any I/O)."""
     options = options or SourceOptions()
@@ -21,6 +32,11 @@ def open_source(url: str, options: SourceOptions | None = None, faults: list[dic
         return SyntheticSource(url, options, faults)
     if faults:
         raise SourceError("faults can only be scheduled on synthetic:// sources")
-    if scheme in ("", "file") or len(scheme) == 1 or is_live_url(url) or scheme in ("http", "https"):
+    local = scheme in ("", "file") or len(scheme) == 1
+    if local and _threaded_nvdec(options):
+        from engine.sources.nvdec_file import NvdecFileSource
+
+        return NvdecFileSource(url, options)
+    if local or is_live_url(url) or scheme in ("http", "https"):
         return MediaSource(url, options)
     raise SourceError(f"unsupported URL scheme {scheme!r} in {url!r}")

@@ -26,7 +26,11 @@ class SourceOptions:
     video: bool = True
     audio: bool = True
     threads: int = 0
-    decoder: str = "pyav"  # video decoder backend (engine.decode.VIDEO_BACKENDS)
+    decoder: str = "auto"  # video decoder backend: auto | pyav | nvdec (engine.decode.BACKEND_NAMES)
+    tier: str = "all"  # density tier: all | skip_nonref | keyframes (engine.decode.tiers)
+    device: str = "cpu"  # where decoded frames go; set by the engine from its device
+    keep_luma: bool = False  # GPU decoders keep the whole luma plane, not only its summary (set by the engine)
+    threaded: bool = True  # files on NVDEC: the native threaded reader (False: PyAV demux + packet-level NVDEC)
 
 
 class Source(ABC):

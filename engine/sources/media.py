@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import av
 
 from engine.batch import StreamQueue
-from engine.decode import PyAVAudioDecoder, video_decoder
+from engine.decode import PyAVAudioDecoder, Tier, TierFilter, video_decoder
 from engine.media import AUDIO_RATE, SourceStatus
 from engine.sources.base import AudioClock, Source, SourceError, SourceOptions, Timeline
 
@@ -124,9 +124,19 @@ class MediaSource(Source):
         info = self.info
         info.container = container.format.name
         vdec = adec = None
+        tiers: TierFilter | None = None
         if vs is not None:
-            vdec = video_decoder(vs, self.options.decoder, self.options.threads)
+            vdec, fallback = video_decoder(
+                vs, self.options.decoder, self.options.threads, self.options.device, self.options.tier,
+                self.options.keep_luma)
             info.decoder = vdec.backend
+            if fallback:
+                queue.counters.decoder_fallbacks += 1
+                info.decoder_note = fallback
+                log.warning("%s: %s", self.url, fallback)
+            if Tier(self.options.tier) is not Tier.ALL:
+                tiers = TierFilter.for_stream(self.options.tier, vs)
+            info.tier = self.options.tier
             info.video_codec = vs.codec_context.name
             info.width, info.height = vs.codec_context.width, vs.codec_context.height
             info.fps = vdec.fps
@@ -160,10 +170,17 @@ class MediaSource(Source):
             if ahead > 0:
                 stop.wait(min(ahead, 1.0))
 
+        last_pts: list[float] = []
+
         def push_video(items) -> None:
             for raw, frame in items:
                 now = time.time()
                 frame.pts = timeline.map(raw, frame.duration, now)
+                if tiers is not None:
+                    # A frame of a sparse tier stands for the time since the previous decoded one.
+                    if last_pts and frame.pts > last_pts[0]:
+                        frame.duration = frame.pts - last_pts[0]
+                    last_pts[:] = [frame.pts]
                 frame.index = counters.video_frames
                 counters.video_frames += 1
                 if frame.corrupt:
@@ -184,6 +201,9 @@ class MediaSource(Source):
                 if packet.size == 0:
                     continue  # demuxer's end-of-stream marker; decoders are flushed below
                 if packet.stream is vs:
+                    if tiers is not None and not tiers.keep(memoryview(packet), packet.is_keyframe):
+                        counters.packets_skipped += 1
+                        continue
                     push_video(vdec.decode(packet))
                     counters.decode_errors = vdec.errors + (adec.errors if adec else 0)
                 elif packet.stream is as_:

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU check in one go, on a fresh GPU machine where python3 already has torch with CUDA:
+#   benchmarks/gpu_check.sh [WHEEL_DIR]
+# installs what WHEEL_DIR holds (*.whl, or site-*.tar.xz archives of an installed site folder) for
+# PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
+# a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
+#   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (256), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
+#   BENCH_PROCS (1,4), TEST_TIMEOUT, BENCH_TIMEOUT, PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
+set -u
+cd "$(dirname "$0")/.."
+WHEELS=${1:-.whl}
+RESULTS=${OUT:-benchmarks/results/gpu}
+SITE=${FRAMEWATCH_SITE:-/tmp/framewatch-site}
+PY=${PYTHON:-python3}
+mkdir -p "$SITE" "$RESULTS"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+
+for a in "$WHEELS"/*.tar.xz "$WHEELS"/*/*.tar.xz; do
+  [ -f "$a" ] && tar -xJf "$a" -C "$SITE"
+done
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "== install $(( $(date +%s) - t0 )) s"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.video,clocks.max.sm --format=csv,noheader
+$PY -c "import torch, av, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'av', av.__version__)"
+
+echo "== clips"
+SECS=${BENCH_SECONDS:-10}
+$PY -c "
+from pathlib import Path; from engine.bench import make_clip
+for c in '${BENCH_CODECS:-h264,hevc}'.split(','):
+    make_clip(Path('/tmp/framewatch-clips') / f'bench_{c}_1080p30_8M_${SECS%.*}s.mp4', c, float('$SECS'))
+" && echo "clips ready at $(( $(date +%s) - t0 )) s"
+export PROBE_CLIP=/tmp/framewatch-clips/bench_h264_1080p30_8M_${SECS%.*}s.mp4
+
+echo "== NVDEC probe"
+timeout 60 $PY benchmarks/nvdec_probe.py 2>&1 | cut -c1-700
+
+echo "== cuda tests"
+timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels_video.py \
+  tests/test_loudness.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
+echo "== tests done at $(( $(date +%s) - t0 )) s"
+
+if [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
+  SPY=$( [ -x .whl/tools/py-spy ] && echo .whl/tools/py-spy || echo "$WHEELS/../tools/py-spy")
+  echo "== GIL profile of end to end (h264, tier all, ${BENCH_STREAMS:-32} streams)"
+  timeout 120 $SPY record --gil -r 250 --format raw -o "$RESULTS/profile_gil.txt" -- \
+    $PY -m engine.cli bench --device cuda --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
+    --codecs h264 --tiers all --procs 1 --clip-dir /tmp/framewatch-clips --json "$RESULTS/profile_bench.json" 2>&1 | tail -8
+fi
+
+echo "== bench"
+timeout ${BENCH_TIMEOUT:-300} $PY -m engine.cli bench --device cuda \
+  --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
+  --codecs "${BENCH_CODECS:-h264,hevc}" --tiers "${BENCH_TIERS:-all,skip_nonref,keyframes}" \
+  --procs "${BENCH_PROCS:-1,4}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-256}" --clip-dir /tmp/framewatch-clips \
+  --json "$RESULTS/gpu_bench.json" --calibration "$RESULTS/calibration.json" 2>&1 | tail -60
+echo "== total $(( $(date +%s) - t0 )) s"

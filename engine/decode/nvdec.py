@@ -1,0 +1,306 @@
+"""NVDEC decoding through PyNvVideoCodec: frames stay on the GPU as torch tensors (DLPack, no host copy).
+
+Two ways in, both producing the core's VideoFrame:
+
+- `NvdecVideoDecoder` is a packet-level backend for MediaSource: PyAV demuxes (files, live URLs, audio,
+  reconnects, timestamps: all shared with the CPU path), the packets are rewritten to Annex B and handed to
+  one NVDEC session per stream. Density tiers drop packets before they reach it.
+- `NvdecFileSource` decodes a whole file with PyNvVideoCodec's ThreadedDecoder: demux and decode run in
+  native threads without the GIL, and Python only collects batches of finished surfaces. This is the
+  density path for files at tier `all`.
+
+PyNvVideoCodec is imported lazily: the rest of framewatch (and every CPU test) runs without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.decode.gpu_frames import convert_surfaces, thumbnail_rgb
+from engine.media import ColorRange, LumaSummary, VideoFrame
+
+log = logging.getLogger(__name__)
+
+_NVC: Any = None
+_NVC_ERROR: str | None = None
+_LOCK = threading.Lock()
+
+# FFmpeg codec name -> PyNvVideoCodec cudaVideoCodec member name
+_CODECS = {"h264": "H264", "hevc": "HEVC", "av1": "AV1", "vp9": "VP9", "vp8": "VP8", "mpeg2video": "MPEG2",
+           "mpeg4": "MPEG4", "vc1": "VC1", "mjpeg": "JPEG"}
+
+
+class NvdecUnavailable(RuntimeError):
+    """NVDEC cannot decode this stream here (no GPU, no PyNvVideoCodec, codec not supported)."""
+
+
+def load() -> Any:
+    """The PyNvVideoCodec module, or NvdecUnavailable with the reason (cached)."""
+    global _NVC, _NVC_ERROR
+    with _LOCK:
+        if _NVC is not None:
+            return _NVC
+        if _NVC_ERROR is not None:
+            raise NvdecUnavailable(_NVC_ERROR)
+        if not torch.cuda.is_available():
+            _NVC_ERROR = "no CUDA device visible to torch"
+            raise NvdecUnavailable(_NVC_ERROR)
+        try:
+            import PyNvVideoCodec as nvc  # noqa: N813
+        except Exception as exc:  # ImportError, or its own RuntimeError when the driver lacks NVDEC/NVENC
+            _NVC_ERROR = f"PyNvVideoCodec not usable: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            raise NvdecUnavailable(_NVC_ERROR) from None
+        _NVC = nvc
+        return nvc
+
+
+def available() -> tuple[bool, str]:
+    try:
+        load()
+        return True, "ok"
+    except NvdecUnavailable as exc:
+        return False, str(exc)
+
+
+def gpu_index(device: str | torch.device) -> int:
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise NvdecUnavailable(f"NVDEC needs a CUDA device, not {d}")
+    return d.index if d.index is not None else 0
+
+
+def _codec(nvc: Any, name: str) -> Any:
+    member = _CODECS.get(name)
+    if member is None or not hasattr(nvc.cudaVideoCodec, member):
+        raise NvdecUnavailable(f"NVDEC does not decode {name}")
+    return getattr(nvc.cudaVideoCodec, member)
+
+
+def frames_from_surfaces(
+    surfaces: list[torch.Tensor], height: int, full: bool, stream: torch.cuda.Stream | None, keep_luma: bool = False
+) -> list[tuple[torch.Tensor | None, torch.Tensor, LumaSummary, Callable[[], Any]]]:
+    """Copy a batch of decoded surfaces into frames: (luma or None, small, summary, rgb) per frame.
+
+    The work is queued on the stream's own CUDA stream and waited for once per batch here, in the source's
+    thread (the wait releases the GIL): the scoring step then never needs to synchronise with decoders.
+    """
+    ctx = torch.cuda.stream(stream) if stream is not None else _null()
+    with ctx:
+        c = convert_surfaces(surfaces, height, full, keep_luma)
+    if stream is not None:
+        stream.synchronize()
+    width = int(surfaces[0].shape[-1])
+    out = []
+    for i in range(c.small.shape[0]):
+        ch, s = c.chroma[i], c.small[i]
+        summary = LumaSummary(c.hist[i], c.rows[i], c.row_stride, height, width)
+        luma = c.luma[i] if c.luma is not None else None
+        out.append((luma, s, summary, lambda s=s, ch=ch: thumbnail_rgb(s.cpu().numpy(), ch.cpu().numpy(), full)))
+    return out
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+class NvdecVideoDecoder:
+    """Packet-level NVDEC decoder for one stream (the `nvdec` backend of MediaSource)."""
+
+    backend = "nvdec"
+
+    def __init__(self, stream: Any, threads: int = 0, device: str = "cuda:0", low_latency: bool = False,
+                 keep_luma: bool = False) -> None:
+        nvc = load()
+        from av.bitstream import BitStreamFilterContext
+
+        cc = stream.codec_context
+        self.name = cc.name
+        self.gpu = gpu_index(device)
+        self.device = torch.device("cuda", self.gpu)
+        codec = _codec(nvc, self.name)
+        extradata = bytes(cc.extradata or b"")
+        annexb = extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
+        self.bsf = None
+        if self.name in ("h264", "hevc") and extradata and not annexb:
+            self.bsf = BitStreamFilterContext(f"{self.name}_mp4toannexb", in_stream=stream)
+        self.stream = stream
+        self.time_base = stream.time_base
+        self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        self.full = int(getattr(cc, "color_range", 0) or 0) == 2 or (cc.pix_fmt or "").startswith("yuvj")
+        self.errors = 0
+        self.corrupt = 0
+        self.keep_luma = keep_luma
+        self.cuda_stream = torch.cuda.Stream(self.device)
+        self._nvc = nvc
+        # A sparse tier feeds whole, independent pictures: ask for each one as soon as it is decoded, not
+        # when the next packet (a GOP later) pushes it out.
+        self._eop = None
+        self._dec = None
+        if low_latency and hasattr(nvc, "DisplayDecodeLatencyType") and hasattr(nvc, "VideoPacketFlag"):
+            try:
+                self._dec = nvc.CreateDecoder(gpuid=self.gpu, codec=codec, cudacontext=0,
+                                              cudastream=self.cuda_stream.cuda_stream, usedevicememory=True,
+                                              latency=nvc.DisplayDecodeLatencyType.LOW)
+                self._eop = nvc.VideoPacketFlag.ENDOFPICTURE
+            except Exception as exc:  # older binding: normal latency still decodes every picture
+                log.debug("low-latency NVDEC session not available: %s", exc)
+        if self._dec is None:
+            self._dec = _create_decoder(nvc, self.gpu, codec, self.cuda_stream)
+
+    def _packet(self, ptr: int, size: int, pts: int | None) -> Any:
+        pd = self._nvc.PacketData()
+        pd.bsl_data = ptr
+        pd.bsl = size
+        if pts is not None:
+            pd.pts = int(pts)
+        if self._eop is not None and size:
+            pd.decode_flag = self._eop
+        return pd
+
+    def _run(self, pd: Any) -> list[Any]:
+        try:
+            return list(self._dec.Decode(pd))
+        except Exception as exc:  # a damaged packet: counted, the session goes on
+            self.errors += 1
+            log.debug("nvdec decode error: %s", exc)
+            return []
+
+    def decode(self, packet: Any) -> list[tuple[float | None, VideoFrame]]:
+        pkts = self.bsf.filter(packet) if self.bsf is not None else [packet]
+        decoded: list[Any] = []
+        for p in pkts:
+            if p.buffer_size:
+                decoded.extend(self._run(self._packet(p.buffer_ptr, p.buffer_size, p.pts)))
+        return self._frames(decoded)
+
+    def flush(self) -> list[tuple[float | None, VideoFrame]]:
+        decoded: list[Any] = []
+        if self.bsf is not None:
+            try:
+                rest = list(self.bsf.filter(None) or [])
+            except Exception:  # a filter with nothing buffered may refuse the end marker
+                rest = []
+            for p in rest:
+                if p.buffer_size:
+                    decoded.extend(self._run(self._packet(p.buffer_ptr, p.buffer_size, p.pts)))
+        decoded.extend(self._run(self._packet(0, 0, None)))
+        return self._frames(decoded)
+
+    def _frames(self, decoded: list[Any]) -> list[tuple[float | None, VideoFrame]]:
+        if not decoded:
+            return []
+        with torch.cuda.device(self.device):
+            surfaces = [torch.from_dlpack(f) for f in decoded]
+            height = surfaces[0].shape[0] * 2 // 3
+            pieces = frames_from_surfaces(surfaces, height, self.full, self.cuda_stream, self.keep_luma)
+        out = []
+        tb = float(self.time_base) if self.time_base else None
+        for f, (luma, small, summary, rgb) in zip(decoded, pieces, strict=True):
+            pts = _frame_pts(f)
+            ts = pts * tb if (pts is not None and tb) else None
+            out.append((ts, VideoFrame(pts=0.0, duration=1.0 / self.fps, luma=luma, small=small, rgb=rgb,
+                                       color_range=ColorRange.FULL if self.full else ColorRange.LIMITED,
+                                       summary=summary)))
+        return out
+
+
+def _frame_pts(frame: Any) -> int | None:
+    for name in ("getPTS", "timestamp"):
+        v = getattr(frame, name, None)
+        if v is None:
+            continue
+        try:
+            return int(v() if callable(v) else v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _create_decoder(nvc: Any, gpu: int, codec: Any, stream: torch.cuda.Stream) -> Any:
+    """One NVDEC session on the given CUDA stream, frames in device memory."""
+    attempts = (
+        {"gpuid": gpu, "codec": codec, "cudacontext": 0, "cudastream": stream.cuda_stream, "usedevicememory": True},
+        {"gpuid": gpu, "codec": codec, "usedevicememory": True},
+    )
+    last: Exception | None = None
+    for kw in attempts:
+        try:
+            return nvc.CreateDecoder(**kw)
+        except TypeError as exc:  # an older binding without the stream arguments
+            last = exc
+    raise NvdecUnavailable(f"cannot create an NVDEC session: {last}")
+
+
+class ThreadedFileDecoder:
+    """A whole file through PyNvVideoCodec's ThreadedDecoder, as batches of (time, VideoFrame).
+
+    Times come from the frame index and the stream's frame rate: the native decoder does not expose the
+    container's time base, and files at constant frame rate (what this path is for) lose nothing.
+    """
+
+    backend = "nvdec-threaded"
+
+    def __init__(self, path: str, device: str = "cuda:0", batch: int = 8, full_range: bool = False,
+                 decoder_cache: int = 1, keep_luma: bool = False) -> None:
+        nvc = load()
+        self.gpu = gpu_index(device)
+        self.device = torch.device("cuda", self.gpu)
+        self.batch = batch
+        self.full = full_range
+        self.keep_luma = keep_luma
+        self.cuda_stream = torch.cuda.Stream(self.device)
+        t0 = time.perf_counter()
+        # One cached session and a small surface ring: the defaults (4 sessions, large rings) cost hundreds of
+        # MB of GPU memory per stream, which decides how many streams fit, not how fast they decode.
+        self._td = nvc.ThreadedDecoder(path, buffer_size=batch, gpu_id=self.gpu, use_device_memory=True,
+                                       decoder_cache_size=decoder_cache)
+        self.open_seconds = time.perf_counter() - t0
+        meta = self._td.get_stream_metadata()
+        self.width = int(getattr(meta, "width", 0) or 0)
+        self.height = int(getattr(meta, "height", 0) or 0)
+        self.fps = float(getattr(meta, "average_fps", 0) or 0) or 25.0
+        self.codec = str(getattr(meta, "codec_name", "") or "")
+        self.expected = int(getattr(meta, "num_frames", 0) or 0)
+        self.index = 0
+        self.errors = 0
+        self.corrupt = 0
+
+    def next_batch(self) -> list[tuple[float | None, VideoFrame]]:
+        decoded = self._td.get_batch_frames(self.batch)
+        tries = 0
+        while not decoded and self.index < self.expected and tries < 3:
+            # An empty batch before the container's frame count: the decode thread may still be draining
+            # its last pictures; ask again briefly before calling it the end.
+            time.sleep(0.01)
+            decoded = self._td.get_batch_frames(self.batch)
+            tries += 1
+        if not decoded:
+            return []
+        with torch.cuda.device(self.device):
+            surfaces = [torch.from_dlpack(f) for f in decoded]
+            height = self.height or surfaces[0].shape[0] * 2 // 3
+            pieces = frames_from_surfaces(surfaces, height, self.full, self.cuda_stream, self.keep_luma)
+        out = []
+        for luma, small, summary, rgb in pieces:
+            t = self.index / self.fps
+            self.index += 1
+            out.append((t, VideoFrame(pts=0.0, duration=1.0 / self.fps, luma=luma, small=small, rgb=rgb,
+                                      color_range=ColorRange.FULL if self.full else ColorRange.LIMITED,
+                                      summary=summary)))
+        return out
+
+    def close(self) -> None:
+        try:
+            self._td.end()
+        except Exception:  # ending a decoder that already failed must not raise
+            pass

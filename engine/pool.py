@@ -1,0 +1,366 @@
+"""Many GPUs in one process: one engine (and worker thread) per GPU, streams placed by the scheduler, and the
+streams of a GPU that fails moved to the others.
+
+The scheduler decides where each stream goes and at which decode tier; the pool makes that so (starts the
+stream on the chosen engine with that tier) and keeps the two in step when a stream is removed or a GPU fails.
+A GPU failure is visible to the user: every stream on it gets a critical `no_signal` event naming the GPU,
+which resolves when the moved stream's first frame has been scored on its new engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from engine.alerts import EventSink
+from engine.detectors import REGISTRY
+from engine.events import Event, Severity, Status, new_event_id, now_iso
+from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
+from engine.scheduler import GpuModel, Placement, Scheduler, StreamDemand, Target, model_for_device
+
+log = logging.getLogger("framewatch")
+
+__all__ = ["EVENT_VERSION", "GpuPool", "default_demand", "is_device_error"]
+
+EVENT_VERSION = "pool-1.0"
+"""`detector_version` of the events the pool itself emits (GPU failures)."""
+
+
+def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> StreamDemand:
+    """The decode demand of a stream: `demand` (1080p30 H.264 when not given), with every-frame set when an
+    enabled detector needs every frame, so the scheduler never picks a tier that would switch it off."""
+    d = demand if demand is not None else StreamDemand(spec.id, "h264", 1920, 1080, 30.0)
+    if d.id != spec.id:
+        raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
+    every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)
+    if every and not d.needs_every_frame:
+        names = ", ".join(f"'{n}'" for n in every)
+        why = f"detector {names} needs every frame" if len(every) == 1 else f"detectors {names} need every frame"
+        d = replace(d, needs_every_frame=True, every_frame_reason=why)
+    return d
+
+
+def _detect_models(devices: list[str]) -> list[GpuModel]:
+    out: list[GpuModel] = []
+    for name in devices:
+        dev = torch.device(name)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"cannot tell the GPU model of device {name!r}: pass models= for it")
+        props = torch.cuda.get_device_properties(dev.index or 0)
+        out.append(model_for_device(props.name, props.total_memory / 2**20))
+    return out
+
+
+class _LockedSink:
+    """Engines emit from their own threads and the pool from whichever thread saw the failure; a sink is not
+    required to be thread-safe."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self._lock = threading.Lock()
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self.sink.emit(event)
+
+    def close(self) -> None:
+        with self._lock:
+            self.sink.close()
+
+
+@dataclass
+class _Outage:
+    event: Event  # the firing no_signal event
+    since: float  # time.monotonic() at the failure
+
+
+@dataclass
+class _Member:
+    spec: StreamSpec  # as added (its tier is replaced by each placement's)
+    demand: StreamDemand
+    placement: Placement
+    engine: Engine | None = None  # where it runs now; None while refused
+    runtime: StreamRuntime | None = None  # the latest runtime, kept after it ends for its stats
+
+
+class GpuPool:
+    """One `Engine` per device, each run by a worker thread, with a `Scheduler` deciding where streams go.
+
+    `devices` are device strings ("cuda:0", "cuda:1"; tests simulate GPUs with "cpu"); `models` the GPU model
+    of each for the scheduler (default: detected from the CUDA device). With `cpu_decode_fps` > 0 an extra
+    CPU engine takes the streams the scheduler places on spare CPU decode capacity. `engine_kwargs` go to
+    every engine. All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        sink: EventSink,
+        devices: list[str],
+        models: list[GpuModel] | None = None,
+        headroom: float = 0.15,
+        cpu_decode_fps: float = 0.0,
+        **engine_kwargs: Any,
+    ) -> None:
+        self.devices = [str(d) for d in devices]
+        models = list(models) if models is not None else _detect_models(self.devices)
+        if len(models) != len(self.devices):
+            raise ValueError(f"{len(models)} GPU models given for {len(self.devices)} devices")
+        self.sink = _LockedSink(sink)
+        self.scheduler = Scheduler(models, headroom=headroom, cpu_decode_fps=cpu_decode_fps)
+        # Simulated GPUs share one device string; the index keeps them apart in messages.
+        unique = len(set(self.devices)) == len(self.devices)
+        self.labels = [d if unique else f"{d} (gpu {i})" for i, d in enumerate(self.devices)]
+        self.engines = [
+            Engine(self.sink, device=d, on_device_error=partial(self._device_failed, i), **engine_kwargs)
+            for i, d in enumerate(self.devices)
+        ]
+        self.cpu_engine = Engine(self.sink, device="cpu", **engine_kwargs) if cpu_decode_fps > 0 else None
+        # Reentrant: an engine's on_status callback (engine_kwargs) may call back into the pool.
+        self._lock = threading.RLock()
+        self._members: dict[str, _Member] = {}
+        self._outages: dict[str, _Outage] = {}
+        self._threads: list[threading.Thread] = []
+        self._closing = threading.Event()
+
+    # -- streams
+    def add_stream(self, spec: StreamSpec, demand: StreamDemand | None = None) -> Placement:
+        """Place a stream and start it where the scheduler says, at the tier it says. A refused stream is not
+        started (the scheduler keeps it and admits it when capacity frees up); its placement says why."""
+        d = default_demand(spec, demand)
+        with self._lock:
+            if self._closing.is_set():
+                raise RuntimeError("the pool is stopped")
+            if spec.id in self._members:
+                raise ValueError(f"stream {spec.id!r} exists already")
+            p = self.scheduler.add(d)
+            m = _Member(replace(spec), d, p)
+            self._members[spec.id] = m
+            if p.admitted:
+                self._start(m, p)
+                log.info("stream %s: %s", spec.id, p.reason)
+            else:
+                log.warning("stream %s not started: %s", spec.id, p.reason)
+            return p
+
+    def remove_stream(self, stream_id: str) -> None:
+        """Stop a stream and use its capacity: refused streams the scheduler now admits are started (and
+        streams it upgrades in place restart at their new tier). KeyError for an unknown stream."""
+        with self._lock:
+            m = self._members.pop(stream_id)
+            self._stop(m)
+            self._end_outage(stream_id, "stream removed")
+            changes = self.scheduler.remove(stream_id)
+            self._apply(changes)
+
+    def placements(self) -> dict[str, Placement]:
+        return dict(self.scheduler.snapshot().placements)
+
+    def runtime(self, stream_id: str) -> StreamRuntime | None:
+        """The stream's current runtime (its last one when it is not running), None when it never ran."""
+        with self._lock:
+            return self._members[stream_id].runtime
+
+    def engine_of(self, stream_id: str) -> Engine | None:
+        """The engine the stream runs on, None when it is refused."""
+        with self._lock:
+            return self._members[stream_id].engine
+
+    def _all_engines(self) -> list[Engine]:
+        return [*self.engines, *([self.cpu_engine] if self.cpu_engine is not None else [])]
+
+    def label(self, engine: Engine | None) -> str:
+        if engine is None:
+            return "nowhere"
+        if engine is self.cpu_engine:
+            return "cpu (hybrid decode)"
+        return self.labels[self.engines.index(engine)]
+
+    # -- running
+    def start(self) -> None:
+        """Start a worker thread per engine (once)."""
+        with self._lock:
+            if self._threads or self._closing.is_set():
+                return
+            for engine in self._all_engines():
+                t = threading.Thread(target=self._work, args=(engine,), name=f"pool-{self.label(engine)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def run(self, until_done: bool = True, poll: float = 0.05) -> None:
+        """Start, then wait until every started stream has ended (until_done) or stop() is called; stops."""
+        self.start()
+        try:
+            while not self._closing.wait(poll):
+                if until_done and self.done():
+                    break
+        finally:
+            self.stop()
+
+    def done(self) -> bool:
+        """Whether every stream that runs has ended (refused streams do not run)."""
+        with self._lock:
+            return all(m.engine is None or m.runtime is None or m.runtime.finished for m in self._members.values())
+
+    def stop(self) -> None:
+        """Stop every engine (their streams end, detectors finish) and wait for the workers."""
+        with self._lock:
+            # Under the lock: a GPU failure being handled finishes its moves before any engine is stopped.
+            self._closing.set()
+            threads = list(self._threads)
+        for engine in self._all_engines():
+            engine.stop()
+        for t in threads:
+            t.join()
+        if not threads:
+            # Never started: a run that finds its engine stopped only ends the streams (sources, detectors).
+            for engine in self._all_engines():
+                engine.run(until_done=False)
+        with self._lock:
+            # A moved stream's first frame may have been scored in a worker's last tick.
+            self._check_resumed(None)
+            for sid in list(self._outages):
+                self._end_outage(sid, "pool stopped")
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in list(self._threads):
+            t.join(timeout)
+
+    def _work(self, engine: Engine) -> None:
+        try:
+            engine.run(until_done=False, on_tick=partial(self._check_resumed, engine))
+        except Exception:
+            log.exception("engine on %s crashed; its streams are stopped", self.label(engine))
+
+    # -- placement made real (callers hold the lock)
+    def _engine_for(self, p: Placement) -> Engine | None:
+        if p.target is Target.GPU:
+            assert p.gpu is not None
+            return self.engines[p.gpu]
+        if p.target is Target.CPU:
+            return self.cpu_engine
+        return None
+
+    def _start(self, m: _Member, p: Placement) -> None:
+        engine = self._engine_for(p)
+        m.placement = p
+        if engine is None:
+            return
+        assert p.tier is not None
+        spec = replace(m.spec, source=replace(m.spec.source, tier=p.tier.value))
+        m.runtime = engine.add_stream(spec)
+        m.engine = engine
+
+    def _stop(self, m: _Member) -> None:
+        if m.engine is not None:
+            m.engine.remove_stream(m.spec.id)
+        m.engine = None
+
+    def _apply(self, changes: Iterable[Placement]) -> None:
+        """Make the scheduler's changed placements real: start admitted streams, restart moved or re-tiered
+        ones (a stream's tier is fixed when its source opens)."""
+        for p in changes:
+            m = self._members.get(p.stream_id)
+            if m is None:
+                continue
+            target = self._engine_for(p)
+            running_tier = m.runtime.tier if m.runtime is not None and m.engine is not None else None
+            if target is not None and target is m.engine and p.tier is not None and running_tier == p.tier.value:
+                m.placement = p
+                continue
+            was = self.label(m.engine)
+            self._stop(m)
+            self._start(m, p)
+            log.info("stream %s: from %s to %s: %s", p.stream_id, was, self.label(m.engine), p.reason)
+
+    # -- GPU failure
+    def _device_failed(self, index: int, exc: BaseException) -> None:
+        """Engine `index` lost its device (called once, from its worker thread, with that engine stopping)."""
+        device = self.labels[index]
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with self._lock:
+            moved = self.scheduler.fail_gpu(index)
+            if self._closing.is_set():
+                log.error("GPU %s failed (%s) while the pool stops; its streams end there", device, error)
+                return
+            log.error("GPU %s failed (%s); moving %d streams", device, error, len(moved))
+            for p in moved:
+                m = self._members.get(p.stream_id)
+                if m is not None:
+                    self._move(m, p, device, error, str(exc))
+
+    def _move(self, m: _Member, p: Placement, device: str, error: str, full_error: str) -> None:
+        sid = m.spec.id
+        old = m.runtime if m.engine is not None else None
+        if old is not None and old.finished:
+            m.placement = p  # it ended before the failure: nothing to move
+            return
+        target = self._engine_for(p)
+        if target is not None:
+            message = f"GPU {device} failed ({error}); stream moved to {self.label(target)}"
+            log.warning("stream %s: %s", sid, message)
+        else:
+            message = f"GPU {device} failed ({error}); no capacity left: {p.reason}"
+            log.error("stream %s: %s", sid, message)
+        # The alert goes out first, so nothing the stream's detectors say on either engine comes before it; a
+        # stream still out from an earlier failure keeps the alert that is open already.
+        if sid not in self._outages:
+            details: dict[str, object] = {
+                "device": device,
+                "reason": p.reason,
+                "error": full_error,
+                "moved_to": self.label(target) if target is not None else None,
+                "tier": p.tier.value if p.tier is not None and target is not None else None,
+            }
+            start = old.stats.media_end if old is not None else 0.0
+            event = Event(
+                id=new_event_id(),
+                stream=sid,
+                type="no_signal",
+                status=Status.FIRING,
+                start=round(start, 6),
+                end=None,
+                duration=None,
+                wallclock=now_iso(),
+                value=None,
+                threshold=None,
+                severity=Severity.CRITICAL,
+                detector_version=EVENT_VERSION,
+                message=message,
+                details=details,
+            )
+            self._outages[sid] = _Outage(event, time.monotonic())
+            self.sink.emit(event)
+        self._stop(m)  # its detectors finish on the failed engine
+        self._start(m, p)
+
+    def _check_resumed(self, engine: Engine | None) -> None:
+        """Resolve the failure alert of each moved stream whose first frame has been scored on its new engine
+        (`engine`'s streams only, from its worker after each tick; every engine's when None)."""
+        if not self._outages:
+            return  # the usual case, read without the lock: a new outage is seen at the next tick
+        with self._lock:
+            for sid, outage in list(self._outages.items()):
+                m = self._members.get(sid)
+                rt = m.runtime if m is not None and m.engine is not None else None
+                if rt is None or (engine is not None and m.engine is not engine) or rt.stats.frames_scored == 0:
+                    continue
+                del self._outages[sid]
+                out = time.monotonic() - outage.since
+                # The new source's media clock starts afresh, so the outage is measured in wall seconds.
+                where = self.label(m.engine)
+                self.sink.emit(outage.event.resolved(outage.event.start + out, round(out, 3), resumed_on=where))
+                log.info("stream %s: resumed on %s after %.1f s", sid, where, out)
+
+    def _end_outage(self, sid: str, why: str) -> None:
+        """Like a detector at the end of input: an alert still open resolves when monitoring of it ends."""
+        outage = self._outages.pop(sid, None)
+        if outage is not None:
+            out = time.monotonic() - outage.since
+            self.sink.emit(outage.event.resolved(outage.event.start + out, round(out, 3), ended=why))

@@ -1,0 +1,48 @@
+"""Stream scheduler: packs monitored streams onto GPUs by NVDEC decode budget, with cheaper decode tiers,
+hybrid CPU decode and plain-language reasons for every decision. Pure CPU logic; no CUDA needed."""
+
+from engine.scheduler.capacity import (
+    KNOWN_MODELS,
+    REFERENCE_CLOCK_MHZ,
+    TIER_ORDER,
+    TURING_PER_ENGINE_FPS,
+    Calibration,
+    GpuModel,
+    StreamDemand,
+    Tier,
+    apply_calibration,
+    cpu_cost,
+    engine_cost,
+    generic_model,
+    load_calibration,
+    match_model,
+    model_for_device,
+    normalize_codec,
+    stream_memory_mb,
+)
+from engine.scheduler.packing import GpuLoad, Placement, Plan, Scheduler, Target
+
+__all__ = [
+    "KNOWN_MODELS",
+    "REFERENCE_CLOCK_MHZ",
+    "TIER_ORDER",
+    "TURING_PER_ENGINE_FPS",
+    "Calibration",
+    "GpuLoad",
+    "GpuModel",
+    "Placement",
+    "Plan",
+    "Scheduler",
+    "StreamDemand",
+    "Target",
+    "Tier",
+    "apply_calibration",
+    "cpu_cost",
+    "engine_cost",
+    "generic_model",
+    "load_calibration",
+    "match_model",
+    "model_for_device",
+    "normalize_codec",
+    "stream_memory_mb",
+]
