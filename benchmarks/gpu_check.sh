@@ -4,7 +4,7 @@
 # installs what WHEEL_DIR holds (*.whl, or site-*.tar.xz archives of an installed site folder) for
 # PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
-#   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (256), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
+#   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
 #   BENCH_PROCS (1,4), TEST_TIMEOUT, BENCH_TIMEOUT, PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
 cd "$(dirname "$0")/.."
@@ -40,7 +40,7 @@ echo "== NVDEC probe"
 timeout 60 $PY benchmarks/nvdec_probe.py 2>&1 | cut -c1-700
 
 echo "== cuda tests"
-timeout ${TEST_TIMEOUT:-150} $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels_video.py \
+timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels_video.py \
   tests/test_loudness.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
 echo "== tests done at $(( $(date +%s) - t0 )) s"
 
@@ -53,9 +53,9 @@ if [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-s
 fi
 
 echo "== bench"
-timeout ${BENCH_TIMEOUT:-300} $PY -m engine.cli bench --device cuda \
+timeout -s INT -k 20 ${BENCH_TIMEOUT:-270} $PY -m engine.cli bench --device cuda \
   --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
   --codecs "${BENCH_CODECS:-h264,hevc}" --tiers "${BENCH_TIERS:-all,skip_nonref,keyframes}" \
-  --procs "${BENCH_PROCS:-1,4}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-256}" --clip-dir /tmp/framewatch-clips \
+  --procs "${BENCH_PROCS:-1,4}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-128}" --clip-dir /tmp/framewatch-clips \
   --json "$RESULTS/gpu_bench.json" --calibration "$RESULTS/calibration.json" 2>&1 | tail -60
 echo "== total $(( $(date +%s) - t0 )) s"

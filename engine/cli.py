@@ -93,6 +93,10 @@ def run(
     sinks.add(memory)
     if not quiet:
         sinks.add(CallbackSink(lambda e: err.print(_pretty(e))))
+    devices = cfg.engine.devices or [cfg.engine.device]
+    if len(devices) > 1 or cfg.engine.workers > 1:
+        _run_workers(cfg, specs, sinks, memory, devices, path, duration, quiet)
+        return
     thumbs = ThumbnailWriter(cfg.output.thumbnails) if cfg.output.thumbnails else None
     engine = Engine(
         sinks,
@@ -121,6 +125,42 @@ def run(
     if cfg.output.summary and not quiet:
         _summary(engine, memory.events)
     if any(rt.state == "error" for rt in engine.streams.values()):
+        raise typer.Exit(2)
+
+
+def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],
+                 path: Path, duration: float | None, quiet: bool) -> None:
+    """`run` with several engine processes (engine.workers per device, engine.devices)."""
+    from engine.workers import ProcessWorkers
+
+    engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
+                     "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads}
+    pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails)
+    pool.add_streams(specs)
+    if not quiet:
+        err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, {cfg.engine.workers} worker "
+                  f"process(es) on each of {', '.join(devices)}")
+    limit = duration if duration is not None else cfg.duration
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: pool.stop())
+    try:
+        pool.run(deadline=time.monotonic() + limit if limit else None)
+    except KeyboardInterrupt:
+        pool.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sinks.close()
+    reports = list(pool.reports.values())
+    if cfg.output.summary and not quiet:
+        table = Table(title="streams")
+        for col in ("stream", "device", "state", "frames", "media s", "dropped", "decode errors", "integrated LUFS", "alerts"):
+            table.add_column(col)
+        for r in reports:
+            alerts = ", ".join(f"{k} {v}" for k, v in sorted(r.events.items())) or "none"
+            table.add_row(r.id, r.device, r.state, str(r.frames), f"{r.media_end:.1f}", str(r.frames_dropped),
+                          str(r.decode_errors), _fmt(r.integrated_lufs, 1), alerts)
+        err.print(table)
+    if any(r.state == "error" for r in reports):
         raise typer.Exit(2)
 
 
@@ -324,9 +364,17 @@ def bench(
         if codec not in b.ENCODERS or not path or not Path(path).is_file():
             raise _fail(f"--clip wants CODEC=PATH with an existing file, got {item!r}")
         given[codec] = Path(path)
-    report = b.run(want_codecs, want_tiers, streams, proc_list or [1], device, clip_dir, clip_seconds, clips=given,
-                   output=output, keyframe_streams=keyframe_streams)
-    b.write(report, output)
+    interrupted = False
+    try:
+        report = b.run(want_codecs, want_tiers, streams, proc_list or [1], device, clip_dir, clip_seconds, clips=given,
+                       output=output, keyframe_streams=keyframe_streams)
+        b.write(report, output)
+    except KeyboardInterrupt:
+        # Out of time (a wrapper's timeout sends SIGINT): show what was measured; the JSON has it already.
+        interrupted = True
+        if not output.exists():
+            raise _fail("bench interrupted before the first case finished", 130) from None
+        report = json.loads(output.read_text())
     cal = b.calibration(report)
     if calibration is not None:
         if cal is None:
@@ -344,6 +392,9 @@ def bench(
         for e in r["errors"]:
             err.print(f"  {r['codec']}/{r['tier']}: {e}", markup=False)
     err.print(f"JSON: {output}")
+    if interrupted:
+        err.print("framewatch: bench interrupted; the table shows the cases that finished")
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -142,6 +142,11 @@ class EngineModel(_Strict):
     device: str = Field("cpu", description="cpu, cuda or cuda:N: where frames are decoded (NVDEC) and scored")
     decoder: Literal["auto", "pyav", "nvdec"] = Field(
         "auto", description="video decoder: auto (NVDEC on a GPU device, else PyAV), pyav, nvdec")
+    devices: list[str] | None = Field(
+        None, description="several devices (cuda:0, cuda:1, ...): streams are spread over them; overrides device")
+    workers: int = Field(1, ge=1, le=64, description=(
+        "engine processes per device: more processes feed more NVDEC sessions and spread the per-stream "
+        "Python work over more cores (4 per H200 measured best)"))
     batch_frames: int = Field(32, ge=1, le=256, description="most frames of one stream scored per tick")
     tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
     queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
@@ -152,6 +157,19 @@ class EngineModel(_Strict):
     def _device(cls, v: str) -> str:
         if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
             raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("devices must list at least one device, or be left out")
+        for d in v:
+            cls._device(d)
+        if len(set(v)) != len(v):
+            raise ValueError("devices must not repeat a device (use workers for more processes per device)")
         return v
 
 

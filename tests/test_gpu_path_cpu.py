@@ -273,3 +273,44 @@ def test_bench_on_cpu_reports_ceiling_and_end_to_end(tmp_path: Path) -> None:
     assert bench.calibration(report) is None  # no GPU measured
     rows = bench.table(report)
     assert rows[0][0] == "codec" and len(rows) == 3
+
+
+def test_surfaces_of_coded_height_and_resolution_changes() -> None:
+    """NVDEC may hand out 1088-line surfaces for 1080p pictures, and a new sequence header can change the
+    size inside a batch: luma is cut at the display height, chroma found after the coded luma plane, and
+    each run of one size is converted on its own."""
+    from engine.decode.nvdec import frames_from_surfaces
+
+    def surface(h_coded: int, w: int, y: int, v: int) -> torch.Tensor:
+        s = torch.full((h_coded * 3 // 2, w), 128, dtype=torch.uint8)
+        s[:h_coded] = y
+        s[h_coded + 0 : h_coded + h_coded // 2, 1::2] = v  # V samples of the interleaved UV plane
+        return s
+
+    batch = [surface(1088, 1920, 40, 200), surface(1088, 1920, 40, 200), surface(720, 1280, 90, 128)]
+    frames = frames_from_surfaces(batch, 1080, False, None)
+    assert [(s.height, s.width) for _, _, s, _ in frames] == [(1080, 1920), (1080, 1920), (720, 1280)]
+    luma, small, summary, rgb = frames[0]
+    assert luma is None and int(summary.hist[40]) == 1080 * 1920
+    assert int(small.float().mean().round()) == 40
+    r, g, b = rgb().reshape(-1, 3).mean(0)
+    assert r > g and r > b  # V = 200: red
+    assert int(frames[2][2].hist[90]) == 720 * 1280
+
+
+def test_no_signal_waits_longer_than_a_sparse_tier_spacing() -> None:
+    from engine.detectors.base import StreamContext, VideoMetrics
+    from engine.detectors.no_signal import NoSignalConfig, NoSignalDetector
+
+    events: list = []
+    det = NoSignalDetector(NoSignalConfig(onset=2.0), StreamContext(stream="s", emit=events.append, live=True, tier="keyframes"))
+    m = VideoMetrics(stream="s", pts=np.array([0.0, 2.0]), duration=np.array([2.0, 2.0]), values={}, small=None,
+                     last=None, prev_small=None)
+    det.on_video(m)
+    assert det.onset() == pytest.approx(5.0)
+    det.ctx.extra["last_arrival"] = 100.0
+    det.on_tick(100.0, 4.0)
+    det.on_tick(103.0, 4.0)  # 3 s without a keyframe: normal in this tier
+    assert not events
+    det.on_tick(105.5, 4.0)
+    assert [e.type for e in events] == ["no_signal"]

@@ -28,10 +28,15 @@ def area_small(luma: torch.Tensor, full_range: bool = False) -> torch.Tensor:
 
 
 def split_nv12(surface: torch.Tensor, height: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of an NV12 surface (H*3/2, W): luma (H, W) and interleaved chroma (H/2, W/2, 2)."""
+    """Views of an NV12 surface (Hs*3/2, W): luma (height, W) and interleaved chroma (height/2, W/2, 2).
+
+    `height` is the picture's display height. A decoder may hand out surfaces of the coded height (1088 for
+    1080p): the chroma plane starts after the whole luma plane of the surface, not after the picture."""
     width = surface.shape[-1]
+    coded = surface.shape[0] * 2 // 3
+    height = min(height, coded)
     luma = surface[:height]
-    uv = surface[height : height + height // 2].reshape(height // 2, width // 2, 2)
+    uv = surface[coded : coded + height // 2].reshape(height // 2, width // 2, 2)
     return luma, uv
 
 

@@ -83,13 +83,35 @@ def _codec(nvc: Any, name: str) -> Any:
 
 
 def frames_from_surfaces(
-    surfaces: list[torch.Tensor], height: int, full: bool, stream: torch.cuda.Stream | None, keep_luma: bool = False
+    surfaces: list[torch.Tensor], height: int | None, full: bool, stream: torch.cuda.Stream | None,
+    keep_luma: bool = False,
 ) -> list[tuple[torch.Tensor | None, torch.Tensor, LumaSummary, Callable[[], Any]]]:
     """Copy a batch of decoded surfaces into frames: (luma or None, small, summary, rgb) per frame.
 
-    The work is queued on the stream's own CUDA stream and waited for once per batch here, in the source's
-    thread (the wait releases the GIL): the scoring step then never needs to synchronise with decoders.
+    `height` is the display height when known (else taken from each surface). Runs of surfaces of one size
+    are converted together, so a resolution change inside a batch (the decoder reconfigured itself on a new
+    sequence header) is handled. The work is queued on the stream's own CUDA stream and waited for once per
+    batch here, in the source's thread (the wait releases the GIL): the scoring step then never needs to
+    synchronise with decoders.
     """
+    runs: list[list[torch.Tensor]] = []
+    for s in surfaces:
+        if runs and runs[-1][0].shape == s.shape:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    out = []
+    for run in runs:
+        h = run[0].shape[0] * 2 // 3
+        if height is not None and 0 <= h - height < 16:
+            h = height  # coded height (macroblock/CTU padding) vs the picture's display height
+        out.extend(_convert_run(run, h, full, stream, keep_luma))
+    return out
+
+
+def _convert_run(
+    surfaces: list[torch.Tensor], height: int, full: bool, stream: torch.cuda.Stream | None, keep_luma: bool
+) -> list[tuple[torch.Tensor | None, torch.Tensor, LumaSummary, Callable[[], Any]]]:
     ctx = torch.cuda.stream(stream) if stream is not None else _null()
     with ctx:
         c = convert_surfaces(surfaces, height, full, keep_luma)
@@ -201,7 +223,7 @@ class NvdecVideoDecoder:
             return []
         with torch.cuda.device(self.device):
             surfaces = [torch.from_dlpack(f) for f in decoded]
-            height = surfaces[0].shape[0] * 2 // 3
+            height = int(self.stream.codec_context.height or 0) or None
             pieces = frames_from_surfaces(surfaces, height, self.full, self.cuda_stream, self.keep_luma)
         out = []
         tb = float(self.time_base) if self.time_base else None
@@ -288,8 +310,7 @@ class ThreadedFileDecoder:
             return []
         with torch.cuda.device(self.device):
             surfaces = [torch.from_dlpack(f) for f in decoded]
-            height = self.height or surfaces[0].shape[0] * 2 // 3
-            pieces = frames_from_surfaces(surfaces, height, self.full, self.cuda_stream, self.keep_luma)
+            pieces = frames_from_surfaces(surfaces, self.height or None, self.full, self.cuda_stream, self.keep_luma)
         out = []
         for luma, small, summary, rgb in pieces:
             t = self.index / self.fps

@@ -159,12 +159,16 @@ class Hysteresis:
         if k == 0:
             return
         faulty = np.asarray(faulty, dtype=bool)
+        if self.open is None and self.pending_start is None and not faulty.any():
+            # The common case, a healthy stream: nothing pending, nothing to do but note the time.
+            self.last_end = float(end[-1])
+            return
         cuts = np.flatnonzero(faulty[1:] != faulty[:-1]) + 1
         bounds = np.concatenate(([0], cuts, [k]))
         for i in range(len(bounds) - 1):
             a, b = int(bounds[i]), int(bounds[i + 1])
             run_worst = None
-            if values is not None:
+            if values is not None and faulty[a]:  # only a faulty run's values are ever reported
                 seg = np.asarray(values[a:b], dtype=np.float64)
                 seg = seg[~np.isnan(seg)]
                 if seg.size:
@@ -348,8 +352,9 @@ class SpatialThresholdDetector(Detector):
 
     def on_video(self, m: VideoMetrics) -> None:
         v = m.get(self.request, self.METRIC)
-        # NaN (a picture too flat to judge) never counts as faulty.
-        faulty = np.nan_to_num(v, nan=-np.inf) >= self.threshold()
+        # NaN (a picture too flat to judge) never counts as faulty: NaN >= x is False.
+        with np.errstate(invalid="ignore"):
+            faulty = np.greater_equal(v, self.threshold())
         self.hyst.update(m.pts, m.pts + m.duration, faulty, v)
 
 

@@ -52,6 +52,8 @@ class GlitchDetector(Detector):
     def on_video(self, m: VideoMetrics) -> None:
         score = m.get(self.request, "score")
         jump = m.get(self.request, "jump")
-        faulty = (np.nan_to_num(score) >= self.config.min_score) & (np.nan_to_num(jump) >= self.config.min_jump)
+        # NaN (no neighbours to compare, or a jump too small to score) is never a glitch: NaN >= x is False.
+        with np.errstate(invalid="ignore"):
+            faulty = (np.greater_equal(score, self.config.min_score)) & (np.greater_equal(jump, self.config.min_jump))
         self.count += int(faulty.sum())
         self.hyst.update(m.pts, m.pts + m.duration, faulty, score)

@@ -1,0 +1,307 @@
+"""Several engine processes: more host cores for the per-stream work, each process on one device.
+
+One Python process drives a GPU's decoders and scoring from one interpreter, and the GPU benchmark showed
+the host side, not the GPU, to be the limit there: four processes per H200 gave 0.84 of the HEVC decode
+ceiling where one gave 0.61. `ProcessWorkers` spreads the streams over `per_device` worker processes per
+device; each runs an ordinary `Engine` and sends its events back to the parent, which hands them to the
+parent's sinks, so JSONL files, webhooks and the console see one event stream.
+
+A worker that dies (killed, crashed, or its GPU failed) loses no alert: events it had opened are resolved
+by the parent with the reason, each of its streams gets a critical `no_signal` event naming the worker and
+device, and the streams are started again in a new worker, on another device when the device failed; the
+`no_signal` resolves when the new worker scores the stream's first frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue as queue_mod
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.alerts import EventSink
+from engine.events import Event, Severity, Status, new_event_id, now_iso
+
+log = logging.getLogger("framewatch")
+
+EVENT_VERSION = "workers-1.0"
+RESTARTS = 3  # per stream: a stream that kills its worker again and again is given up with an error
+
+
+@dataclass
+class StreamReport:
+    """What the parent knows about a stream at the end (the worker's own numbers, sent when it finishes)."""
+
+    id: str
+    state: str = "starting"
+    frames: int = 0
+    media_end: float = 0.0
+    frames_dropped: int = 0
+    decode_errors: int = 0
+    integrated_lufs: float | None = None
+    events: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    decoder: str = ""
+    device: str = ""
+
+
+def _event_from_dict(d: dict[str, Any]) -> Event:
+    return Event(**{**d, "status": Status(d["status"]), "severity": Severity(d["severity"])})
+
+
+def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: list, out: Any, stop: Any,
+                 deadline: float | None, thumbnails: str | None) -> None:
+    """A worker process: one Engine on `device` for `specs`; events and progress go to `out`."""
+    from engine.alerts import CallbackSink, ThumbnailWriter
+    from engine.runner import Engine
+
+    def send(kind: str, payload: Any) -> None:
+        out.put((kind, index, payload))
+
+    device_failed: list[str] = []
+    engine = Engine(
+        CallbackSink(lambda e: send("event", e.to_dict())),
+        device=device,
+        thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
+        on_device_error=lambda exc: device_failed.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+        **engine_kwargs,
+    )
+    for spec in specs:
+        engine.add_stream(spec)
+    last = [0.0]
+    started: set[str] = set()
+
+    def progress() -> None:
+        # Once a second, and at once when a stream scores its first frame (that ends an outage).
+        now = time.monotonic()
+        fresh = [rt.id for rt in engine.streams.values() if rt.stats.frames_scored and rt.id not in started]
+        if not fresh and now - last[0] < 1.0:
+            return
+        last[0] = now
+        started.update(fresh)
+        send("progress", {rt.id: (rt.stats.frames_scored, rt.stats.media_end) for rt in list(engine.streams.values())})
+
+    def watch() -> None:
+        # A plain shared flag, polled: a multiprocessing Event's condition variable deadlocks the parent's
+        # set() when a process exits while one of its threads is waiting on it.
+        while not stop.value:
+            time.sleep(0.1)
+        engine.stop()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        engine.run(until_done=True, deadline=deadline, on_tick=progress)
+    finally:
+        if device_failed:
+            send("device_error", device_failed[0])
+        send("done", [
+            {
+                "id": rt.id, "state": rt.state, "frames": rt.stats.frames_scored, "media_end": rt.stats.media_end,
+                "frames_dropped": rt.counters.frames_dropped, "decode_errors": rt.counters.decode_errors,
+                "integrated_lufs": rt.audio.meter.integrated, "events": dict(rt.stats.events), "errors": list(rt.errors),
+                "decoder": rt.info.decoder if rt.info is not None else "", "device": str(engine.device),
+            }
+            for rt in engine.streams.values()
+        ])
+
+
+@dataclass
+class _Worker:
+    index: int
+    device: str
+    specs: list
+    process: Any = None
+    done: bool = False
+    device_error: str | None = None
+
+
+class ProcessWorkers:
+    """Streams spread over worker processes, `per_device` per device; see the module docstring."""
+
+    def __init__(self, sink: EventSink, devices: list[str], per_device: int = 1, engine_kwargs: dict | None = None,
+                 thumbnails: str | None = None) -> None:
+        if not devices or per_device < 1:
+            raise ValueError("ProcessWorkers needs at least one device and one worker per device")
+        self.sink = sink
+        self.devices = list(devices)
+        self.per_device = per_device
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.thumbnails = thumbnails
+        self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._out = self._ctx.Queue()
+        self._stop = self._ctx.Value("b", 0, lock=False)
+        self._workers: list[_Worker] = []
+        self._specs: dict[str, Any] = {}
+        self._where: dict[str, int] = {}  # stream -> worker index
+        self._open: dict[str, dict[str, Event]] = {}  # stream -> firing events not yet resolved
+        self._outage: dict[str, Event] = {}  # stream -> the no_signal event of a lost worker
+        self._restarts: dict[str, int] = {}
+        self._media: dict[str, float] = {}  # stream -> media time of its last scored frame (progress)
+        self._failed_devices: set[str] = set()
+        self.reports: dict[str, StreamReport] = {}
+        self._deadline: float | None = None
+        self._lock = threading.Lock()
+
+    # -- planning
+    def add_streams(self, specs: list) -> None:
+        """Assign streams round robin over devices, then over each device's workers (before `run`)."""
+        slots = [(d, k) for k in range(self.per_device) for d in self.devices]
+        for i, spec in enumerate(specs):
+            if spec.id in self._specs:
+                raise ValueError(f"stream {spec.id!r} exists already")
+            self._specs[spec.id] = spec
+            self.reports[spec.id] = StreamReport(spec.id)
+            device, k = slots[i % len(slots)]
+            w = self._worker_for(device, k)
+            w.specs.append(spec)
+            self._where[spec.id] = w.index
+
+    def _worker_for(self, device: str, k: int) -> _Worker:
+        mine = [w for w in self._workers if w.device == device and w.process is None]
+        if k < len(mine):
+            return mine[k]
+        w = _Worker(len(self._workers), device, [])
+        self._workers.append(w)
+        return w
+
+    def _start(self, w: _Worker) -> None:
+        if not w.specs:
+            w.done = True
+            return
+        # time.monotonic() is one system-wide clock on Linux, so the deadline means the same in the worker.
+        w.process = self._ctx.Process(
+            target=_worker_main, name=f"framewatch-worker-{w.index}",
+            args=(w.index, w.device, self.engine_kwargs, w.specs, self._out, self._stop, self._deadline,
+                  self.thumbnails),
+            daemon=True,
+        )
+        w.process.start()
+
+    # -- running
+    def run(self, deadline: float | None = None) -> None:
+        """Start the workers and relay their events until all have finished, `deadline` (time.monotonic())
+        passes or `stop()` is called."""
+        self._deadline = deadline
+        for w in list(self._workers):
+            self._start(w)
+        try:
+            while not all(w.done for w in self._workers):
+                if deadline is not None and time.monotonic() > deadline:
+                    self._stop.value = 1
+                self._drain(0.2)
+                self._check_processes()
+        finally:
+            self._stop.value = 1
+            end = time.monotonic() + 10
+            while not all(w.done for w in self._workers) and time.monotonic() < end:
+                self._drain(0.2)
+                self._check_processes(restart=False)
+            for w in self._workers:
+                if w.process is not None and w.process.is_alive():
+                    w.process.terminate()
+            self._drain(0.0)
+
+    def stop(self) -> None:
+        self._stop.value = 1
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self._out.get(timeout=timeout) if timeout else self._out.get_nowait()
+        except queue_mod.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._out.get_nowait()
+            except queue_mod.Empty:
+                return
+
+    def _handle(self, kind: str, index: int, payload: Any) -> None:
+        w = self._workers[index]
+        if kind == "event":
+            e = _event_from_dict(payload)
+            opened = self._open.setdefault(e.stream, {})
+            if e.status is Status.FIRING:
+                opened[e.id] = e
+            else:
+                opened.pop(e.id, None)
+            self.sink.emit(e)
+        elif kind == "progress":
+            for stream, (frames, media_end) in payload.items():
+                if self._where.get(stream) != index:
+                    continue
+                self._media[stream] = media_end
+                outage = self._outage.pop(stream, None) if frames else None
+                if outage is not None:
+                    # Media time restarts with the new worker's source; the outage's length is in wall-clock
+                    # time (the two events' wallclock fields).
+                    self.sink.emit(outage.resolved(outage.start, resumed_on=w.device))
+        elif kind == "device_error":
+            self._failed_devices.add(w.device)
+            log.error("worker %d: device %s failed: %s", index, w.device, payload)
+            w.device_error = payload
+        elif kind == "done":
+            for r in payload:
+                rep = self.reports.get(r["id"])
+                if rep is not None and self._where.get(r["id"]) == index:
+                    self.reports[r["id"]] = StreamReport(**r)
+            w.done = True
+            if w.device_error:
+                self._lose(w, f"GPU {w.device} failed ({w.device_error})")
+
+    def _check_processes(self, restart: bool = True) -> None:
+        for w in self._workers:
+            p = w.process
+            if w.done or p is None or p.is_alive():
+                continue
+            self._drain(0.0)  # its last messages, if it sent any
+            if w.done:
+                continue
+            w.done = True
+            if bool(self._stop.value) or not restart:
+                continue
+            self._lose(w, f"worker process {w.index} on {w.device} died (exit code {p.exitcode})")
+
+    def _lose(self, w: _Worker, why: str) -> None:
+        """A worker is gone while its streams should still run: resolve what it left open, raise no_signal on
+        each stream, and start the streams again elsewhere."""
+        if bool(self._stop.value):
+            return
+        log.error("%s; restarting its %d stream(s)", why, len(w.specs))
+        healthy = [d for d in self.devices if d not in self._failed_devices] or ["cpu"]
+        again = []
+        for spec in w.specs:
+            if self._where.get(spec.id) != w.index:
+                continue
+            for e in list(self._open.pop(spec.id, {}).values()):
+                self.sink.emit(e.resolved(max(e.start, self._media.get(spec.id, e.start)), ended=why))
+            self._restarts[spec.id] = self._restarts.get(spec.id, 0) + 1
+            rep = self.reports[spec.id]
+            if self._restarts[spec.id] > RESTARTS:
+                rep.state = "error"
+                rep.errors.append(f"{why}; given up after {RESTARTS} restarts")
+                log.error("stream %s: %s; given up after %d restarts", spec.id, why, RESTARTS)
+                continue
+            again.append(spec)
+        if not again:
+            return
+        counts = {d: sum(len(x.specs) for x in self._workers if x.device == d and not x.done) for d in healthy}
+        device = min(healthy, key=lambda d: (counts[d], healthy.index(d)))
+        nw = _Worker(len(self._workers), device, again)
+        self._workers.append(nw)
+        for spec in again:
+            self._where[spec.id] = nw.index
+            if spec.id not in self._outage:
+                start = round(self._media.get(spec.id, 0.0), 6)
+                event = Event(
+                    id=new_event_id(), stream=spec.id, type="no_signal", status=Status.FIRING, start=start, end=None,
+                    duration=None, wallclock=now_iso(), value=None, threshold=None, severity=Severity.CRITICAL,
+                    detector_version=EVENT_VERSION, message=f"{why}; stream restarted on {device}",
+                    details={"reason": why, "moved_to": device},
+                )
+                self._outage[spec.id] = event
+                self.sink.emit(event)
+        self._start(nw)
