@@ -103,6 +103,16 @@ class FaultModel(_Strict):
     param: float | None = None
 
 
+class ExpectModel(_Strict):
+    """What the stream carries, for the scheduler's decode budget before the stream is opened."""
+
+    codec: Literal["h264", "hevc", "av1", "vp9", "vp8", "mpeg2", "mpeg4", "vc1"] = "h264"
+    width: int = Field(1920, ge=16, le=8192)
+    height: int = Field(1080, ge=16, le=8192)
+    fps: float = Field(30.0, gt=0, le=240)
+    gop_seconds: float = Field(2.0, gt=0, le=60)
+
+
 class StreamModel(_Strict):
     id: str
     url: str
@@ -112,6 +122,7 @@ class StreamModel(_Strict):
     faults: list[FaultModel] = Field(default_factory=list)
     tier: Literal["all", "skip_nonref", "keyframes"] | None = Field(
         None, description="density tier: which frames are decoded (default: the profile's, else all)")
+    expect: ExpectModel | None = Field(None, description="codec, size and rate, for GPU scheduling (default 1080p30 H.264)")
     options: dict[str, float | int | bool | str] = Field(default_factory=dict, description="source options")
 
     @field_validator("id")
@@ -347,6 +358,7 @@ def stream_specs(cfg: FramewatchConfig) -> list[StreamSpec]:
                 source=opts,
                 faults=[f.model_dump() for f in s.faults] or None,
                 profile=s.profile,
+                expect=s.expect.model_dump() if s.expect is not None else None,
             )
         )
     return specs

@@ -23,7 +23,7 @@ from engine.alerts import EventSink
 from engine.detectors import REGISTRY
 from engine.events import Event, Severity, Status, new_event_id, now_iso
 from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
-from engine.scheduler import GpuModel, Placement, Scheduler, StreamDemand, Target, model_for_device
+from engine.scheduler import GpuModel, Placement, Scheduler, StreamDemand, Target, Tier, model_for_device
 
 log = logging.getLogger("framewatch")
 
@@ -36,7 +36,13 @@ EVENT_VERSION = "pool-1.0"
 def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> StreamDemand:
     """The decode demand of a stream: `demand` (1080p30 H.264 when not given), with every-frame set when an
     enabled detector needs every frame, so the scheduler never picks a tier that would switch it off."""
-    d = demand if demand is not None else StreamDemand(spec.id, "h264", 1920, 1080, 30.0)
+    if demand is None:
+        expect = {"codec": "h264", "width": 1920, "height": 1080, "fps": 30.0, **(spec.expect or {})}
+        demand = StreamDemand(spec.id, **expect)
+    d = demand
+    if spec.source.tier != "all" and d.allowed_tiers != (Tier(spec.source.tier),):
+        # The operator chose the tier: the scheduler may admit the stream in it or refuse it, nothing else.
+        d = replace(d, allowed_tiers=(Tier(spec.source.tier),))
     if d.id != spec.id:
         raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
     every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -107,6 +108,9 @@ class StreamSpec:
     source: SourceOptions = field(default_factory=SourceOptions)
     faults: list[dict] | None = None
     profile: str = "default"
+    # What the operator says the stream carries (codec, width, height, fps, gop_seconds), for the scheduler's
+    # decode budget before the stream is opened; None: assumed 1080p30 H.264.
+    expect: dict[str, Any] | None = None
 
 
 @dataclass

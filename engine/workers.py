@@ -19,7 +19,7 @@ import multiprocessing as mp
 import queue as queue_mod
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.alerts import EventSink
@@ -140,32 +140,61 @@ class ProcessWorkers:
         self._outage: dict[str, Event] = {}  # stream -> the no_signal event of a lost worker
         self._restarts: dict[str, int] = {}
         self._media: dict[str, float] = {}  # stream -> media time of its last scored frame (progress)
+        self.scheduler: Any = None
         self._failed_devices: set[str] = set()
         self.reports: dict[str, StreamReport] = {}
         self._deadline: float | None = None
         self._lock = threading.Lock()
 
     # -- planning
-    def add_streams(self, specs: list) -> None:
-        """Assign streams round robin over devices, then over each device's workers (before `run`)."""
-        slots = [(d, k) for k in range(self.per_device) for d in self.devices]
-        for i, spec in enumerate(specs):
-            if spec.id in self._specs:
+    def add_streams(self, specs: list, models: list | None = None, headroom: float = 0.15) -> list:
+        """Place streams before `run`: on GPUs by the scheduler (NVDEC budgets, tiers, refusals with reasons;
+        `models` per device, detected for CUDA devices when not given), else round robin over the devices;
+        then onto the least-loaded worker of the device. Returns the scheduler's placements (empty without)."""
+        for spec in specs:
+            if spec.id in self._specs or sum(1 for x in specs if x.id == spec.id) > 1:
                 raise ValueError(f"stream {spec.id!r} exists already")
-            self._specs[spec.id] = spec
-            self.reports[spec.id] = StreamReport(spec.id)
-            device, k = slots[i % len(slots)]
-            w = self._worker_for(device, k)
-            w.specs.append(spec)
-            self._where[spec.id] = w.index
+        if models is None and all(d.startswith("cuda") for d in self.devices):
+            from engine.pool import _detect_models
 
-    def _worker_for(self, device: str, k: int) -> _Worker:
+            models = _detect_models(self.devices)
+        placements: list = []
+        if models is not None:
+            from engine.pool import default_demand
+            from engine.scheduler import Scheduler, Target
+
+            if len(models) != len(self.devices):
+                raise ValueError("one GPU model per device is needed")
+            self.scheduler = Scheduler(list(models), headroom=headroom)
+            plan = self.scheduler.plan([default_demand(s) for s in specs])
+            for spec in specs:
+                p = plan.placements[spec.id]
+                placements.append(p)
+                if p.target is not Target.GPU:
+                    self._refuse(spec, p.reason)
+                    continue
+                self._assign(replace(spec, source=replace(spec.source, tier=p.tier.value)), self.devices[p.gpu])
+        else:
+            for i, spec in enumerate(specs):
+                self._assign(spec, self.devices[i % len(self.devices)])
+        return placements
+
+    def _refuse(self, spec: Any, reason: str) -> None:
+        self._specs[spec.id] = spec
+        self.reports[spec.id] = StreamReport(spec.id, state="refused", errors=[reason])
+        log.warning("stream %s: %s", spec.id, reason)
+
+    def _assign(self, spec: Any, device: str) -> None:
+        self._specs[spec.id] = spec
+        self.reports.setdefault(spec.id, StreamReport(spec.id))
         mine = [w for w in self._workers if w.device == device and w.process is None]
-        if k < len(mine):
-            return mine[k]
-        w = _Worker(len(self._workers), device, [])
-        self._workers.append(w)
-        return w
+        if len(mine) < self.per_device:
+            w = _Worker(len(self._workers), device, [])
+            self._workers.append(w)
+        else:
+            w = min(mine, key=lambda x: (len(x.specs), x.index))
+        w.specs.append(spec)
+        self._where[spec.id] = w.index
 
     def _start(self, w: _Worker) -> None:
         if not w.specs:
@@ -288,20 +317,53 @@ class ProcessWorkers:
             again.append(spec)
         if not again:
             return
+        targets = self._targets(w, again, healthy, why)
+        for device in dict.fromkeys(d for d in targets.values() if d is not None):
+            moved = [spec for spec in again if targets[spec.id] == device]
+            nw = _Worker(len(self._workers), device, moved)
+            self._workers.append(nw)
+            for spec in moved:
+                self._where[spec.id] = nw.index
+            self._announce(moved, why, device)
+            self._start(nw)
+        self._announce([spec for spec in again if targets[spec.id] is None], why, None)
+
+    def _targets(self, w: _Worker, specs: list, healthy: list[str], why: str) -> dict[str, str | None]:
+        """Where each stream of a lost worker goes: the scheduler's new placement when its GPU failed (None:
+        nowhere left), else the least-loaded healthy device."""
+        out: dict[str, str | None] = {}
+        if self.scheduler is not None and w.device in self._failed_devices:
+            from engine.scheduler import Target
+
+            index = self.devices.index(w.device)
+            if index not in self.scheduler.failed_gpus:
+                self.scheduler.fail_gpu(index)
+            for spec in specs:
+                p = self.scheduler.placement(spec.id)
+                if p.target is Target.GPU:
+                    out[spec.id] = self.devices[p.gpu]
+                    spec.source = replace(spec.source, tier=p.tier.value)  # the tier it fits in there
+                else:
+                    out[spec.id] = None
+                    self.reports[spec.id].state = "error"
+                    self.reports[spec.id].errors.append(f"{why}; {p.reason}")
+            return out
         counts = {d: sum(len(x.specs) for x in self._workers if x.device == d and not x.done) for d in healthy}
         device = min(healthy, key=lambda d: (counts[d], healthy.index(d)))
-        nw = _Worker(len(self._workers), device, again)
-        self._workers.append(nw)
-        for spec in again:
-            self._where[spec.id] = nw.index
-            if spec.id not in self._outage:
-                start = round(self._media.get(spec.id, 0.0), 6)
-                event = Event(
-                    id=new_event_id(), stream=spec.id, type="no_signal", status=Status.FIRING, start=start, end=None,
-                    duration=None, wallclock=now_iso(), value=None, threshold=None, severity=Severity.CRITICAL,
-                    detector_version=EVENT_VERSION, message=f"{why}; stream restarted on {device}",
-                    details={"reason": why, "moved_to": device},
-                )
-                self._outage[spec.id] = event
-                self.sink.emit(event)
-        self._start(nw)
+        return {spec.id: device for spec in specs}
+
+    def _announce(self, specs: list, why: str, device: str | None) -> None:
+        """The no_signal event for each stream of a lost worker (once per outage)."""
+        for spec in specs:
+            if spec.id in self._outage:
+                continue
+            start = round(self._media.get(spec.id, 0.0), 6)
+            where = f"stream restarted on {device}" if device else "no capacity left to restart it"
+            event = Event(
+                id=new_event_id(), stream=spec.id, type="no_signal", status=Status.FIRING, start=start, end=None,
+                duration=None, wallclock=now_iso(), value=None, threshold=None, severity=Severity.CRITICAL,
+                detector_version=EVENT_VERSION, message=f"{why}; {where}",
+                details={"reason": why, "moved_to": device},
+            )
+            self._outage[spec.id] = event
+            self.sink.emit(event)

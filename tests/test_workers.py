@@ -15,8 +15,11 @@ from engine.alerts import MemorySink
 from engine.config import FramewatchConfig, resolve_detectors
 from engine.events import Status
 from engine.runner import Engine, StreamSpec
+from engine.scheduler import match_model
 from engine.sources import SourceOptions
 from engine.workers import ProcessWorkers
+
+H100 = match_model("NVIDIA H100")
 
 
 def _specs(pace: str = "fast", duration: float = 6) -> list[StreamSpec]:
@@ -84,7 +87,8 @@ def test_a_failed_gpu_moves_its_streams_to_another_device(monkeypatch: pytest.Mo
     """Bookkeeping only (no processes): a worker reports a device error, then finishes."""
     sink = MemorySink()
     pool = ProcessWorkers(sink, ["cuda:0", "cuda:1"], per_device=1)
-    pool.add_streams(_specs())
+    placements = pool.add_streams(_specs(), models=[H100, H100])
+    assert [p.gpu for p in placements] == [0, 1, 0] and all(p.tier == "all" for p in placements)
     started: list = []
     monkeypatch.setattr(pool, "_start", lambda w: started.append(w))
     w1 = pool._workers[1]
@@ -99,6 +103,17 @@ def test_a_failed_gpu_moves_its_streams_to_another_device(monkeypatch: pytest.Mo
     assert "GPU cuda:1 failed" in outage[0].message and outage[0].details["moved_to"] == "cuda:0"
     pool._handle("progress", started[0].index, {"b": (3, 0.12)})
     assert [e.status for e in sink.events if e.type == "no_signal"] == [Status.FIRING, Status.RESOLVED]
+
+
+def test_streams_the_gpus_cannot_take_are_refused_with_the_reason() -> None:
+    specs = _specs()
+    specs[1].expect = {"codec": "av1", "width": 1920, "height": 1080, "fps": 30}
+    specs[2].expect = {"codec": "hevc", "width": 3840, "height": 2160, "fps": 60}
+    pool = ProcessWorkers(MemorySink(), ["cuda:0"], per_device=2)
+    placements = {p.stream_id: p for p in pool.add_streams(specs, models=[H100])}
+    assert pool.reports["b"].state == "refused" and "AV1" in pool.reports["b"].errors[0]
+    assert placements["c"].target == "gpu" and placements["c"].cost > placements["a"].cost
+    assert "b" not in pool._where and {pool._workers[pool._where[s]].device for s in ("a", "c")} == {"cuda:0"}
 
 
 def test_bad_worker_settings_are_refused() -> None:
