@@ -14,6 +14,7 @@ PyNvVideoCodec is imported lazily: the rest of framewatch (and every CPU test) r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -112,7 +113,7 @@ def frames_from_surfaces(
 def _convert_run(
     surfaces: list[torch.Tensor], height: int, full: bool, stream: torch.cuda.Stream | None, keep_luma: bool
 ) -> list[tuple[torch.Tensor | None, torch.Tensor, LumaSummary, Callable[[], Any]]]:
-    ctx = torch.cuda.stream(stream) if stream is not None else _null()
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with ctx:
         c = convert_surfaces(surfaces, height, full, keep_luma)
     if stream is not None:
@@ -127,14 +128,6 @@ def _convert_run(
     return out
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
-
-
 class NvdecVideoDecoder:
     """Packet-level NVDEC decoder for one stream (the `nvdec` backend of MediaSource)."""
 
@@ -143,22 +136,11 @@ class NvdecVideoDecoder:
     def __init__(self, stream: Any, threads: int = 0, device: str = "cuda:0", low_latency: bool = False,
                  keep_luma: bool = False) -> None:
         nvc = load()
-        from av.bitstream import BitStreamFilterContext
-
-        cc = stream.codec_context
-        self.name = cc.name
+        self.name = stream.codec_context.name
         self.gpu = gpu_index(device)
         self.device = torch.device("cuda", self.gpu)
         codec = _codec(nvc, self.name)
-        extradata = bytes(cc.extradata or b"")
-        annexb = extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
-        self.bsf = None
-        if self.name in ("h264", "hevc") and extradata and not annexb:
-            self.bsf = BitStreamFilterContext(f"{self.name}_mp4toannexb", in_stream=stream)
-        self.stream = stream
-        self.time_base = stream.time_base
-        self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
-        self.full = int(getattr(cc, "color_range", 0) or 0) == 2 or (cc.pix_fmt or "").startswith("yuvj")
+        self.rebind(stream)
         self.errors = 0
         self.corrupt = 0
         self.keep_luma = keep_luma
@@ -178,6 +160,25 @@ class NvdecVideoDecoder:
                 log.debug("low-latency NVDEC session not available: %s", exc)
         if self._dec is None:
             self._dec = _create_decoder(nvc, self.gpu, codec, self.cuda_stream)
+
+    def rebind(self, stream: Any) -> None:
+        """Take the packets of a (re)opened input: a reconnect keeps the NVDEC session, whose parser follows
+        the new stream's sequence headers (a new resolution reconfigures the decoder), and only the container
+        side (Annex B rewriting, time base, rate, range) is set up again."""
+        from av.bitstream import BitStreamFilterContext
+
+        cc = stream.codec_context
+        if cc.name != self.name:
+            raise NvdecUnavailable(f"codec changed from {self.name} to {cc.name}")
+        extradata = bytes(cc.extradata or b"")
+        annexb = extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
+        self.bsf = None
+        if self.name in ("h264", "hevc") and extradata and not annexb:
+            self.bsf = BitStreamFilterContext(f"{self.name}_mp4toannexb", in_stream=stream)
+        self.stream = stream
+        self.time_base = stream.time_base
+        self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
+        self.full = int(getattr(cc, "color_range", 0) or 0) == 2 or (cc.pix_fmt or "").startswith("yuvj")
 
     def _packet(self, ptr: int, size: int, pts: int | None) -> Any:
         pd = self._nvc.PacketData()

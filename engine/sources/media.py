@@ -113,6 +113,19 @@ class MediaSource(Source):
                 break
         queue.put_status(SourceStatus("eof", "", time.time()))
 
+    def _reuse(self, vs: av.video.stream.VideoStream):
+        """The GPU decoder of the previous connection, taking the new input's packets: NVDEC sessions are
+        created once per stream, not once per reconnect."""
+        old = getattr(self, "_vdec", None)
+        if old is None or not hasattr(old, "rebind"):
+            return None
+        try:
+            old.rebind(vs)
+        except Exception as exc:  # another codec now: a new session
+            log.info("%s: new decoder session: %s", self.url, exc)
+            return None
+        return old
+
     def _pump(self, container: av.container.InputContainer, queue: StreamQueue, stop: threading.Event, timeline: Timeline) -> bool:
         """Read until end of input (True) or a live stall (False)."""
         v_streams = container.streams.video if self.options.video else ()
@@ -126,9 +139,12 @@ class MediaSource(Source):
         vdec = adec = None
         tiers: TierFilter | None = None
         if vs is not None:
-            vdec, fallback = video_decoder(
-                vs, self.options.decoder, self.options.threads, self.options.device, self.options.tier,
-                self.options.keep_luma)
+            vdec, fallback = self._reuse(vs), None
+            if vdec is None:
+                vdec, fallback = video_decoder(
+                    vs, self.options.decoder, self.options.threads, self.options.device, self.options.tier,
+                    self.options.keep_luma)
+            self._vdec = vdec
             info.decoder = vdec.backend
             if fallback:
                 queue.counters.decoder_fallbacks += 1
