@@ -88,7 +88,6 @@ def test_tier_counts_on_real_bitstreams(bframe_clips: dict[str, Path], codec: st
         vs = c.streams.video[0]
         name = vs.codec_context.name
         filters = {t: TierFilter(t, name, nal_length_size(bytes(vs.codec_context.extradata or b""), name)) for t in Tier}
-        disposable = 0
         for p in c.demux(vs):
             if p.size:
                 for f in filters.values():
@@ -103,7 +102,6 @@ def test_tier_counts_on_real_bitstreams(bframe_clips: dict[str, Path], codec: st
         vs.codec_context.skip_frame = "NONREF"
         decoded = sum(1 for _ in c.decode(vs))
     assert decoded == filters[Tier.SKIP_NONREF].kept
-    del disposable
 
 
 def _run(path: Path, tier: str, decoder: str = "pyav", device: str = "cpu") -> tuple[Engine, list]:
