@@ -105,6 +105,13 @@ class StreamQueue:
             self._cond.notify_all()
         return out
 
+    def ready(self, frames: int) -> bool:
+        """Whether draining now is worth a tick: a whole batch of frames, news (end of input, errors), or
+        audio piling up (a producer that waits on a full audio queue must not wait for video that cannot
+        come)."""
+        with self._cond:
+            return len(self._video) >= frames or bool(self._status) or len(self._audio) >= self.max_audio // 2
+
     def pending(self) -> int:
         with self._cond:
             return len(self._video) + len(self._audio) + len(self._status)

@@ -368,19 +368,28 @@ class Engine:
                 rest = list(self.streams.values())
             for rt in rest:
                 self._shutdown(rt)
-            self.step()
+            self.step(final=True)
             for rt in rest:
                 self._finish(rt)
 
-    def step(self) -> bool:
-        """One tick: drain every queue, score all frames in one batch, feed the detectors."""
+    def step(self, final: bool = False) -> bool:
+        """One tick: drain the queues, score all frames in one batch, feed the detectors.
+
+        Streams read faster than real time (files) are drained only once a whole batch (or news such as the
+        end of input) is waiting: a tick woken by one stream would otherwise take a few frames from every
+        other stream, and the per-stream work of scoring and detectors is paid per tick, not per frame. That
+        per-tick work, not the GPU, limited the GPU path. Real-time streams are drained every tick, for
+        latency. `final` drains everything."""
         with self._lock:
             runtimes = list(self.streams.values())
         vworks: list[tuple[StreamRuntime, VideoWork]] = []
         aworks: list[tuple[int, StreamRuntime, AudioWork]] = []
         busy = False
+        whole = min(self.batch_frames, self.queue_frames)
         for rt in runtimes:
             if rt.finished:
+                continue
+            if not (final or rt.ctx.live or rt.eof or rt.queue.ready(whole)):
                 continue
             d = rt.queue.drain(self.batch_frames)
             if len(d.video) >= self.batch_frames:
