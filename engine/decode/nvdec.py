@@ -83,6 +83,22 @@ def _codec(nvc: Any, name: str) -> Any:
     return getattr(nvc.cudaVideoCodec, member)
 
 
+_CONVERSION: dict[int, torch.cuda.Stream] = {}
+
+
+def conversion_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one CUDA stream per GPU on which decoded surfaces are turned into frames.
+
+    Shared by every source on that GPU: torch's caching allocator keeps the blocks a stream freed for that
+    stream alone, so with a stream per source each kept its own copy of the conversion's temporary buffers
+    (tens of MB per stream at 1080p); one stream lets all sources reuse the same blocks."""
+    index = device.index or 0
+    with _LOCK:
+        if index not in _CONVERSION:
+            _CONVERSION[index] = torch.cuda.Stream(device)
+        return _CONVERSION[index]
+
+
 def frames_from_surfaces(
     surfaces: list[torch.Tensor], height: int | None, full: bool, stream: torch.cuda.Stream | None,
     keep_luma: bool = False,
@@ -225,7 +241,9 @@ class NvdecVideoDecoder:
         with torch.cuda.device(self.device):
             surfaces = [torch.from_dlpack(f) for f in decoded]
             height = int(self.stream.codec_context.height or 0) or None
-            pieces = frames_from_surfaces(surfaces, height, self.full, self.cuda_stream, self.keep_luma)
+            conv = conversion_stream(self.device)
+            conv.wait_stream(self.cuda_stream)  # NVDEC's output copy was queued on the session's stream
+            pieces = frames_from_surfaces(surfaces, height, self.full, conv, self.keep_luma)
         out = []
         tb = float(self.time_base) if self.time_base else None
         for f, (luma, small, summary, rgb) in zip(decoded, pieces, strict=True):
@@ -281,7 +299,7 @@ class ThreadedFileDecoder:
         self.batch = batch
         self.full = full_range
         self.keep_luma = keep_luma
-        self.cuda_stream = torch.cuda.Stream(self.device)
+        self.cuda_stream = conversion_stream(self.device)
         t0 = time.perf_counter()
         # One cached session and a small surface ring: the defaults (4 sessions, large rings) cost hundreds of
         # MB of GPU memory per stream, which decides how many streams fit, not how fast they decode.
