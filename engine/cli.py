@@ -131,8 +131,18 @@ def run(
 def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],
                  path: Path, duration: float | None, quiet: bool) -> None:
     """`run` with several engine processes (engine.workers per device, engine.devices)."""
+    import torch
+
     from engine.workers import ProcessWorkers
 
+    if any(d.startswith("cuda") for d in devices):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [d for d in devices if d.startswith("cuda") and (int(d.partition(":")[2] or 0) >= count)]
+        if missing:
+            # Monitoring on the CPU beats no monitoring; the operator is told which devices are missing.
+            err.print(f"framewatch: warning: {', '.join(missing)} not available ({count} CUDA device(s)); "
+                      "those workers run on the CPU", markup=False, highlight=False, soft_wrap=True)
+            devices = list(dict.fromkeys("cpu" if d in missing else d for d in devices))
     engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
                      "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads}
     pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails)
@@ -273,6 +283,12 @@ def check(
         else:
             engine.run()
         report = _file_report(path, rt, memory.events)
+        report["device"] = str(engine.device)
+        if engine.device_note:
+            # A GPU asked for and not there: the file was still checked, on the CPU, and the user is told.
+            report["device_note"] = engine.device_note
+            if path == files[0]:
+                err.print(f"framewatch: warning: {engine.device_note}", markup=False, highlight=False, soft_wrap=True)
         unreadable = rt.state == "error" and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0
         if unreadable:
             err.print(f"framewatch: error: {path}: {rt.errors[0] if rt.errors else 'unreadable'}", markup=False, highlight=False, soft_wrap=True)

@@ -312,3 +312,15 @@ def test_no_signal_waits_longer_than_a_sparse_tier_spacing() -> None:
     assert not events
     det.on_tick(105.5, 4.0)
     assert [e.type for e in events] == ["no_signal"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_check_on_a_missing_gpu_says_so(bframe_clips: dict[str, Path]) -> None:
+    from media import json_lines, run_check
+
+    proc = run_check(bframe_clips["libx264"], "--device", "cuda", "--json")
+    assert proc.returncode == 1  # the black picture is found, on the CPU
+    report = json_lines(proc.stdout)[0]
+    assert report["device"] == "cpu" and "no CUDA device" in report["device_note"]
+    assert "warning: device cuda requested but no CUDA device is available" in proc.stderr
+    assert [e["type"] for e in report["events"]] == ["black"]
