@@ -14,7 +14,7 @@ import pytest
 from media import Cli, MovingPattern, json_lines, with_black
 
 FPS = 25
-REPORT_KEYS = {"file", "duration", "video", "audio", "events", "summary", "errors"}
+REPORT_KEYS = {"file", "duration", "video", "audio", "events", "summary", "errors", "device"}
 DETECTORS = ["black", "blockiness", "blur", "clipping", "freeze", "glitch", "loudness", "no_signal", "silence"]
 # BS.1770: a 0 dBFS 1 kHz sine in one channel reads -3.01 LUFS (mean square 1/2, and the K-weighting gain at
 # 1 kHz is cancelled by the -0.691 dB constant); a second identical channel adds 10*log10(2) = +3.01 dB.
