@@ -93,15 +93,11 @@ def main() -> None:
 
     @step("threaded_decoder")
     def _t():
+        from engine.decode.nvdec import drain_count
+
         td = nvc.ThreadedDecoder(path, buffer_size=8, gpu_id=0, use_device_memory=True)
         meta = td.get_stream_metadata()
-        n = 0
-        while True:
-            b = td.get_batch_frames(8)
-            if not b:
-                break
-            n += len(b)
-        td.end()
+        n = drain_count(td, 8)
         return {"frames": n, "meta": {a: str(getattr(meta, a)) for a in dir(meta) if not a.startswith("_")}}
 
     @step("memory_per_session")

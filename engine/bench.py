@@ -179,14 +179,7 @@ def _ceiling_gpu(path: Path, streams: int, device: str, tier: str) -> tuple[int,
     def threaded() -> None:
         td = nvc.ThreadedDecoder(str(path), buffer_size=8, gpu_id=gpu, use_device_memory=True, decoder_cache_size=1)
         barrier.wait()
-        n = 0
-        while True:
-            fr = td.get_batch_frames(8)
-            if not fr:
-                break
-            n += len(fr)
-        td.end()
-        counts.append(n)
+        counts.append(nvdec.drain_count(td, 8))
 
     def packets() -> None:
         import av
@@ -198,12 +191,8 @@ def _ceiling_gpu(path: Path, streams: int, device: str, tier: str) -> tuple[int,
             dec = nvdec.NvdecVideoDecoder(vs, 0, device, low_latency=tier == "keyframes")
             tf = TierFilter.for_stream(tier, vs)
             barrier.wait()
-            n = 0
-            for p in c.demux(vs):
-                if p.size and tf.keep(memoryview(p), p.is_keyframe):
-                    for q in dec.bsf.filter(p) if dec.bsf is not None else [p]:
-                        n += len(dec._run(dec._packet(q.buffer_ptr, q.buffer_size, q.pts)))
-            n += len(dec._run(dec._packet(0, 0, None)))
+            n = sum(dec.decode_only(p) for p in c.demux(vs) if p.size and tf.keep(memoryview(p), p.is_keyframe))
+            n += dec.decode_only(None)
         counts.append(n)
 
     return _timed(threaded if tier == "all" else packets, streams, barrier, counts)

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,6 +35,7 @@ from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec
 from engine.sources import SourceOptions
+from engine.workers import ProcessWorkers, StreamReport, report_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="framewatch: real-time quality monitoring of audio/video streams.")
 config_app = typer.Typer(no_args_is_help=True, help="Validate configs and export the config schema.")
@@ -123,7 +125,7 @@ def run(
         signal.signal(signal.SIGTERM, previous)
         sinks.close()
     if cfg.output.summary and not quiet:
-        _summary(engine, memory.events)
+        _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()], memory.events)
     if any(rt.state == "error" for rt in engine.streams.values()):
         raise typer.Exit(2)
 
@@ -131,10 +133,6 @@ def run(
 def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],
                  path: Path, duration: float | None, quiet: bool) -> None:
     """`run` with several engine processes (engine.workers per device, engine.devices)."""
-    import torch
-
-    from engine.workers import ProcessWorkers
-
     if any(d.startswith("cuda") for d in devices):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         missing = [d for d in devices if d.startswith("cuda") and (int(d.partition(":")[2] or 0) >= count)]
@@ -162,29 +160,22 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
         sinks.close()
     reports = list(pool.reports.values())
     if cfg.output.summary and not quiet:
-        table = Table(title="streams")
-        for col in ("stream", "device", "state", "frames", "media s", "dropped", "decode errors", "integrated LUFS", "alerts"):
-            table.add_column(col)
-        for r in reports:
-            alerts = ", ".join(f"{k} {v}" for k, v in sorted(r.events.items())) or "none"
-            table.add_row(r.id, r.device, r.state, str(r.frames), f"{r.media_end:.1f}", str(r.frames_dropped),
-                          str(r.decode_errors), _fmt(r.integrated_lufs, 1), alerts)
-        err.print(table)
+        _summary(reports, memory.events, show_device=True)
     if any(r.state == "error" for r in reports):
         raise typer.Exit(2)
 
 
-def _summary(engine: Engine, events: list[Event]) -> None:
+def _summary(reports: list[StreamReport], events: list[Event], show_device: bool = False) -> None:
     table = Table(title="streams", show_lines=False)
-    for col in ("stream", "state", "frames", "media s", "dropped", "decode errors", "integrated LUFS", "alerts"):
-        table.add_column(col)
-    for rt in engine.streams.values():
-        st = rt.stats
-        alerts = ", ".join(f"{k} {v}" for k, v in sorted(st.events.items())) or "none"
-        table.add_row(
-            rt.id, rt.state, str(st.frames_scored), f"{st.media_end:.1f}", str(rt.counters.frames_dropped),
-            str(rt.counters.decode_errors), _fmt(rt.audio.meter.integrated, 1), alerts,
-        )
+    cols = ("stream", "device", "state", "frames", "media s", "dropped", "decode errors", "integrated LUFS", "alerts")
+    for col in cols:
+        if col != "device" or show_device:
+            table.add_column(col)
+    for r in reports:
+        alerts = ", ".join(f"{k} {v}" for k, v in sorted(r.events.items())) or "none"
+        row = [r.id, r.device, r.state, str(r.frames), f"{r.media_end:.1f}", str(r.frames_dropped),
+               str(r.decode_errors), _fmt(r.integrated_lufs, 1), alerts]
+        table.add_row(*(row if show_device else row[:1] + row[2:]))
     err.print(table)
     resolved = [e for e in events if e.status.value == "resolved"]
     if resolved:

@@ -53,6 +53,16 @@ class Event:
     message: str = ""
     details: dict[str, object] = field(default_factory=dict)
 
+    @classmethod
+    def outage(cls, stream: str, start: float, message: str, version: str, details: dict[str, object]) -> Event:
+        """A critical no_signal raised by the engine itself rather than by a detector: the GPU or the worker
+        process that monitored the stream was lost. It resolves when the stream is scored again elsewhere."""
+        return cls(
+            id=new_event_id(), stream=stream, type="no_signal", status=Status.FIRING, start=round(start, 6),
+            end=None, duration=None, wallclock=now_iso(), value=None, threshold=None, severity=Severity.CRITICAL,
+            detector_version=version, message=message, details=details,
+        )
+
     def resolved(self, end: float, value: float | None = None, **details: object) -> Event:
         return replace(
             self,

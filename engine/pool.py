@@ -21,7 +21,7 @@ import torch
 
 from engine.alerts import EventSink
 from engine.detectors import REGISTRY
-from engine.events import Event, Severity, Status, new_event_id, now_iso
+from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
 from engine.scheduler import GpuModel, Placement, Scheduler, StreamDemand, Target, Tier, model_for_device
 
@@ -325,22 +325,7 @@ class GpuPool:
                 "tier": p.tier.value if p.tier is not None and target is not None else None,
             }
             start = old.stats.media_end if old is not None else 0.0
-            event = Event(
-                id=new_event_id(),
-                stream=sid,
-                type="no_signal",
-                status=Status.FIRING,
-                start=round(start, 6),
-                end=None,
-                duration=None,
-                wallclock=now_iso(),
-                value=None,
-                threshold=None,
-                severity=Severity.CRITICAL,
-                detector_version=EVENT_VERSION,
-                message=message,
-                details=details,
-            )
+            event = Event.outage(sid, start, message, EVENT_VERSION, details)
             self._outages[sid] = _Outage(event, time.monotonic())
             self.sink.emit(event)
         self._stop(m)  # its detectors finish on the failed engine

@@ -19,11 +19,11 @@ import multiprocessing as mp
 import queue as queue_mod
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine.alerts import EventSink
-from engine.events import Event, Severity, Status, new_event_id, now_iso
+from engine.events import Event, Severity, Status
 
 log = logging.getLogger("framewatch")
 
@@ -46,6 +46,16 @@ class StreamReport:
     errors: list[str] = field(default_factory=list)
     decoder: str = ""
     device: str = ""
+
+
+def report_of(rt: Any, device: str) -> StreamReport:
+    """A stream's end-of-run numbers from its runtime (what the summary table shows)."""
+    return StreamReport(
+        id=rt.id, state=rt.state, frames=rt.stats.frames_scored, media_end=rt.stats.media_end,
+        frames_dropped=rt.counters.frames_dropped, decode_errors=rt.counters.decode_errors,
+        integrated_lufs=rt.audio.meter.integrated, events=dict(rt.stats.events), errors=list(rt.errors),
+        decoder=rt.info.decoder if rt.info is not None else "", device=device,
+    )
 
 
 def _event_from_dict(d: dict[str, Any]) -> Event:
@@ -97,15 +107,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: 
     finally:
         if device_failed:
             send("device_error", device_failed[0])
-        send("done", [
-            {
-                "id": rt.id, "state": rt.state, "frames": rt.stats.frames_scored, "media_end": rt.stats.media_end,
-                "frames_dropped": rt.counters.frames_dropped, "decode_errors": rt.counters.decode_errors,
-                "integrated_lufs": rt.audio.meter.integrated, "events": dict(rt.stats.events), "errors": list(rt.errors),
-                "decoder": rt.info.decoder if rt.info is not None else "", "device": str(engine.device),
-            }
-            for rt in engine.streams.values()
-        ])
+        send("done", [asdict(report_of(rt, str(engine.device))) for rt in engine.streams.values()])
 
 
 @dataclass
@@ -357,13 +359,8 @@ class ProcessWorkers:
         for spec in specs:
             if spec.id in self._outage:
                 continue
-            start = round(self._media.get(spec.id, 0.0), 6)
             where = f"stream restarted on {device}" if device else "no capacity left to restart it"
-            event = Event(
-                id=new_event_id(), stream=spec.id, type="no_signal", status=Status.FIRING, start=start, end=None,
-                duration=None, wallclock=now_iso(), value=None, threshold=None, severity=Severity.CRITICAL,
-                detector_version=EVENT_VERSION, message=f"{why}; {where}",
-                details={"reason": why, "moved_to": device},
-            )
+            event = Event.outage(spec.id, self._media.get(spec.id, 0.0), f"{why}; {where}", EVENT_VERSION,
+                                 {"reason": why, "moved_to": device})
             self._outage[spec.id] = event
             self.sink.emit(event)

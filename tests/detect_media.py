@@ -468,3 +468,16 @@ def _gauss_np(img: np.ndarray, sigma: float, r: int) -> np.ndarray:
         n = z.shape[axis]
         z = sum(k[j] * np.take(zp, np.arange(j, j + n), axis=axis) for j in range(2 * r + 1))
     return np.round(z).clip(0, 255).astype(np.uint8)
+
+
+def break_scoring_for(engine: Any, stream: str) -> None:
+    """Make the engine's black metric family fail whenever `stream` is in the batch: a stand-in for a frame
+    no kernel can digest."""
+    real = engine.scoring.families["black"]
+
+    def black_family(batch, req, idx):
+        if any(w.stream == stream for w in batch.works):
+            raise RuntimeError("cannot score this frame")
+        return real(batch, req, idx)
+
+    engine.scoring.add_family("black", black_family)

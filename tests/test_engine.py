@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from detect_media import break_scoring_for
 
 from engine.alerts import MemorySink
 from engine.config import FramewatchConfig, resolve_detectors
@@ -16,15 +17,7 @@ URL = "synthetic://{name}?size=320x240&fps=25&duration=5&pace=fast&faults=black@
 def test_a_stream_whose_frames_break_scoring_fails_alone() -> None:
     sink = MemorySink()
     engine = Engine(sink)
-    real = engine.scoring.families["black"]
-
-    def black_family(batch, req, idx):
-        # Stands in for a frame no kernel can digest: it breaks whenever stream "bad" is in the batch.
-        if any(w.stream == "bad" for w in batch.works):
-            raise RuntimeError("cannot score this frame")
-        return real(batch, req, idx)
-
-    engine.scoring.add_family("black", black_family)
+    break_scoring_for(engine, "bad")
     detectors = resolve_detectors(FramewatchConfig())
     good = engine.add_stream(StreamSpec("good", URL.format(name="good"), detectors, SourceOptions(pace="fast")))
     bad = engine.add_stream(StreamSpec("bad", URL.format(name="bad"), detectors, SourceOptions(pace="fast")))

@@ -28,10 +28,6 @@ VIDEO_BACKENDS: dict[str, Callable[..., VideoDecoder]] = {
 BACKEND_NAMES = ("auto", *VIDEO_BACKENDS)
 
 
-class DecoderFallback(Exception):
-    """The requested backend cannot decode this stream; carries the reason for logs and metrics."""
-
-
 def video_decoder(
     stream: Any, backend: str = "pyav", threads: int = 0, device: str = "cpu", tier: str = "all",
     keep_luma: bool = False,
@@ -57,6 +53,6 @@ def video_decoder(
 
 
 __all__ = [
-    "BACKEND_NAMES", "TIERS", "VIDEO_BACKENDS", "AudioDecoder", "DecoderFallback", "PyAVAudioDecoder",
+    "BACKEND_NAMES", "TIERS", "VIDEO_BACKENDS", "AudioDecoder", "PyAVAudioDecoder",
     "PyAVVideoDecoder", "Tier", "TierFilter", "VideoDecoder", "video_decoder",
 ]

@@ -18,15 +18,6 @@ from engine.media import SMALL_H, SMALL_W
 SMALL_CHROMA = (SMALL_H // 2, SMALL_W // 2)
 
 
-def area_small(luma: torch.Tensor, full_range: bool = False) -> torch.Tensor:
-    """(N, H, W) uint8 -> (N, SMALL_H, SMALL_W) uint8 area average, mapped to limited range when full."""
-    x = luma.unsqueeze(1).to(torch.float32)
-    y = F.adaptive_avg_pool2d(x, (SMALL_H, SMALL_W)).squeeze(1)
-    if full_range:
-        y = y * (219.0 / 255.0) + 16.0
-    return y.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def split_nv12(surface: torch.Tensor, height: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of an NV12 surface (Hs*3/2, W): luma (height, W) and interleaved chroma (height/2, W/2, 2).
 

@@ -214,26 +214,34 @@ class NvdecVideoDecoder:
             log.debug("nvdec decode error: %s", exc)
             return []
 
-    def decode(self, packet: Any) -> list[tuple[float | None, VideoFrame]]:
-        pkts = self.bsf.filter(packet) if self.bsf is not None else [packet]
+    def _surfaces(self, packet: Any | None) -> list[Any]:
+        """NVDEC's decoded surfaces for a packet (None: end of stream, drain everything)."""
+        if packet is None:
+            rest: list[Any] = []
+            if self.bsf is not None:
+                try:
+                    rest = list(self.bsf.filter(None) or [])
+                except Exception:  # a filter with nothing buffered may refuse the end marker
+                    rest = []
+        else:
+            rest = list(self.bsf.filter(packet)) if self.bsf is not None else [packet]
         decoded: list[Any] = []
-        for p in pkts:
+        for p in rest:
             if p.buffer_size:
                 decoded.extend(self._run(self._packet(p.buffer_ptr, p.buffer_size, p.pts)))
-        return self._frames(decoded)
+        if packet is None:
+            decoded.extend(self._run(self._packet(0, 0, None)))
+        return decoded
+
+    def decode(self, packet: Any) -> list[tuple[float | None, VideoFrame]]:
+        return self._frames(self._surfaces(packet))
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:
-        decoded: list[Any] = []
-        if self.bsf is not None:
-            try:
-                rest = list(self.bsf.filter(None) or [])
-            except Exception:  # a filter with nothing buffered may refuse the end marker
-                rest = []
-            for p in rest:
-                if p.buffer_size:
-                    decoded.extend(self._run(self._packet(p.buffer_ptr, p.buffer_size, p.pts)))
-        decoded.extend(self._run(self._packet(0, 0, None)))
-        return self._frames(decoded)
+        return self._frames(self._surfaces(None))
+
+    def decode_only(self, packet: Any | None) -> int:
+        """Pictures a packet (None: the end) completes, left unconverted: the benchmark's decode ceiling."""
+        return len(self._surfaces(packet))
 
     def _frames(self, decoded: list[Any]) -> list[tuple[float | None, VideoFrame]]:
         if not decoded:
@@ -253,6 +261,17 @@ class NvdecVideoDecoder:
                                        color_range=ColorRange.FULL if self.full else ColorRange.LIMITED,
                                        summary=summary)))
         return out
+
+
+def drain_count(td: Any, batch: int) -> int:
+    """Pictures a ThreadedDecoder delivers until its end, left unconverted (ceilings and probes)."""
+    n = 0
+    while True:
+        frames = td.get_batch_frames(batch)
+        if not frames:
+            td.end()
+            return n
+        n += len(frames)
 
 
 def _frame_pts(frame: Any) -> int | None:
@@ -300,12 +319,10 @@ class ThreadedFileDecoder:
         self.full = full_range
         self.keep_luma = keep_luma
         self.cuda_stream = conversion_stream(self.device)
-        t0 = time.perf_counter()
         # One cached session and a small surface ring: the defaults (4 sessions, large rings) cost hundreds of
         # MB of GPU memory per stream, which decides how many streams fit, not how fast they decode.
         self._td = nvc.ThreadedDecoder(path, buffer_size=batch, gpu_id=self.gpu, use_device_memory=True,
                                        decoder_cache_size=decoder_cache)
-        self.open_seconds = time.perf_counter() - t0
         meta = self._td.get_stream_metadata()
         self.width = int(getattr(meta, "width", 0) or 0)
         self.height = int(getattr(meta, "height", 0) or 0)

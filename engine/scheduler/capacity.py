@@ -33,7 +33,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date
-from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
@@ -48,6 +47,7 @@ from pydantic import (
 )
 
 from engine import __version__
+from engine.decode.tiers import Tier  # one tier vocabulary for decoders, config and scheduler
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,7 @@ def codec_display(codec: str) -> str:
     return _DISPLAY.get(c, c.upper())
 
 
-class Tier(StrEnum):
-    """How much of a stream is decoded, best first."""
-
-    ALL = "all"
-    SKIP_NONREF = "skip_nonref"
-    KEYFRAMES = "keyframes"
-
-
-TIER_ORDER: tuple[Tier, ...] = (Tier.ALL, Tier.SKIP_NONREF, Tier.KEYFRAMES)
+TIER_ORDER: tuple[Tier, ...] = tuple(Tier)  # best first
 
 
 def tier_words(tier: Tier) -> str:
