@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench gpu-check lint clean
+.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ samples:
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/cpu_vs_ffmpeg.py
+
+# The corruption CNN: train a candidate (framewatch-out/models/candidate.pt), and its benchmark against
+# FFmpeg blockdetect and the core blockiness kernel (needs the ffmpeg CLI; builds the data set on first use)
+train: $(VENV)/.installed
+	$(BIN)/framewatch train
+
+corruption-bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/corruption_vs_blockdetect.py
 
 # On a GPU machine: cuda tests + GPU benchmark (WHEELS: folder of wheels or site-*.tar.xz to install first)
 gpu-check:

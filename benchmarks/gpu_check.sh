@@ -44,6 +44,16 @@ timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m cuda -p no:cacheprovider tests/
   tests/test_loudness.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
 echo "== tests done at $(( $(date +%s) - t0 )) s"
 
+echo "== corruption CNN on the GPU (1080p analysis planes, fp16, batch 64)"
+timeout 60 $PY -c "
+import json, sys; sys.path.insert(0, 'benchmarks')
+from corruption_vs_blockdetect import _model_gpu_fps
+from models.weights import SHIPPED, load
+m, meta = load(SHIPPED)
+fps = _model_gpu_fps(m)
+print(f'corruption model {meta.version}: {fps:.0f} frames/s'); json.dump({'version': meta.version, 'gpu_frames_per_s_1080p': fps}, open('$RESULTS/corruption_gpu.json', 'w'))
+" 2>&1 | tail -3
+
 if [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
   SPY=$( [ -x .whl/tools/py-spy ] && echo .whl/tools/py-spy || echo "$WHEELS/../tools/py-spy")
   echo "== GIL profile of end to end (h264, tier all, ${BENCH_STREAMS:-32} streams)"

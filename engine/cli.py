@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from engine import __version__
+from engine import __version__, model_cli
 from engine.alerts import JsonlSink, MemorySink, MultiSink, ThumbnailWriter
 from engine.alerts.sinks import CallbackSink
 from engine.config import (
@@ -33,6 +33,7 @@ from engine.config import (
 from engine.decode import BACKEND_NAMES, TIERS
 from engine.detectors import REGISTRY
 from engine.events import Event
+from engine.review import ReviewStore
 from engine.runner import Engine, StreamRuntime, StreamSpec
 from engine.sources import SourceOptions
 from engine.workers import ProcessWorkers, StreamReport, report_of
@@ -107,6 +108,7 @@ def run(
         tick=cfg.engine.tick_ms / 1000,
         queue_frames=cfg.engine.queue_frames,
         thumbnails=thumbs,
+        review=ReviewStore(cfg.output.review) if cfg.output.review else None,
         torch_threads=cfg.engine.torch_threads,
     )
     if not quiet:
@@ -142,7 +144,8 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
                       "those workers run on the CPU", markup=False, highlight=False, soft_wrap=True)
             devices = list(dict.fromkeys("cpu" if d in missing else d for d in devices))
     engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
-                     "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads}
+                     "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
+                     "review": ReviewStore(cfg.output.review) if cfg.output.review else None}
     pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails)
     pool.add_streams(specs)
     if not quiet:
@@ -238,6 +241,7 @@ def check(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N]")] = "cpu",
     decoder: Annotated[str, typer.Option(help="auto (NVDEC on a GPU device), pyav or nvdec")] = "auto",
     tier: Annotated[str, typer.Option(help="all, skip_nonref or keyframes: which frames are decoded")] = "all",
+    review: Annotated[Path | None, typer.Option(help="keep corruption alerts' pictures in this review store")] = None,
 ) -> None:
     """Check files for faults. Exit code: 0 no fault, 1 faults found, 2 error (unreadable input, bad config)."""
     try:
@@ -259,7 +263,7 @@ def check(
     for path in files:
         memory = MemorySink()
         engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
-                        torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
+                        review=ReviewStore(review) if review else None, torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
         rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace="fast", decoder=decoder, tier=tier)))
         if show_progress:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
@@ -275,6 +279,11 @@ def check(
             engine.run()
         report = _file_report(path, rt, memory.events)
         report["device"] = str(engine.device)
+        family = engine.scoring.families.get("corruption")
+        if family is not None and family.slots:
+            # Which model judged the pictures, and a model that could not be used, said out loud.
+            report["corruption_model"] = next(iter(family.status().values()))
+            report["errors"] += [f"corruption model: {st['error']}" for st in family.status().values() if st["error"]]
         if engine.device_note:
             # A GPU asked for and not there: the file was still checked, on the CPU, and the user is told.
             report["device_note"] = engine.device_note
@@ -424,6 +433,9 @@ def detectors() -> None:
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+model_cli.register(app)
 
 
 def main() -> None:

@@ -187,6 +187,8 @@ class EngineModel(_Strict):
 class OutputModel(_Strict):
     jsonl: str | None = Field("-", description="'-' for stdout, a file path, or null")
     thumbnails: str | None = Field(None, description="folder for alert thumbnails, or null")
+    review: str | None = Field(None, description="review store folder: corruption alerts keep their picture here for "
+                                                 "`framewatch label` and retraining, or null")
     summary: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
 

@@ -21,6 +21,7 @@ from engine.detectors import REGISTRY
 from engine.detectors.base import Detector, DetectorConfig, MetricRequest, StreamContext
 from engine.events import Event
 from engine.media import AUDIO_WINDOW, AudioChunk, StreamCounters, StreamInfo, VideoFrame
+from engine.review import ReviewStore
 from engine.scoring import AudioState, AudioWork, ScoringStep, VideoWork
 from engine.sources import Source, SourceError, SourceOptions, open_source
 
@@ -127,6 +128,8 @@ def _needs_native_luma(requests: list[MetricRequest]) -> bool:
     from kernels.luma_summary import ROWS
 
     for r in requests:
+        if r.family == "corruption":  # the CNN reads the whole picture (halved)
+            return True
         if r.family in ("black", "spatial") and r.ignore:
             return True
         if r.family == "spatial" and int(r.param("rows", ROWS)) != ROWS:
@@ -169,7 +172,8 @@ class StreamRuntime:
         except SourceError as exc:
             self.fail(str(exc))
         live = bool(self.source is not None and self.source.realtime)
-        self.ctx = StreamContext(stream=spec.id, emit=engine._emit, thumbnail=self._thumbnail, live=live, tier=self.tier)
+        self.ctx = StreamContext(stream=spec.id, emit=engine._emit, thumbnail=self._thumbnail, live=live, tier=self.tier,
+                                 extra=engine.detector_extras())
         self._writer = engine.thumbnails
         self.detectors: list[Detector] = []
         for name, cfg in spec.detectors.items():
@@ -279,6 +283,7 @@ class Engine:
         tick: float = 0.02,
         queue_frames: int = 64,
         thumbnails: ThumbnailWriter | None = None,
+        review: ReviewStore | None = None,
         torch_threads: int | None = 1,
         on_status: Callable[[StreamRuntime, str, str], None] | None = None,
         on_device_error: Callable[[BaseException], None] | None = None,
@@ -296,6 +301,7 @@ class Engine:
         self.tick = tick
         self.queue_frames = queue_frames
         self.thumbnails = thumbnails
+        self.review = review
         self.wakeup = threading.Event()
         self.streams: dict[str, StreamRuntime] = {}
         self._lock = threading.Lock()
@@ -316,9 +322,25 @@ class Engine:
         rt.start()
         return rt
 
+    def detector_extras(self) -> dict[str, Any]:
+        """What detectors may use beyond their stream: the review store, the corruption model's version, and a
+        way to mark a region on an alert's thumbnail."""
+        from engine.alerts.thumbnails import mark_box
+
+        family = self.scoring.families.get("corruption")
+
+        def model_version(weights: str | None = None) -> str | None:
+            slot = family.slot(weights) if family is not None else None
+            return slot.loaded.meta.version if slot is not None and slot.loaded is not None else None
+
+        return {"review": self.review, "corruption_model": model_version, "mark_thumbnail": mark_box}
+
     def remove_stream(self, stream_id: str) -> None:
         with self._lock:
             rt = self.streams.pop(stream_id, None)
+        family = self.scoring.families.get("corruption")
+        if family is not None and hasattr(family, "forget"):
+            family.forget(stream_id)
         if rt is not None:
             self._shutdown(rt)
             self._finish(rt)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.corruption import CorruptionFamily
 from engine.detectors.base import AudioMetrics, MetricRequest, VideoMetrics
 from engine.loudness_meter import LoudnessMeter
 from engine.media import AUDIO_RATE, AUDIO_WINDOW, ColorRange, VideoFrame
@@ -278,6 +279,7 @@ class ScoringStep:
             "spatial": _family_spatial,
             "difference": _family_difference,
             "glitch": _family_glitch,
+            "corruption": CorruptionFamily(self.device),
         }
 
     def add_family(self, name: str, fn: FamilyFn) -> None:

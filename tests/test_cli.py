@@ -15,7 +15,7 @@ from media import Cli, MovingPattern, json_lines, with_black
 
 FPS = 25
 REPORT_KEYS = {"file", "duration", "video", "audio", "events", "summary", "errors", "device"}
-DETECTORS = ["black", "blockiness", "blur", "clipping", "freeze", "glitch", "loudness", "no_signal", "silence"]
+DETECTORS = ["black", "blockiness", "blur", "clipping", "corruption", "freeze", "glitch", "loudness", "no_signal", "silence"]
 # BS.1770: a 0 dBFS 1 kHz sine in one channel reads -3.01 LUFS (mean square 1/2, and the K-weighting gain at
 # 1 kHz is cancelled by the -0.691 dB constant); a second identical channel adds 10*log10(2) = +3.01 dB.
 # So a -20 dBFS sine in both channels of a stereo clip is -20.0 LUFS (not -23).
@@ -166,7 +166,7 @@ def test_config_schema_prints_json(cli):
     assert "pic_th" in proc.stdout and "coded_mafd" in proc.stdout
 
 
-def test_detectors_lists_all_nine(cli):
+def test_detectors_lists_all_ten(cli):
     proc = cli["detectors"].result()
     assert proc.returncode == 0, proc.stderr
     # table rows: | name | version | media | defaults |; wrapped defaults continue with an empty name cell

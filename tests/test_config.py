@@ -20,7 +20,7 @@ from engine.detectors import REGISTRY
 from engine.events import Severity
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_DETECTORS = {"black", "freeze", "blockiness", "blur", "glitch", "silence", "clipping", "loudness", "no_signal"}
+ALL_DETECTORS = {"black", "freeze", "blockiness", "blur", "glitch", "silence", "clipping", "loudness", "no_signal", "corruption"}
 
 
 def _error(text: str) -> str:
@@ -29,7 +29,7 @@ def _error(text: str) -> str:
     return str(info.value)
 
 
-def test_registry_has_the_nine_detectors():
+def test_registry_has_the_ten_detectors():
     assert set(REGISTRY) == ALL_DETECTORS
 
 
@@ -39,7 +39,8 @@ def test_demo_config_resolves_four_streams_with_every_detector():
     assert [s.id for s in specs] == ["news-1", "sport-2", "movies-3", "kids-4"]
     for spec in specs:
         assert set(spec.detectors) == ALL_DETECTORS
-        assert all(c.enabled for c in spec.detectors.values()), spec.id
+        assert all(c.enabled for n, c in spec.detectors.items() if n != "corruption"), spec.id
+        assert not spec.detectors["corruption"].enabled  # opt-in (README: corruption model)
         assert spec.url.startswith("synthetic://")
     assert specs[0].faults == [
         {"kind": "black", "start": 4.0, "duration": 4.0, "param": None},
@@ -213,7 +214,7 @@ def test_profile_only_disables_the_other_detectors(layered):
     assert radio["silence"].onset == 4.0
     # a stream override does not re-enable a detector its profile leaves out
     assert radio["black"].pic_th == 0.5 and radio["black"].enabled is False
-    assert all(c.enabled for c in layered["plain"].values())
+    assert all(c.enabled for n, c in layered["plain"].items() if n != "corruption")
 
 
 def test_resolve_detectors_for_a_profile_without_streams():

@@ -174,3 +174,28 @@ def test_tiers_decode_the_same_frames_on_cpu_and_gpu(faulty_clip: Path, tier: st
         assert g.stats.frames_scored == SECONDS  # GOP of 25 at 25 fps
     assert all(e.details["tier"] == tier for e in gpu)
     _same_events(cpu, gpu)
+
+
+def test_corruption_model_fp16_on_gpu_matches_the_cpu_reference() -> None:
+    """The shipped corruption CNN on CUDA (fp16 autocast, as the scoring step runs it) against fp32 on the CPU:
+    frame probabilities within 0.02 and the same decisions away from the threshold."""
+    from kernels.corruption import analysis_plane
+    from models.data.content import SourceSpec, generated_frames
+    from models.train import frame_probabilities, pair
+    from models.weights import SHIPPED, load
+
+    frames = generated_frames(SourceSpec("g", "generated", "test", seed=5, width=640, height=368, seconds=0.4))
+    lumas = [torch.from_numpy(np.ascontiguousarray(f.mean(axis=2).astype(np.uint8))) for f in frames]
+    planes = [analysis_plane(y) for y in lumas]
+    # Damage some: blocks copied from elsewhere, as concealment does.
+    for p in planes[::2]:
+        p[40:80, 64:160] = p[100:140, 200:296].clone()
+    inputs = [pair(p, planes[max(0, i - 1)]) for i, p in enumerate(planes)]
+    model, meta = load(SHIPPED)
+    cpu, _ = frame_probabilities(model, inputs, torch.device("cpu"))
+    gpu_model, _ = load(SHIPPED, "cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        gpu, _ = frame_probabilities(gpu_model, inputs, torch.device("cuda"))
+    assert np.abs(cpu - gpu).max() <= 0.02, (cpu, gpu)
+    far = np.abs(cpu - meta.threshold) > 0.05
+    assert ((cpu >= meta.threshold) == (gpu >= meta.threshold))[far].all()

@@ -39,3 +39,15 @@ class ThumbnailWriter:
         except Exception as exc:
             log.error("thumbnail for %s/%s failed: %s", stream, event_id, exc)
             return None
+
+
+def mark_box(path: str, box: tuple[float, float, float, float]) -> None:
+    """Outline a region (x, y, w, h fractions) on a written thumbnail: where the corruption model saw damage."""
+    from engine.review import draw_box
+
+    try:
+        img = Image.open(path).convert("RGB")
+        draw_box(img, box)
+        img.save(path, quality=85)
+    except Exception as exc:
+        log.error("marking thumbnail %s failed: %s", path, exc)

@@ -5,6 +5,7 @@ from engine.detectors import (  # noqa: F401  (imported for registration)
     blockiness,
     blur,
     clipping,
+    corruption,
     freeze,
     glitch,
     loudness,

@@ -1,0 +1,115 @@
+"""Corrupted picture: blocks damaged by lost or garbled packets and concealed by the decoder (macroblocking,
+displaced or smeared blocks), judged by the corruption CNN (models/). The event carries the model's probability
+as its value, the box of the damaged blocks, and the model version; its thumbnail shows the box; the picture and
+the model's block map go to the review store for an operator's verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.detectors.base import (
+    Detector,
+    DetectorConfig,
+    MetricRequest,
+    VideoMetrics,
+    positive,
+    register,
+    unit_interval,
+)
+from engine.events import Event, Severity
+
+
+@dataclass(frozen=True)
+class CorruptionConfig(DetectorConfig):
+    """threshold: frame probability that counts as corrupt (null: the model's own, chosen on validation data);
+    weights: a weights file (null: the shipped model; the file is re-read when it changes); fps: pictures per
+    second analysed per stream (0: every one; null: every one on a GPU, 5 on a CPU; pictures the decoder
+    reports as concealed are always analysed). Concealed loss lasts until the next key frame, so the default
+    onset of 0.3 s catches a damaged GOP while a single odd picture does not alert."""
+
+    enabled: bool = False  # off by default until the model's held-out precision is good enough (README)
+    onset: float = 0.3
+    recovery: float = 0.5
+    severity: Severity = Severity.MAJOR
+    threshold: float | None = None
+    weights: str | None = None
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold is not None:
+            unit_interval("threshold", self.threshold)
+        if self.fps is not None and self.fps != 0:
+            positive("fps", self.fps)
+
+
+@register
+class CorruptionDetector(Detector):
+    NAME = "corruption"
+    VERSION = "1.0"
+    MEDIA = "video"
+    NEEDS_EVERY_FRAME = False
+    Config = CorruptionConfig
+
+    def __init__(self, config: CorruptionConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        self.request = MetricRequest(
+            "corruption", (("fps", config.fps), ("threshold", config.threshold), ("weights", config.weights),
+                           ("previous", ctx.tier == "all")), config.ignore)
+        self._held = False  # decision of the last analysed picture, held over pictures not analysed
+        self._evidence: dict | None = None  # the most likely corrupt picture of the pending fault
+        self._threshold: float | None = config.threshold
+
+    def requests(self) -> list[MetricRequest]:
+        return [self.request]
+
+    def threshold(self) -> float | None:
+        return None if self._threshold is None else round(self._threshold, 4)
+
+    def message(self, value: float | None) -> str:
+        return "corrupted picture" if value is None else f"corrupted picture (probability {value:.2f})"
+
+    def on_video(self, m: VideoMetrics) -> None:
+        v = m.values[self.request]
+        decision = v["decision"]
+        faulty = np.empty(len(decision), dtype=bool)
+        held = self._held
+        for j, d in enumerate(decision):
+            if not np.isnan(d):
+                held = bool(d)
+                if not np.isnan(v["threshold"][j]):
+                    self._threshold = float(v["threshold"][j])
+                if held and (self._evidence is None or v["prob"][j] > self._evidence["prob"]) and v["plane"][j] is not None:
+                    box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
+                    self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
+                                      "plane": v["plane"][j], "map": v["map"][j], "pts": float(m.pts[j])}
+            faulty[j] = held
+        self._held = held
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
+        if not self.hyst.active and self.hyst.pending_start is None:
+            self._evidence = None
+
+    def _make_event(self, start: float, value: float | None) -> Event:
+        from dataclasses import replace
+
+        ev = self._evidence or {}
+        box = ev.get("box")
+        event = super()._make_event(start, value)
+        details = {**event.details, "box": None if box is None else [round(b, 4) for b in box]}
+        model = self.ctx.extra.get("corruption_model")
+        if callable(model):
+            details["model"] = model(self.config.weights)
+        if box is not None and event.thumbnail and self.ctx.extra.get("mark_thumbnail"):
+            self.ctx.extra["mark_thumbnail"](event.thumbnail, box)
+        review = self.ctx.extra.get("review")
+        if review is not None and ev.get("plane") is not None:
+            from engine.review import ReviewRecord
+
+            review.add(ReviewRecord(alert_id=event.id, stream=event.stream, start=event.start, wallclock=event.wallclock,
+                                    probability=ev.get("prob"), threshold=self.threshold(), model_version=details.get("model"),
+                                    box=box), ev["plane"], ev.get("map"))
+            details["review"] = True
+        self._evidence = None
+        return replace(event, details=details)

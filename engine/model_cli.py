@@ -1,0 +1,280 @@
+"""`framewatch train`, `eval`, `promote` and `label`: the corruption model's life cycle from the command line.
+
+The loop: alerts keep their picture in the review store -> operators give verdicts (`label`) -> `train
+--include-feedback` fine-tunes a candidate from the current weights -> `eval --against` compares it with the
+current model on held-out data -> `promote` installs it only when it is not worse, and running engines pick it
+up by themselves (they watch the weights file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
+
+CANDIDATE = Path("framewatch-out/models/candidate.pt")
+REVIEW = Path("framewatch-out/review")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"framewatch: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _shipped() -> Path:
+    from models.weights import SHIPPED
+
+    return SHIPPED
+
+
+def _train_config(path: Path | None, overrides: dict[str, Any]):
+    from models.train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise _fail(f"{path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise _fail(f"{path}: a training config is a mapping of TrainConfig fields")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise _fail(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "crop" in values:
+        values["crop"] = tuple(values["crop"])
+    try:
+        return TrainConfig(**values)
+    except TypeError as exc:
+        raise _fail(f"training config: {exc}") from None
+
+
+def _recipe(path: Path | None):
+    """A data recipe file (JSON or YAML of models.data.generate.Recipe fields), or None for the default recipe."""
+    if path is None:
+        return None
+    from models.data.generate import Recipe
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        return Recipe.from_json(data.get("recipe", data))
+    except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise _fail(f"{path}: not a data recipe: {str(exc).splitlines()[0]}") from None
+
+
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", help="data recipe file (JSON/YAML; default: the built-in recipe)")]
+DataRootOpt = Annotated[Path | None, typer.Option("--data-root", help="where generated data sets live (default ~/.cache/framewatch/corruption)")]
+
+
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="YAML of TrainConfig fields (epochs, batch, lr, ...)")] = None,
+    include_feedback: Annotated[bool, typer.Option("--include-feedback", help="fine-tune the current model on the review store's verdicts plus the generated data")] = False,
+    review: Annotated[Path, typer.Option(help="review store with operators' verdicts")] = REVIEW,
+    init: Annotated[Path | None, typer.Option(help="weights to start from (default with --include-feedback: the shipped model)")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the new weights")] = CANDIDATE,
+    epochs: Annotated[int | None, typer.Option(min=1, help="passes over the training data")] = None,
+    minutes: Annotated[float | None, typer.Option(min=0.1, help="wall-clock cap")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda[:N]")] = None,
+    recipe: RecipeOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Train the corruption CNN (on a GPU when there is one). Builds the data set on first use."""
+    from models.train import train_and_save
+    from models.weights import WeightsError
+
+    r = _recipe(recipe)
+    overrides: dict[str, Any] = {"epochs": epochs, "minutes": minutes, "device": device, "output": str(output),
+                                 "recipe": r.to_json() if r is not None else None,
+                                 "data_root": str(data_root) if data_root else None}
+    if include_feedback:
+        from engine.review import ReviewStore
+
+        n = len([r for r in ReviewStore(review).records() if r.verdict is not None])
+        if n == 0:
+            raise _fail(f"no labelled alerts in the review store {review}; give verdicts with `framewatch label` first")
+        overrides["feedback"] = str(review)
+        overrides["init"] = str(init or _shipped())
+        overrides.setdefault("epochs", None)
+    elif init is not None:
+        overrides["init"] = str(init)
+    cfg = _train_config(config, overrides)
+    if include_feedback and epochs is None and config is None:
+        # Fine-tuning: a few passes at a lower rate, so the verdicts adjust the model without it forgetting.
+        cfg.epochs, cfg.lr = 4, cfg.lr / 4
+    try:
+        res = train_and_save(cfg, progress=lambda s: err.print(f"train: {s}", markup=False))
+    except WeightsError as exc:
+        raise _fail(str(exc)) from None
+    except FileNotFoundError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"wrote {res.path} (version {res.meta.version}, threshold {res.meta.threshold:.3f}, "
+              f"validation F1 {res.meta.metrics.get('val_f1', float('nan')):.4f})", markup=False)
+
+
+def _root(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
+
+
+def _eval_table(title: str, reports: list[tuple[str, dict]]) -> Table:
+    t = Table(title=title)
+    t.add_column("model")
+    for c in ("precision", "recall", "F1", "AP", "packet-loss F1", "clean real clips: false frames"):
+        t.add_column(c, justify="right")
+    for name, r in reports:
+        o = r["overall"]
+        t.add_row(name, f"{o['precision']:.4f}", f"{o['recall']:.4f}", f"{o['f1']:.4f}", f"{o['average_precision']:.4f}",
+                  f"{r['packet_loss']['f1']:.4f}", f"{r['clean_real_clips']['false_alarm_frames']}/{r['clean_real_clips']['frames']}")
+    return t
+
+
+def evaluate(
+    weights: Annotated[Path | None, typer.Argument(help="weights file (default: the shipped model)")] = None,
+    against: Annotated[Path | None, typer.Option(help="compare with this (current) model on the same frames")] = None,
+    split: Annotated[str, typer.Option(help="test (held out), val or train")] = "test",
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for eval.json / compare.json and the PR curve PNG")] = Path("framewatch-out/eval"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report on stdout")] = False,
+    record: Annotated[bool, typer.Option("--record", help="store the results in the weights file's metadata")] = False,
+    recipe: RecipeOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Precision, recall, F1, PR curve (PNG), per damage kind, per source and per codec, as JSON."""
+    from models import evaluate as ev
+    from models.weights import WeightsError
+
+    weights = weights or _shipped()
+    try:
+        if against is not None:
+            res = ev.compare(weights, against, split, out_dir, _recipe(recipe), _root(data_root), device=device)
+            rows = [(f"candidate {res['candidate']['version']}", res["candidate"]), (f"current {res['current']['version']}", res["current"])]
+        else:
+            res = ev.evaluate(weights, split, out_dir, _recipe(recipe), _root(data_root), device=device)
+            rows = [(res["model"]["version"], res)]
+            if record:
+                from models.weights import record_metrics
+
+                record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "overall",
+                                                                     "packet_loss", "per_kind", "per_source", "clean_real_clips")})
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+        return
+    out.print(_eval_table(f"corruption model on the {split} split", rows))
+    per = rows[0][1]["per_kind"]
+    t = Table(title="per damage kind (first model)")
+    for c in ("kind", "precision", "recall", "F1", "false frames"):
+        t.add_column(c)
+    for kind, r in per.items():
+        t.add_row(kind, *(f"{r[k]:.4f}" if k in r else "-" for k in ("precision", "recall", "f1")), str(r.get("fp", r.get("false_alarm_frames", "-"))))
+    out.print(t)
+    if against is not None:
+        verdict = "not worse: may be promoted" if res["better_or_equal"] else "worse: " + "; ".join(res["reasons"])
+        out.print(f"candidate is {verdict}")
+    out.print(f"report: {out_dir}  PR curve: {res.get('pr_curve_png')}")
+
+
+def promote(
+    candidate: Annotated[Path, typer.Argument(help="candidate weights (from `framewatch train`)")] = CANDIDATE,
+    current: Annotated[Path | None, typer.Option(help="the weights file engines use (default: the shipped model)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="install even when the candidate is worse")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    recipe: RecipeOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Install a candidate model where engines load it from, only if it is not worse than the current one on the
+    held-out data. Running engines reload it within seconds."""
+    from models import evaluate as ev
+    from models.weights import WeightsError, load
+
+    current = current or _shipped()
+    try:
+        load(candidate)
+        res = (ev.compare(candidate, current, "test", Path("framewatch-out/eval"), _recipe(recipe), _root(data_root), device=device)
+               if current.is_file() else None)
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    if res is not None and not res["better_or_equal"] and not force:
+        raise _fail("refused: the candidate is worse than the current model (" + "; ".join(res["reasons"]) + ")", code=1)
+    if current.is_file():
+        backup = current.with_name(current.stem + ".previous" + current.suffix)
+        shutil.copy2(current, backup)
+    tmp = current.with_suffix(current.suffix + ".tmp")
+    shutil.copy2(candidate, tmp)
+    tmp.replace(current)  # atomic: an engine re-reading the file never sees half of it
+    if candidate.with_suffix(".json").is_file():
+        shutil.copy2(candidate.with_suffix(".json"), current.with_suffix(".json"))
+    f1 = f" (F1 {res['candidate']['overall']['f1']:.4f} vs {res['current']['overall']['f1']:.4f})" if res else ""
+    err.print(f"promoted {candidate} -> {current}{f1}", markup=False)
+
+
+def label(
+    alert_ids: Annotated[list[str] | None, typer.Argument(help="corruption alert ids (from the event's id)")] = None,
+    true: Annotated[bool, typer.Option("--true", help="the alert was right: the picture is corrupt")] = False,
+    false: Annotated[bool, typer.Option("--false", help="the alert was wrong: the picture is fine")] = False,
+    from_file: Annotated[Path | None, typer.Option("--file", help="bulk: CSV lines 'alert_id,true|false'")] = None,
+    review: Annotated[Path, typer.Option(help="review store folder")] = REVIEW,
+    list_: Annotated[bool, typer.Option("--list", help="list the stored alerts and their verdicts")] = False,
+) -> None:
+    """Record operators' verdicts on corruption alerts (one, several, or a CSV file), or list the store."""
+    from engine.review import ReviewError, ReviewStore
+
+    store = ReviewStore(review)
+    if list_:
+        t = Table(title=f"review store {review}")
+        for c in ("alert", "stream", "start s", "probability", "model", "verdict"):
+            t.add_column(c)
+        for r in store.records():
+            t.add_row(r.alert_id, r.stream, f"{r.start:.2f}", "-" if r.probability is None else f"{r.probability:.3f}",
+                      r.model_version or "-", "-" if r.verdict is None else str(r.verdict).lower())
+        out.print(t)
+        return
+    pairs: list[tuple[str, bool]] = []
+    if from_file is not None:
+        try:
+            with from_file.open() as fh:
+                for n, row in enumerate(csv.reader(fh), 1):
+                    if not row or row[0].startswith("#"):
+                        continue
+                    if len(row) != 2 or row[1].strip().lower() not in ("true", "false"):
+                        raise _fail(f"{from_file}:{n}: expected 'alert_id,true|false'")
+                    pairs.append((row[0].strip(), row[1].strip().lower() == "true"))
+        except OSError as exc:
+            raise _fail(f"{from_file}: {exc}") from None
+    if alert_ids:
+        if true == false:
+            raise _fail("give exactly one of --true or --false")
+        pairs.extend((a, true) for a in alert_ids)
+    if not pairs:
+        raise _fail("nothing to label: give alert ids with --true/--false, or --file")
+    failed = 0
+    for alert_id, verdict in pairs:
+        try:
+            store.label(alert_id, verdict)
+            err.print(f"{alert_id}: {'true' if verdict else 'false'}", markup=False)
+        except ReviewError as exc:
+            err.print(f"framewatch: error: {exc}", markup=False)
+            failed += 1
+    if failed:
+        raise typer.Exit(2)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command("eval")(evaluate)
+    app.command()(promote)
+    app.command()(label)

@@ -1,0 +1,109 @@
+"""Encode clean frames into MPEG-TS, and decode a (possibly damaged) MPEG-TS the way a viewer's player does:
+FFmpeg's decoder with its default error concealment. PyAV does both."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    codec: str  # "h264" | "hevc"
+    bitrate: int  # bits/s
+    gop: int  # frames between key frames
+    slices: int = 4  # broadcast encoders cut pictures into slices so one loss does not take the whole picture
+    bframes: int = 2
+
+
+_ENCODERS = {"h264": "libx264", "hevc": "libx265"}
+
+
+def encode_ts(frames: list[np.ndarray], fps: int, spec: EncodeSpec) -> bytes:
+    buf = io.BytesIO()
+    h, w = frames[0].shape[:2]
+    with av.open(buf, "w", format="mpegts") as out:
+        st = out.add_stream(_ENCODERS[spec.codec], rate=fps)
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.bit_rate = spec.bitrate
+        st.codec_context.gop_size = spec.gop
+        # One thread: x264's and x265's threaded rate control depends on timing, and the data set must be the
+        # same bytes for the same recipe. (The builder runs clips in parallel processes instead.)
+        st.codec_context.thread_count = 1
+        if spec.codec == "h264":
+            st.options = {"preset": "veryfast", "bf": str(spec.bframes),
+                          "x264-params": f"threads=1:lookahead-threads=1:scenecut=0:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:vbv-maxrate={spec.bitrate // 1000}:vbv-bufsize={spec.bitrate // 1000}"}
+        else:
+            st.options = {"preset": "ultrafast", "x265-params": (
+                f"log-level=error:pools=1:frame-threads=1:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:bframes={spec.bframes}:scenecut=0:"
+                f"vbv-maxrate={spec.bitrate // 1000}:vbv-bufsize={spec.bitrate // 1000}:repeat-headers=1")}
+        for i, rgb in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            f.pts = i
+            f.time_base = Fraction(1, fps)
+            for p in st.encode(f):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    return buf.getvalue()
+
+
+def video_pid(data: bytes) -> int:
+    with av.open(io.BytesIO(data), format="mpegts") as c:
+        return int(c.streams.video[0].id)
+
+
+def remux_packets(data: bytes, mutate) -> bytes:
+    """The same TS with each video packet's payload passed through `mutate(bytes, is_key) -> bytes`."""
+    out_buf = io.BytesIO()
+    with av.open(io.BytesIO(data), format="mpegts") as src, av.open(out_buf, "w", format="mpegts") as out:
+        ins = src.streams.video[0]
+        ost = out.add_stream_from_template(ins)
+        for p in src.demux(ins):
+            if p.size == 0:
+                continue
+            q = av.Packet(mutate(bytes(p), bool(p.is_keyframe)))
+            q.pts, q.dts, q.time_base = p.pts, p.dts, p.time_base
+            q.is_keyframe = p.is_keyframe
+            q.stream = ost
+            out.mux(q)
+    return out_buf.getvalue()
+
+
+def decode_luma(data: bytes) -> tuple[dict[int, np.ndarray], int]:
+    """Luma planes of every picture the decoder gives, by pts (90 kHz ticks), and the number of decode errors
+    it reported. Damaged input is never an exception here: FFmpeg conceals what it can and goes on."""
+    frames: dict[int, np.ndarray] = {}
+    errors = 0
+    try:
+        c = av.open(io.BytesIO(data), format="mpegts")
+    except av.error.FFmpegError:
+        return frames, 1
+    with c:
+        st = c.streams.video[0]
+        st.codec_context.thread_type = "SLICE"  # frame threads change concealment between runs; slices do not
+        packets = c.demux(st)
+        while True:
+            try:
+                p = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError:
+                errors += 1
+                continue
+            try:
+                for f in st.codec_context.decode(p if p.size else None):
+                    if f.pts is not None:
+                        y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
+                            np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
+                        frames[int(f.pts)] = y
+            except av.error.FFmpegError:
+                errors += 1
+    return frames, errors

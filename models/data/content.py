@@ -1,0 +1,176 @@
+"""Clean source clips: generated moving content with natural texture, and the real Debian sample clips.
+
+Generated content is what makes the data set large and seeded; the real clips are what keeps the model honest
+on pictures nobody here drew. Both come out as lists of (H, W, 3) uint8 RGB frames at an even size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def samples_dir() -> Path:
+    home = os.environ.get("HOME", "/tmp")
+    return Path(os.environ.get("FRAMEWATCH_SAMPLES", f"{home}/.cache/framewatch/samples"))
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One clean clip. `kind` is "generated" (seeded synthetic content) or "sample" (a file in the samples
+    cache, named by `name`). `split` is train / val / test: data are split by source clip, never by frame."""
+
+    name: str
+    kind: str
+    split: str
+    seed: int = 0
+    width: int = 1280
+    height: int = 720
+    seconds: float = 8.0
+    fps: int = 25
+
+
+def _fractal(gen: torch.Generator, h: int, w: int, octaves: int = 6, beta: float = 1.0) -> torch.Tensor:
+    """1/f-like noise: random grids at doubling sizes, bicubically upsampled and summed with falling weights.
+    Natural pictures have about this spectrum, so the encoder spends its bits the way it does on real video."""
+    out = torch.zeros(1, 1, h, w)
+    for o in range(octaves):
+        gh, gw = max(2, h >> (octaves - o)), max(2, w >> (octaves - o))
+        g = torch.randn(1, 1, gh, gw, generator=gen)
+        out += F.interpolate(g, size=(h, w), mode="bicubic", align_corners=False) * (0.5 ** (o * beta))
+    out -= out.mean()
+    return out[0, 0] / (out.std() + 1e-6)
+
+
+def _canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """A large RGB picture (3, h, w) in 0..1: textured background, soft colour regions, hard-edged shapes
+    with their own texture, and fine stripes (the kind of detail blocking breaks visibly)."""
+    base = _fractal(gen, h, w)
+    hue = torch.stack([_fractal(gen, h, w, octaves=4, beta=1.4) for _ in range(3)])
+    img = 0.5 + 0.16 * base + 0.10 * hue
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    for _ in range(int(torch.randint(12, 24, (1,), generator=gen))):
+        cy, cx = float(torch.rand(1, generator=gen)) * h, float(torch.rand(1, generator=gen)) * w
+        ry, rx = (8 + float(torch.rand(1, generator=gen)) * h * 0.12), (8 + float(torch.rand(1, generator=gen)) * w * 0.12)
+        colour = torch.rand(3, 1, 1, generator=gen)
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1.0
+        else:
+            mask = ((yy - cy).abs() <= ry) & ((xx - cx).abs() <= rx)
+        tex = 0.08 * _fractal(gen, h, w, octaves=5, beta=0.7)
+        img = torch.where(mask, colour + tex, img)
+    period = 3 + float(torch.rand(1, generator=gen)) * 6
+    band = (yy > h * 0.8) & (yy < h * 0.85)
+    stripes = 0.5 + 0.35 * torch.sin(xx * (2 * math.pi / period))
+    img = torch.where(band, stripes, img)
+    return img.clamp(0, 1)
+
+
+def _man_made(gen: torch.Generator, img: torch.Tensor) -> torch.Tensor:
+    """Sharp structure drawn at full resolution on an RGB (3, h, w) picture."""
+    h, w = img.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    # Regular man-made structure (facades, tiles, text, fences): grids of every period and phase, so that a
+    # grid is not evidence of corruption by itself. Real corruption follows the codec's grid; these do not
+    # have to, but some do by chance, as in real pictures.
+    for _ in range(int(torch.randint(4, 11, (1,), generator=gen))):
+        y0, x0 = int(torch.randint(0, max(1, h - 16), (1,), generator=gen)), int(torch.randint(0, max(1, w - 16), (1,), generator=gen))
+        gh = int(torch.randint(16, max(17, h // 2), (1,), generator=gen))
+        gw = int(torch.randint(16, max(17, w // 3), (1,), generator=gen))
+        py, px = (int(torch.randint(3, 26, (1,), generator=gen)) for _ in range(2))
+        fy, fx = (0.3 + 0.5 * float(torch.rand(1, generator=gen)) for _ in range(2))
+        region = (yy >= y0) & (yy < y0 + gh) & (xx >= x0) & (xx < x0 + gw)
+        cells = (((yy - y0) % py) < fy * py) & (((xx - x0) % px) < fx * px)
+        lit = torch.rand(h // 10 + 1, w // 10 + 1, generator=gen)
+        lit = F.interpolate(lit[None, None], size=(h, w), mode="nearest")[0, 0] > 0.4
+        dark, light = float(torch.rand(1, generator=gen)) * 0.4, 0.5 + float(torch.rand(1, generator=gen)) * 0.5
+        pattern = torch.where(cells & lit, torch.tensor(light), torch.tensor(dark)) + 0.05 * _fractal(gen, h, w, octaves=4)
+        img = torch.where(region, pattern, img)
+    # Text-like rows: small dark glyph boxes on a light band (captions, tickers, credits).
+    for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+        y0 = int(torch.randint(0, max(1, h - 12), (1,), generator=gen))
+        size = int(torch.randint(5, 14, (1,), generator=gen))
+        rowmask = (yy >= y0) & (yy < y0 + size + 4)
+        glyphs = torch.rand(1, w // size + 1, generator=gen) > 0.35
+        g = F.interpolate(glyphs[None, None].float(), size=(1, w), mode="nearest")[0, 0, 0].bool()
+        inner = (((xx.long() % size) < size * 0.7) & ((yy - y0 - 2) >= 0) & ((yy - y0 - 2) < size)) & g
+        img = torch.where(rowmask, torch.where(inner, torch.tensor(0.1), torch.tensor(0.9)), img)
+    return img.clamp(0, 1)
+
+
+def generated_frames(spec: SourceSpec) -> list[np.ndarray]:
+    """A camera panning and zooming slowly over a textured canvas, with a few sprites moving across it and an
+    occasional cut to another part of the canvas: motion of every kind an encoder predicts."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    h, w = spec.height, spec.width
+    ch, cw = int(h * 1.8) // 2 * 2, int(w * 1.8) // 2 * 2
+    # Build the canvas at a third of its size, then upsample: fractal noise at full size is slow on 2 cores.
+    canvas = F.interpolate(_canvas(gen, ch // 3, cw // 3)[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+    canvas = (canvas + 0.05 * _fractal(gen, ch, cw, octaves=7, beta=0.5)).clamp(0, 1)
+    canvas = _man_made(gen, canvas)
+    sprites = []
+    for _ in range(3):
+        sh, sw = int(h * (0.1 + 0.15 * float(torch.rand(1, generator=gen)))), int(w * (0.08 + 0.12 * float(torch.rand(1, generator=gen))))
+        tex = _canvas(gen, sh, sw)
+        v = (torch.rand(2, generator=gen) - 0.5) * torch.tensor([h, w]) * 0.02
+        p = torch.rand(2, generator=gen) * torch.tensor([h - sh, w - sw])
+        sprites.append((tex, p, v))
+    n = int(round(spec.seconds * spec.fps))
+    vel = (torch.rand(2, generator=gen) - 0.5) * 6.0
+    pos = torch.tensor([(ch - h) / 2, (cw - w) / 2])
+    cut_every = int(spec.fps * (2.5 + 2 * float(torch.rand(1, generator=gen))))
+    frames = []
+    for i in range(n):
+        if i and i % cut_every == 0:
+            pos = torch.rand(2, generator=gen) * torch.tensor([ch - h, cw - w])
+            vel = (torch.rand(2, generator=gen) - 0.5) * 6.0
+        pos = pos + vel
+        for d, lim in ((0, ch - h), (1, cw - w)):
+            if not 0 <= pos[d] <= lim:
+                vel[d] = -vel[d]
+                pos[d] = pos[d].clamp(0, lim - 1e-3)  # the bilinear pan reads one row/column beyond
+        # Sub-pixel pan through bilinear sampling of the crop, as a real camera gives.
+        y0, x0 = float(pos[0]), float(pos[1])
+        iy, ix = int(y0), int(x0)
+        fy, fx = y0 - iy, x0 - ix
+        crop = canvas[:, iy:iy + h + 1, ix:ix + w + 1]
+        frame = ((1 - fy) * (1 - fx) * crop[:, :h, :w] + (1 - fy) * fx * crop[:, :h, 1:w + 1]
+                 + fy * (1 - fx) * crop[:, 1:h + 1, :w] + fy * fx * crop[:, 1:h + 1, 1:w + 1])
+        frame = frame.clone()
+        for tex, p, v in sprites:
+            q = p + v * i
+            sh, sw = tex.shape[-2:]
+            qy = int(abs(((float(q[0]) % (2 * (h - sh))) + 2 * (h - sh)) % (2 * (h - sh)) - (h - sh)))
+            qx = int(abs(((float(q[1]) % (2 * (w - sw))) + 2 * (w - sw)) % (2 * (w - sw)) - (w - sw)))
+            frame[:, qy:qy + sh, qx:qx + sw] = tex
+        frames.append((frame.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    return frames
+
+
+def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
+    """Decoded frames of a real sample clip (cropped to even size), at most `seconds` long."""
+    import av
+
+    path = samples_dir() / spec.name
+    if not path.is_file():
+        raise FileNotFoundError(f"sample clip {path} not found: run tests/fetch_samples.sh (make samples) first")
+    frames = []
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        limit = int(spec.seconds * float(s.average_rate or spec.fps))
+        for f in c.decode(s):
+            rgb = f.to_ndarray(format="rgb24")
+            frames.append(rgb[: rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16])
+            if len(frames) >= limit:
+                break
+    return frames
+
+
+def source_frames(spec: SourceSpec) -> list[np.ndarray]:
+    return generated_frames(spec) if spec.kind == "generated" else sample_frames(spec)

@@ -1,0 +1,338 @@
+"""The corruption data set: clean clips -> MPEG-TS (H.264, HEVC) -> network damage -> FFmpeg's concealed decode,
+labelled frame by frame and block by block against the clean decode.
+
+Everything is decided by a `Recipe` (seeded, hashed, written beside the data), so the same recipe gives the same
+bytes on any machine with the same FFmpeg build, and a model's metadata names the data it saw by hash.
+
+Labels. A 16x16 block is *damaged* when its mean absolute luma difference from the clean decode is at least
+`block_mad` levels and *visibly* so when, in addition, one of its edges on the macroblock grid got at least
+`seam` levels sharper than in the clean picture (concealment shows where the concealed region meets the rest;
+stale but seamless content inside it cannot be seen in a still picture and is ignored). A block is *intact*
+below `intact_mad`. A frame is *corrupt* when at least `frame_blocks` of its blocks (a fraction, with a floor
+of 3) are visibly damaged, *clean* when no block reaches `intact_mad`, and *ambiguous* otherwise (drift or
+damage a viewer would not see in the picture: kept out of training and scoring).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels.corruption import analysis_plane
+from models.data.codec import EncodeSpec, decode_luma, encode_ts, remux_packets, video_pid
+from models.data.content import SourceSpec, source_frames
+from models.data.damage import DamageSpec, damage, drop_slices
+
+log = logging.getLogger(__name__)
+
+CORRUPT, CLEAN, AMBIGUOUS = 1, 0, -1
+IGNORE = 255  # block label: neither damaged nor intact
+
+
+def default_sources() -> tuple[SourceSpec, ...]:
+    g = [SourceSpec(f"gen{i}", "generated", "train", seed=100 + i, seconds=5.0) for i in range(7)]
+    return (
+        *g,
+        SourceSpec("vtest.avi", "sample", "train", seconds=30.0, fps=10),
+        SourceSpec("box.mp4", "sample", "train", seconds=8.0, fps=30),
+        SourceSpec("tree.avi", "sample", "train", seconds=15.0, fps=15),
+        SourceSpec("gen7", "generated", "val", seed=107, seconds=5.0),
+        SourceSpec("cup.mp4", "sample", "val", seconds=8.0, fps=27),
+        SourceSpec("gen8", "generated", "test", seed=108, seconds=5.0, width=1920, height=1080),
+        SourceSpec("gen9", "generated", "test", seed=109, seconds=6.0),
+        SourceSpec("Megamind.avi", "sample", "test", seconds=9.0, fps=24),
+        SourceSpec("cityCC0.mpg", "sample", "test", seconds=8.0, fps=25),
+    )
+
+
+def default_damages() -> tuple[DamageSpec, ...]:
+    return (
+        DamageSpec("burst", 0.4, (5, 40)),
+        DamageSpec("random", 4e-4),
+        DamageSpec("garble", 0.4, (1, 6)),
+        DamageSpec("bitflip", 4e-7),
+        DamageSpec("slice", 0.5),
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the data set. bpp: bits per pixel per frame for each codec (0.13 for H.264 and
+    0.09 for HEVC are ordinary broadcast rates: 3 and 2 Mbit/s at 720p25). gop_seconds alternates between the
+    listed values by source. per_decode: most corrupt / clean frames kept from one damaged decode."""
+
+    seed: int = 2026
+    format: int = 2  # data format (2: shards carry the previous picture's plane)
+    sources: tuple[SourceSpec, ...] = field(default_factory=default_sources)
+    codecs: tuple[str, ...] = ("h264", "hevc")
+    bpp: tuple[tuple[str, float], ...] = (("h264", 0.13), ("hevc", 0.09))
+    gop_seconds: tuple[float, ...] = (2.0, 1.0)
+    damages: tuple[DamageSpec, ...] = field(default_factory=default_damages)
+    block_mad: float = 10.0
+    seam: float = 12.0  # a damaged block counts as visibly damaged when one of its grid edges got this much sharper
+    intact_mad: float = 1.0
+    frame_blocks: float = 0.003
+    per_decode: tuple[int, int] = (36, 16)
+    clean_per_codec: int = 30
+    synthetic_share: float = 0.1  # synthetic block artifacts, train split only, as a share of corrupt frames
+    native_splits: tuple[str, ...] = ("val", "test")  # splits that also keep native luma (for peers that read it)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @staticmethod
+    def from_json(d: dict) -> Recipe:
+        d = dict(d)
+        d["sources"] = tuple(SourceSpec(**s) for s in d["sources"])
+        d["damages"] = tuple(DamageSpec(**{**s, "size": tuple(s["size"])}) for s in d["damages"])
+        d["bpp"] = tuple(tuple(x) for x in d["bpp"])
+        for k in ("codecs", "gop_seconds", "per_decode", "native_splits"):
+            d[k] = tuple(d[k])
+        return Recipe(**d)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_root() -> Path:
+    home = os.environ.get("HOME", "/tmp")
+    return Path(os.environ.get("FRAMEWATCH_DATA", f"{home}/.cache/framewatch/corruption"))
+
+
+def block_mad(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute luma difference per whole 16x16 block."""
+    h, w = a.shape[0] // 16 * 16, a.shape[1] // 16 * 16
+    d = np.abs(a[:h, :w].astype(np.int16) - b[:h, :w].astype(np.int16)).astype(np.float32)
+    return d.reshape(h // 16, 16, w // 16, 16).mean(axis=(1, 3))
+
+
+def block_seam(damaged: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Per whole 16x16 block, how much sharper its sharpest edge on the macroblock grid is in the damaged picture
+    than in the clean one (mean absolute step across the edge, in luma levels; picture borders count 0). A
+    concealed region shows where it meets the rest of the picture: that seam is what a viewer sees."""
+    h, w = damaged.shape[0] // 16 * 16, damaged.shape[1] // 16 * 16
+    bh, bw = h // 16, w // 16
+    out = np.zeros((bh, bw), np.float32)
+    steps = []
+    for img in (damaged, clean):
+        y = img[:h, :w].astype(np.int16)
+        v = np.abs(y[:, 16::16] - y[:, 15:-1:16]).astype(np.float32).reshape(bh, 16, bw - 1).mean(1)  # (bh, bw-1)
+        hz = np.abs(y[16::16, :] - y[15:-1:16, :]).astype(np.float32).reshape(bh - 1, bw, 16).mean(2)  # (bh-1, bw)
+        steps.append((v, hz))
+    dv = steps[0][0] - steps[1][0]
+    dh = steps[0][1] - steps[1][1]
+    out[:, 1:] = np.maximum(out[:, 1:], dv)  # left edges
+    out[:, :-1] = np.maximum(out[:, :-1], dv)  # right edges
+    out[1:, :] = np.maximum(out[1:, :], dh)  # top edges
+    out[:-1, :] = np.maximum(out[:-1, :], dh)  # bottom edges
+    return out
+
+
+def label(mad: np.ndarray, r: Recipe, seam: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """(frame label, uint8 block labels 1 damaged / 0 intact / IGNORE) from a block MAD map and, when the recipe
+    asks for visible damage (`seam` > 0), the block seam map: a damaged block whose edges did not get sharper
+    is wrong but not visibly so in the still picture (stale content inside a concealed region) and is ignored."""
+    damaged = mad >= r.block_mad
+    if r.seam > 0 and seam is not None:
+        visible = damaged & (seam >= r.seam)
+    else:
+        visible = damaged
+    blocks = np.where(visible, 1, np.where(mad < r.intact_mad, 0, IGNORE)).astype(np.uint8)
+    if visible.sum() >= max(3, int(np.ceil(r.frame_blocks * mad.size))):
+        return CORRUPT, blocks
+    if mad.max() < r.intact_mad:
+        return CLEAN, blocks
+    return AMBIGUOUS, blocks
+
+
+@dataclass
+class Shard:
+    """Frames of one decode: analysis planes (N, H/2, W/2) uint8, block labels (N, H/16, W/16) uint8, frame labels
+    (N,) int8, frame MAD of damaged blocks share (N,) float32, and where they came from."""
+
+    planes: np.ndarray
+    blocks: np.ndarray
+    labels: np.ndarray
+    damaged_share: np.ndarray
+    source: str
+    split: str
+    codec: str
+    kind: str  # damage kind, "clean" or "synthetic"
+    native: np.ndarray | None = None  # (N, H, W) uint8 native luma, for the splits in Recipe.native_splits
+    prev: np.ndarray | None = None  # (N, H/2, W/2) uint8 analysis plane of the picture shown before each one
+
+    def save(self, path: Path) -> None:
+        extra = {k: v for k, v in (("native", self.native), ("prev", self.prev)) if v is not None}
+        np.savez(path, planes=self.planes, blocks=self.blocks, labels=self.labels, damaged_share=self.damaged_share,
+                 meta=np.array(json.dumps({"source": self.source, "split": self.split, "codec": self.codec, "kind": self.kind})),
+                 **extra)
+
+    @staticmethod
+    def load(path: Path, native: bool = False) -> Shard:
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        nat = z["native"] if native and "native" in z.files else None
+        prev = z["prev"] if "prev" in z.files else None
+        return Shard(z["planes"], z["blocks"], z["labels"], z["damaged_share"], **meta, native=nat, prev=prev)
+
+
+def _rng(r: Recipe, *parts: object) -> np.random.Generator:
+    key = hashlib.sha256(json.dumps([r.seed, *map(str, parts)]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(key[:8], "little"))
+
+
+def _pick(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if len(idx) <= n:
+        return idx
+    return np.sort(rng.choice(idx, size=n, replace=False))
+
+
+def _shard(frames: list[tuple[np.ndarray, int, np.ndarray, float, np.ndarray]], src: SourceSpec, codec: str, kind: str,
+           native: bool = False) -> Shard:
+    return Shard(
+        prev=np.stack([analysis_plane(f[4]).numpy() for f in frames]),
+        native=np.stack([f[0] for f in frames]) if native else None,
+        planes=np.stack([analysis_plane(f[0]).numpy() for f in frames]),
+        blocks=np.stack([f[2] for f in frames]),
+        labels=np.array([f[1] for f in frames], dtype=np.int8),
+        damaged_share=np.array([f[3] for f in frames], dtype=np.float32),
+        source=src.name, split=src.split, codec=codec, kind=kind,
+    )
+
+
+def synthetic(clean: np.ndarray, rng: np.random.Generator, r: Recipe) -> tuple[np.ndarray, int, np.ndarray, float]:
+    """A clean picture with one block-aligned artefact: pixelated blocks, blocks copied from elsewhere, or a
+    flat grey/green rectangle (a decoder with no reference at all)."""
+    h, w = clean.shape[0] // 16, clean.shape[1] // 16
+    out = clean.copy()
+    bh, bw = int(rng.integers(2, max(3, h // 3))), int(rng.integers(2, max(3, w // 2)))
+    y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    ys, xs = slice(y * 16, (y + bh) * 16), slice(x * 16, (x + bw) * 16)
+    mode = int(rng.integers(0, 3))
+    if mode == 0:
+        patch = out[ys, xs].astype(np.float32).reshape(bh, 16, bw, 16).mean(axis=(1, 3))
+        out[ys, xs] = np.repeat(np.repeat(patch, 16, 0), 16, 1).round().astype(np.uint8)
+    elif mode == 1:
+        sy, sx = int(rng.integers(0, clean.shape[0] - bh * 16 + 1)), int(rng.integers(0, clean.shape[1] - bw * 16 + 1))
+        out[ys, xs] = clean[sy:sy + bh * 16, sx:sx + bw * 16]
+    else:
+        out[ys, xs] = np.uint8(rng.choice([16, 128, 235]))
+    mad = block_mad(out, clean)
+    lab, blocks = label(mad, r, block_seam(out, clean))
+    return out, lab, blocks, float((mad >= r.block_mad).mean())
+
+
+def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
+    """Every shard of one source clip (all codecs, all damages). Deterministic for the recipe."""
+    frames = source_frames(src)
+    h, w = frames[0].shape[:2]
+    fps = src.fps
+    duration = len(frames) / fps
+    gop = int(round(r.gop_seconds[sum(map(ord, src.name)) % len(r.gop_seconds)] * fps))
+    written: list[Path] = []
+    nat = src.split in r.native_splits
+    for codec in r.codecs:
+        bitrate = int(w * h * fps * dict(r.bpp)[codec])
+        # x264 as bundled with PyAV is not bit-exact from run to run, so each clean stream is encoded once and
+        # kept beside the shards: everything after the encode (damage, decode, labels) is bit-exact for the
+        # recipe, and a rebuild from the kept streams reproduces the data set exactly.
+        stream_path = out_dir / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts"
+        if stream_path.is_file():
+            ts = stream_path.read_bytes()
+        else:
+            ts = encode_ts(frames, fps, EncodeSpec(codec, bitrate, gop))
+            stream_path.parent.mkdir(parents=True, exist_ok=True)
+            stream_path.with_suffix(".tmp").write_bytes(ts)
+            stream_path.with_suffix(".tmp").replace(stream_path)
+        clean, _ = decode_luma(ts)
+        keys = sorted(clean)
+        rng = _rng(r, src.name, codec, "clean")
+        zero = np.zeros((h // 16, w // 16), np.uint8)
+        picks = _pick(np.arange(len(keys)), r.clean_per_codec, rng)
+        shard = _shard([(clean[keys[i]], CLEAN, zero, 0.0, clean[keys[max(0, i - 1)]]) for i in picks], src, codec, "clean", nat)
+        written.append(_save(shard, out_dir, src, codec, "clean"))
+        pid = video_pid(ts)
+        n_corrupt = 0
+        for spec in r.damages:
+            rng = _rng(r, src.name, codec, spec.kind)
+            if spec.kind == "slice":
+                p_hit = min(1.0, spec.rate / fps)
+                protect = int(spec.protect * fps)
+                count = iter(range(10**9))
+
+                def mutate(payload: bytes, key: bool, rng=rng, p_hit=p_hit, protect=protect, count=count, codec=codec) -> bytes:
+                    if next(count) < protect or rng.random() >= p_hit:
+                        return payload
+                    return drop_slices(payload, rng, codec)
+
+                damaged = remux_packets(ts, mutate)
+            else:
+                damaged, _ = damage(ts, pid, spec, duration, rng)
+            dec, _ = decode_luma(damaged)
+            rows = []
+            order = sorted(dec)
+            before = {k: order[max(0, i - 1)] for i, k in enumerate(order)}  # the picture shown just before
+            for k in sorted(set(dec) & set(clean)):
+                mad = block_mad(dec[k], clean[k])
+                lab, blocks = label(mad, r, block_seam(dec[k], clean[k]))
+                rows.append((dec[k], lab, blocks, float((mad >= r.block_mad).mean()), dec[before[k]]))
+            labels = np.array([x[1] for x in rows])
+            keep = np.concatenate([_pick(np.flatnonzero(labels == CORRUPT), r.per_decode[0], rng),
+                                   _pick(np.flatnonzero(labels == CLEAN), r.per_decode[1], rng)])
+            n_corrupt += int((labels[keep] == CORRUPT).sum())
+            if len(keep):
+                written.append(_save(_shard([rows[i] for i in np.sort(keep)], src, codec, spec.kind, nat), out_dir, src, codec, spec.kind))
+        if src.split == "train" and r.synthetic_share > 0:
+            rng = _rng(r, src.name, codec, "synthetic")
+            n = int(round(r.synthetic_share * n_corrupt))
+            picks = _pick(np.arange(len(keys)), n, rng)
+            rows = [(*synthetic(clean[keys[i]], rng, r), clean[keys[max(0, i - 1)]]) for i in picks]
+            rows = [x for x in rows if x[1] == CORRUPT]
+            if rows:
+                written.append(_save(_shard(rows, src, codec, "synthetic"), out_dir, src, codec, "synthetic"))
+    return written
+
+
+def _save(shard: Shard, out_dir: Path, src: SourceSpec, codec: str, kind: str) -> Path:
+    path = out_dir / src.split / f"{src.name.replace('.', '_')}__{codec}__{kind}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shard.save(path)
+    return path
+
+
+def build(r: Recipe, root: Path | None = None, workers: int = 2, progress=None) -> Path:
+    """Builds the data set for a recipe (once: a finished build is reused) and returns its folder, which holds
+    recipe.json beside the shards."""
+    out = (root or data_root()) / r.hash
+    done = out / "recipe.json"
+    if done.is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(build_source, r, s, out) for s in r.sources]
+            for s, fut in zip(r.sources, futures, strict=True):
+                fut.result()
+                if progress:
+                    progress(s.name)
+    else:
+        for s in r.sources:
+            build_source(r, s, out)
+            if progress:
+                progress(s.name)
+    done.write_text(json.dumps({"hash": r.hash, "recipe": r.to_json()}, indent=1))
+    return out
+
+
+def load_split(folder: Path, split: str, native: bool = False) -> list[Shard]:
+    return [Shard.load(p, native) for p in sorted((folder / split).glob("*.npz"))]

@@ -1,0 +1,334 @@
+"""Training of the corruption CNN on the generated data set (and, for fine-tuning, on operators' verdicts).
+
+Training reads random crops (15 x 20 macroblocks) of the analysis planes: a crop of a damaged frame centred on
+damage half of the time, anywhere otherwise. Each crop teaches twice: every labelled macroblock (damaged or
+intact; drift in between is ignored) and the crop as a whole (corrupt when it holds three damaged blocks, the
+label rule's minimum; clean when every block is intact). Validation scores whole frames and picks the decision
+threshold with the best F1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data.generate import CLEAN, CORRUPT, IGNORE, Recipe, Shard, build, load_split
+from models.net import CorruptionNet, frame_logits
+from models.weights import SHIPPED, ModelMeta, load, save
+
+log = logging.getLogger(__name__)
+
+MODEL_VERSION = "1"
+
+
+@dataclass
+class TrainConfig:
+    """epochs: passes over the training frames (each a fresh random crop); minutes: a wall-clock cap (the
+    shipped model must train on a 2-core CPU in 15 minutes); init: weights to start from (fine-tuning);
+    feedback: a review store whose verdicts join the training data, each repeated `feedback_repeat` times."""
+
+    epochs: int = 14
+    batch: int = 24
+    lr: float = 4e-3
+    weight_decay: float = 1e-4
+    crop: tuple[int, int] = (120, 160)
+    width: int = 48
+    in_channels: int = 2  # 2: the picture and the one shown before it; 1: the picture alone
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+    minutes: float = 15.0
+    pos_weight: float = 2.0
+    init: str | None = None
+    feedback: str | None = None
+    feedback_repeat: int = 4
+    recipe: dict | None = None  # None: the default Recipe
+    data_root: str | None = None
+    output: str = str(SHIPPED)
+    version: str | None = None
+
+
+@dataclass
+class Item:
+    plane: torch.Tensor  # (2, H, W) uint8 analysis planes: the picture and the one shown before it
+    blocks: torch.Tensor  # (H/8, W/8) uint8 block labels (IGNORE where unknown)
+    label: int
+
+
+@dataclass
+class TrainResult:
+    model: CorruptionNet
+    meta: ModelMeta
+    history: list[dict] = field(default_factory=list)
+    path: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pair(plane: np.ndarray | torch.Tensor, prev: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """(2, H, W): the picture and the one before it (itself where there is none: a stream's first picture)."""
+    cur = torch.as_tensor(plane)
+    if cur.dim() == 3:
+        return cur
+    return torch.stack([cur, cur if prev is None else torch.as_tensor(prev)])
+
+
+def shard_inputs(shards: list[Shard]) -> list[torch.Tensor]:
+    return [pair(s.planes[i], None if s.prev is None else s.prev[i]) for s in shards for i in range(len(s.labels))]
+
+
+def items_from_shards(shards: list[Shard]) -> list[Item]:
+    inputs = shard_inputs(shards)
+    blocks = [torch.from_numpy(b) for s in shards for b in s.blocks]
+    labels = [int(x) for s in shards for x in s.labels]
+    return [Item(p, b, y) for p, b, y in zip(inputs, blocks, labels, strict=True)]
+
+
+def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    bh, bw = item.blocks.shape
+    h, w = item.plane.shape[-2:]
+    gh, gw = ch // 8, cw // 8
+    if h < ch or w < cw:  # smaller than a crop: pad with replicated edges, padding blocks ignored
+        plane = F.pad(item.plane[None].float(), (0, max(0, cw - w), 0, max(0, ch - h)), mode="replicate")[0].to(torch.uint8)
+        blocks = torch.full((max(bh, gh), max(bw, gw)), IGNORE, dtype=torch.uint8)
+        blocks[:bh, :bw] = item.blocks
+        item = Item(plane, blocks, item.label)
+        bh, bw = blocks.shape
+    damaged = torch.nonzero(item.blocks == 1)
+    if len(damaged) and rng.random() < 0.5:
+        cy, cx = damaged[int(rng.integers(len(damaged)))].tolist()
+        by = int(np.clip(cy - gh // 2 + rng.integers(-gh // 4, gh // 4 + 1), 0, bh - gh))
+        bx = int(np.clip(cx - gw // 2 + rng.integers(-gw // 4, gw // 4 + 1), 0, bw - gw))
+    else:
+        by, bx = int(rng.integers(0, bh - gh + 1)), int(rng.integers(0, bw - gw + 1))
+    plane = item.plane[:, by * 8: by * 8 + ch, bx * 8: bx * 8 + cw]
+    blocks = item.blocks[by: by + gh, bx: bx + gw]
+    if plane.shape[-2:] != (ch, cw):  # the last partial macroblock row/column of an odd-sized picture
+        plane = F.pad(plane[None].float(), (0, cw - plane.shape[-1], 0, ch - plane.shape[-2]), mode="replicate")[0].to(torch.uint8)
+    return _augment(plane, blocks, rng)
+
+
+def _augment(plane: torch.Tensor, blocks: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror images and other exposures are as likely as the originals. Crops are whole macroblocks, so a
+    mirrored crop keeps the codec grid where it was."""
+    if rng.random() < 0.5:
+        plane, blocks = plane.flip(-1), blocks.flip(-1)
+    if rng.random() < 0.3:
+        plane, blocks = plane.flip(-2), blocks.flip(-2)
+    if rng.random() < 0.5:
+        gain, offset = rng.uniform(0.75, 1.2), rng.uniform(-20, 20)
+        plane = (plane.float() * gain + offset).round_().clamp_(0, 255).to(torch.uint8)
+    if rng.random() < 0.1:
+        # No picture before (a stream's start, a sparse tier): the model must still judge from the picture.
+        plane = torch.stack([plane[0], plane[0]])
+    return plane.contiguous(), blocks.contiguous()
+
+
+def _crop_label(blocks: torch.Tensor, frame_label: int | None) -> float:
+    if frame_label is not None:  # an operator's verdict on the whole picture
+        return float(frame_label)
+    n = int((blocks == 1).sum())
+    if n >= 3:
+        return 1.0
+    if n == 0 and not bool((blocks == IGNORE).any()):
+        return 0.0
+    return math.nan
+
+
+def _loss(model: CorruptionNet, planes: torch.Tensor, blocks: torch.Tensor, frame_y: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    logits = model(planes[:, : model.in_channels])
+    logits = logits[:, : blocks.shape[1], : blocks.shape[2]]
+    known = blocks != IGNORE
+    pw = torch.tensor(pos_weight, device=logits.device)
+    loss = torch.zeros((), device=logits.device)
+    if known.any():
+        loss = loss + F.binary_cross_entropy_with_logits(logits[known], blocks[known].float(), pos_weight=pw)
+    ok = ~torch.isnan(frame_y)
+    if ok.any():
+        fl = frame_logits(logits, share=0.0)
+        loss = loss + F.binary_cross_entropy_with_logits(fl[ok], frame_y[ok], pos_weight=pw)
+    return loss
+
+
+@torch.inference_mode()
+def dataset_loss(model: CorruptionNet, items: list[Item], crop: tuple[int, int], seed: int = 0, pos_weight: float = 2.0) -> float:
+    """The training loss over one fixed set of crops (the same crops for the same seed): comparable before and
+    after training."""
+    rng = np.random.default_rng(seed)
+    was = model.training
+    model.eval()
+    crops = [_crop(it, crop[0], crop[1], rng) for it in items]
+    planes = torch.stack([c[0] for c in crops])
+    blocks = torch.stack([c[1] for c in crops])
+    fy = torch.tensor([_crop_label(c[1], None) for c in crops])
+    loss = float(_loss(model, planes, blocks, fy, pos_weight))
+    model.train(was)
+    return loss
+
+
+@torch.inference_mode()
+def frame_probabilities(model: CorruptionNet, planes: list[torch.Tensor] | np.ndarray, device: torch.device, batch: int = 16,
+                        share: float = 0.003) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Frame probabilities (N,) and block probability maps of whole analysis planes (grouped by size)."""
+    model.eval()
+    probs = np.zeros(len(planes), dtype=np.float32)
+    maps: list[np.ndarray] = [None] * len(planes)  # type: ignore[list-item]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(planes):
+        groups.setdefault(tuple(p.shape[-2:]), []).append(i)
+    for idx in groups.values():
+        for a in range(0, len(idx), batch):
+            sel = idx[a: a + batch]
+            x = torch.stack([pair(planes[i], None) for i in sel]).to(device)
+            logits = model(x[:, : model.in_channels]).float()
+            probs[sel] = torch.sigmoid(frame_logits(logits, share)).cpu().numpy()
+            m = torch.sigmoid(logits).cpu().numpy()
+            for j, i in enumerate(sel):
+                maps[i] = m[j]
+    return probs, maps
+
+
+def best_f1_threshold(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    order = np.argsort(-probs, kind="stable")
+    p, y = probs[order], labels[order] == CORRUPT
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    pos = max(1, int(y.sum()))
+    f1 = 2 * tp / (tp + fp + pos)
+    # Only where the next score differs is a threshold between them possible.
+    cut = np.flatnonzero(np.r_[p[1:] != p[:-1], True])
+    k = cut[int(np.argmax(f1[cut]))]
+    return float(p[k]), float(f1[k])
+
+
+def _feedback_items(store_path: str | None) -> list[tuple[Item, int]]:
+    if not store_path:
+        return []
+    from engine.review import ReviewStore
+
+    out = []
+    for rec in ReviewStore(store_path).labelled():
+        plane = pair(rec.plane, None)
+        gh, gw = math.ceil(plane.shape[-2] / 8), math.ceil(plane.shape[-1] / 8)
+        # A confirmed alert says *that* the picture is corrupt, not where: only the frame label is known. A false
+        # alarm says nothing in it is damaged.
+        blocks = torch.full((gh, gw), IGNORE if rec.verdict else 0, dtype=torch.uint8)
+        out.append((Item(plane, blocks, CORRUPT if rec.verdict else CLEAN), int(rec.verdict)))
+    return out
+
+
+def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
+    say = progress or (lambda s: log.info(s))
+    t_start = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    recipe = Recipe.from_json(cfg.recipe) if cfg.recipe else Recipe()
+    folder = build(recipe, Path(cfg.data_root) if cfg.data_root else None, progress=lambda s: say(f"data: {s} built"))
+    items = items_from_shards(load_split(folder, "train"))
+    feedback = _feedback_items(cfg.feedback)
+    # Verdicts are few and precious: each is seen several times per epoch, with its frame label kept whole.
+    train_set: list[tuple[Item, int | None]] = [(it, None) for it in items] + [fb for fb in feedback for _ in range(cfg.feedback_repeat)]
+    val = load_split(folder, "val")
+    val_planes = shard_inputs(val)
+    val_labels = np.concatenate([s.labels for s in val]) if val else np.zeros(0)
+    say(f"data {recipe.hash}: {len(items)} training frames ({sum(it.label == CORRUPT for it in items)} corrupt), "
+        f"{len(feedback)} operator verdicts, {len(val_labels)} validation frames; device {device}")
+
+    parent = None
+    if cfg.init:
+        model, pmeta = load(cfg.init, device)
+        parent = pmeta.version
+        width = pmeta.width
+    else:
+        model = CorruptionNet(width=cfg.width, in_channels=cfg.in_channels).to(device)
+        width = cfg.width
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15 if not cfg.init else 0.05)
+    history = []
+    ch, cw = cfg.crop
+    # The validation pass after training takes about a tenth of an epoch per 500 frames; keep room for it.
+    deadline = t_start + cfg.minutes * 60 - 30
+    stopped_early = False
+    epochs = cfg.epochs
+    epoch = 0
+    while epoch < epochs:
+        t_epoch = time.monotonic()
+        model.train()
+        order = rng.permutation(len(train_set))
+        total, n = 0.0, 0
+        for a in range(0, len(order), cfg.batch):
+            sel = order[a: a + cfg.batch]
+            crops = [_crop(train_set[i][0], ch, cw, rng) for i in sel]
+            planes = torch.stack([c[0] for c in crops]).to(device)
+            blocks = torch.stack([c[1] for c in crops]).to(device)
+            fy = torch.tensor([_crop_label(c[1], None if train_set[i][1] is None else train_set[i][0].label)
+                               for c, i in zip(crops, sel, strict=True)], device=device)
+            loss = _loss(model, planes, blocks, fy, cfg.pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(sel)
+            n += len(sel)
+        rec = {"epoch": epoch + 1, "loss": total / max(1, n), "seconds": round(time.monotonic() - t_start, 1)}
+        history.append(rec)
+        say(f"epoch {epoch + 1}/{epochs}: loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)")
+        epoch += 1
+        took = time.monotonic() - t_epoch
+        fit = epoch + int(max(0.0, deadline - time.monotonic()) // max(took, 1e-3))
+        if fit < epochs:
+            # The time cap will cut training short: end the learning-rate schedule where training will end (a
+            # cosine decay from here), instead of stopping at a high rate in the middle of the one-cycle schedule.
+            say(f"the {cfg.minutes:g}-minute cap allows {fit} of {epochs} epochs; annealing the learning rate to end there")
+            epochs = fit
+            stopped_early = True
+            remaining = (epochs - epoch) * steps_per_epoch
+            if remaining > 0:
+                for g in opt.param_groups:
+                    g["initial_lr"] = g["lr"]  # decay from the rate reached, not from the one-cycle's start
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=remaining)
+    model.eval()
+    threshold, val_f1 = 0.5, float("nan")
+    if len(val_labels) and (val_labels == CORRUPT).any():
+        probs, _ = frame_probabilities(model, val_planes, device)
+        threshold, val_f1 = best_f1_threshold(probs, val_labels)
+    say(f"validation: best F1 {val_f1:.4f} at threshold {threshold:.4f}")
+    meta = ModelMeta(
+        version=cfg.version or dt.datetime.now(dt.UTC).strftime(f"{MODEL_VERSION}.%Y%m%d%H%M%S"),
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        recipe_hash=recipe.hash,
+        width=width,
+        in_channels=model.in_channels,
+        threshold=threshold,
+        train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
+                      "seconds": round(time.monotonic() - t_start, 1)},
+        metrics={"val_f1": val_f1, "final_loss": history[-1]["loss"] if history else None},
+        parent=parent,
+        feedback=len(feedback),
+    )
+    return TrainResult(model.cpu().eval(), meta, history)
+
+
+def train_and_save(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
+    res = train(cfg, progress)
+    res.path = save(res.model, res.meta, Path(cfg.output))
+    return res

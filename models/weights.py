@@ -1,0 +1,84 @@
+"""Weights files of the corruption CNN: the state dict plus the metadata that says what it is (version, the data
+recipe's hash, training config, metrics, decision threshold, date). One file, so a copy never loses its label;
+a JSON twin beside it is for people."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.net import CorruptionNet, parameters_count
+
+SHIPPED = Path(__file__).parent / "weights" / "corruption.pt"
+FORMAT = "framewatch-corruption/1"
+
+
+class WeightsError(Exception):
+    """A weights file that cannot be used (missing, not ours, damaged, wrong shapes)."""
+
+
+@dataclass
+class ModelMeta:
+    version: str
+    created: str
+    recipe_hash: str
+    width: int
+    threshold: float  # frame probability at or above which a frame counts as corrupt (chosen on validation)
+    parameters: int = 0
+    frame_blocks: float = 0.003
+    train_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None  # version this one was fine-tuned from
+    feedback: int = 0  # operator verdicts it was trained on
+    in_channels: int = 2  # 1: the picture alone; 2: the picture and the one shown before it
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def save(model: CorruptionNet, meta: ModelMeta, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta.parameters = parameters_count(model)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "meta": meta.to_json(), "state_dict": state}, tmp)
+    tmp.replace(path)  # a running engine watching this path never sees half a file
+    path.with_suffix(".json").write_text(json.dumps(meta.to_json(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[CorruptionNet, ModelMeta]:
+    """The model in eval mode on `device`, and its metadata. Any problem is a WeightsError with one line saying
+    what is wrong with which file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise WeightsError(f"weights file {path} cannot be read: {str(exc).splitlines()[0][:160]}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise WeightsError(f"weights file {path} is not a framewatch corruption model (format {FORMAT} expected)")
+    try:
+        meta = ModelMeta(**blob["meta"])
+        model = CorruptionNet(width=int(meta.width), in_channels=int(meta.in_channels))
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path} does not match the model: {str(exc).splitlines()[0][:160]}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise WeightsError(f"weights file {path} holds non-finite weights")
+    return model.to(device).eval(), meta
+
+
+def record_metrics(path: Path, key: str, metrics: dict[str, Any]) -> ModelMeta:
+    """Add evaluation results to a weights file's metadata (e.g. the held-out test metrics of a model about to
+    ship), rewriting the file atomically."""
+    model, meta = load(path)
+    meta.metrics = {**meta.metrics, key: metrics}
+    save(model, meta, Path(path))
+    return meta

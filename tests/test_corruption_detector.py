@@ -1,0 +1,167 @@
+"""The corruption detector in the engine: kernels around the CNN, frame sampling, and the shipped model on
+encoded streams damaged the way networks damage them (faults at known times, known places)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.alerts import MemorySink, ThumbnailWriter
+from engine.corruption import CorruptionFamily
+from engine.detectors.base import Region
+from engine.detectors.corruption import CorruptionConfig
+from engine.media import VideoFrame
+from engine.review import ReviewStore
+from engine.runner import Engine, StreamSpec
+from engine.sources import SourceOptions
+from kernels.corruption import analysis_plane, block_mask, damage_box, frame_scores
+from models.data.codec import EncodeSpec, decode_luma, encode_ts, video_pid
+from models.data.content import SourceSpec, generated_frames
+from models.data.damage import DamageSpec, damage
+from models.data.generate import CORRUPT, Recipe, block_mad, label
+
+FPS = 25
+
+
+def test_analysis_plane_is_the_2x2_mean() -> None:
+    y = np.random.default_rng(0).integers(0, 256, (37, 50), dtype=np.uint8)
+    ref = np.floor(y[:36, :50].reshape(18, 2, 25, 2).astype(np.float64).mean(axis=(1, 3)) + 0.5)
+    out = analysis_plane(torch.from_numpy(y)).numpy()
+    assert out.shape == (18, 25)
+    # torch rounds halves to even; the mean of four integers is a multiple of 0.25, so only .5 can differ
+    assert np.abs(out - ref).max() <= 1 and (np.abs(out - ref) > 0).mean() < 0.2
+
+
+def test_frame_scores_mask_and_box() -> None:
+    logits = torch.full((1, 10, 20), -8.0)
+    logits[0, 2:4, 5:8] = 8.0  # six damaged macroblocks
+    share = 0.0
+    assert float(frame_scores(logits, share)[0]) > 0.99
+    keep = block_mask(10, 20, (Region(0.2, 0.1, 0.3, 0.4),))
+    assert keep is not None and not keep[2:4, 5:8].any() and keep.sum() < 200
+    assert float(frame_scores(logits, share, keep)[0]) < 0.01  # damage inside an ignored region is not counted
+    box = damage_box(torch.sigmoid(logits[0]))
+    assert box == pytest.approx((5 / 20, 2 / 10, 3 / 20, 2 / 10))
+
+
+class _Work:
+    def __init__(self, stream: str, frames: list[VideoFrame]) -> None:
+        self.stream, self.frames = stream, frames
+
+
+class _Batch:
+    def __init__(self, works: list[_Work]) -> None:
+        self.works = works
+        self.frames = [f for w in works for f in w.frames]
+
+
+def _frame(pts: float, corrupt: bool = False) -> VideoFrame:
+    return VideoFrame(pts=pts, duration=1 / FPS, luma=torch.zeros(32, 32, dtype=torch.uint8),
+                      small=torch.zeros(18, 32, dtype=torch.uint8), corrupt=corrupt)
+
+
+def test_sampling_per_stream_and_concealed_frames_always() -> None:
+    fam = CorruptionFamily(torch.device("cpu"))
+    a = [_frame(i / FPS, corrupt=(i == 7)) for i in range(50)]
+    b = [_frame(i / FPS) for i in range(50)]
+    batch = _Batch([_Work("a", a), _Work("b", b)])
+    idx = np.arange(100)
+    chosen = fam._chosen(batch, idx, 5.0)
+    in_a = [j for j in chosen if j < 50]
+    in_b = [j - 50 for j in chosen if j >= 50]
+    assert in_b == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]  # 5 per second of a 25 fps stream
+    assert 7 in in_a and len(in_a) == 11  # the concealed picture is looked at too
+    assert fam._chosen(_Batch([_Work("b", [_frame(0.0)])]), np.arange(1), 5.0) == [0]  # pts went back: restart
+    assert fam._chosen(batch, idx, 0.0) == list(range(100))
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        CorruptionConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="fps"):
+        CorruptionConfig(fps=-1)
+    assert CorruptionConfig(fps=0).fps == 0
+
+
+# --------------------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def damaged_clip(tmp_path_factory) -> dict:
+    """A 640x368 H.264 MPEG-TS (2 s GOP) and a copy that lost a burst of 60 TS packets (11 KB) at 0.84 s, with
+    the frames the damage made visibly corrupt (labelled against the clean decode, as the training data is):
+    0.84 s to the next key frame at 2.0 s."""
+    folder = tmp_path_factory.mktemp("corrupt")
+    frames = generated_frames(SourceSpec("det", "generated", "test", seed=901, width=640, height=368, seconds=4.0))
+    ts = encode_ts(frames, FPS, EncodeSpec("h264", 1_000_000, 2 * FPS))
+    pid = video_pid(ts)
+    rng = np.random.default_rng(2)
+    bad, touched = damage(ts, pid, DamageSpec("burst", 0.1, (60, 60), protect=0.3), 4.0, rng)
+    clean, _ = decode_luma(ts)
+    dec, _ = decode_luma(bad)
+    keys = sorted(set(clean) & set(dec))
+    labels = np.array([label(block_mad(dec[k], clean[k]), Recipe())[0] for k in keys])
+    t = (np.array(keys) - keys[0]) / 90_000
+    (folder / "clean.ts").write_bytes(ts)
+    (folder / "bad.ts").write_bytes(bad)
+    corrupt_t = t[labels == CORRUPT]
+    assert len(corrupt_t) >= 20 and corrupt_t[-1] < 2.0, corrupt_t  # (x264 is not bit-exact: checked, not assumed)
+    return {"clean": folder / "clean.ts", "bad": folder / "bad.ts", "first": float(corrupt_t[0]),
+            "last": float(corrupt_t[-1]), "folder": folder}
+
+
+def _run(path: Path, tmp: Path | None = None, **cfg) -> tuple[list, Engine]:
+    sink = MemorySink()
+    eng = Engine(sink, thumbnails=ThumbnailWriter(tmp / "thumbs") if tmp else None,
+                 review=ReviewStore(tmp / "review") if tmp else None)
+    eng.add_stream(StreamSpec("s", str(path), {"corruption": replace(CorruptionConfig(), enabled=True, fps=0, **cfg)}, SourceOptions(pace="fast")))
+    eng.run()
+    return list(sink.events), eng
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the shipped model (held-out F1 0.74, target 0.95: issue open) scores this burst's frames only a little above "
+    "clean ones (about 64 % of the damaged frames over its threshold, against 35-42 % of the clean ones), so the "
+    "onset never fills; strict: when a better model passes, this marker must go"))
+def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_clip, tmp_path) -> None:
+    events, _ = _run(damaged_clip["clean"])
+    assert events == []
+    events, _ = _run(damaged_clip["bad"], tmp_path)
+    resolved = [e for e in events if e.status.value == "resolved"]
+    assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
+    e = resolved[0]
+    frame = 1 / FPS
+    assert abs(e.start - damaged_clip["first"]) <= frame + 1e-6, (e.start, damaged_clip["first"])
+    # The damage lasts until the next key frame; the event ends when the picture is whole again.
+    assert abs(e.end - (damaged_clip["last"] + frame)) <= frame + 1e-6, (e.end, damaged_clip["last"])
+    assert e.value is not None and e.value >= e.threshold
+    assert e.details["tier"] == "all" and e.details["model"] and e.details["review"] is True
+    x, y, w, h = e.details["box"]
+    assert 0 <= x < x + w <= 1 and 0 <= y < y + h <= 1
+    assert Path(e.thumbnail).is_file()
+    rec = ReviewStore(tmp_path / "review").get(e.id, load=True)
+    assert rec.plane.shape == (184, 320) and rec.probability >= rec.threshold and rec.verdict is None
+    assert (tmp_path / "review" / e.id / "view.png").is_file()
+
+
+def test_alert_plumbing_box_thumbnail_review_and_ignore(damaged_clip, tmp_path) -> None:
+    """Independent of the model's quality: with a threshold every picture passes, the detector fires once from
+    the first picture to the end, with the damage box, the model version, a marked thumbnail and a review
+    record; with the whole picture ignored it never fires."""
+    events, eng = _run(damaged_clip["clean"], tmp_path, threshold=1e-4)
+    resolved = [e for e in events if e.status.value == "resolved"]
+    assert [e.type for e in resolved] == ["corruption"]
+    e = resolved[0]
+    assert e.start == 0.0 and e.end == pytest.approx(4.0, abs=1 / FPS)
+    assert e.threshold == pytest.approx(1e-4) and e.severity.value == "major"
+    x, y, w, h = e.details["box"]
+    assert 0 <= x < x + w <= 1 and 0 <= y < y + h <= 1
+    assert e.details["model"] == eng.scoring.families["corruption"].slot(None).loaded.meta.version
+    assert e.details["review"] is True and Path(e.thumbnail).is_file()
+    rec = ReviewStore(tmp_path / "review").get(e.id, load=True)
+    assert rec.plane.shape == (2, 184, 320) and rec.map.shape == (23, 40) and rec.verdict is None
+    assert (tmp_path / "review" / e.id / "view.png").is_file()
+    events, _ = _run(damaged_clip["clean"], None, threshold=1e-4, ignore=(Region(0, 0, 1, 1),))
+    assert events == []
