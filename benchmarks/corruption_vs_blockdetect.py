@@ -100,9 +100,9 @@ def main() -> None:
     packet = kind != "synthetic"
     model, meta = load(args.weights)
     # As the engine runs it (tier all): each picture with the one shown before it.
-    probs, _ = frame_probabilities(model, shard_inputs(test), torch.device("cpu"))
+    probs, _ = frame_probabilities(model, shard_inputs(test), torch.device("cpu"), meta.frame_blocks)
     # And with no picture before (a sparse tier, a stream's first picture): the picture alone.
-    alone, _ = frame_probabilities(model, [torch.from_numpy(p) for s in test for p in s.planes], torch.device("cpu"))
+    alone, _ = frame_probabilities(model, [torch.from_numpy(p) for s in test for p in s.planes], torch.device("cpu"), meta.frame_blocks)
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": 1,
                                  "torch": torch.__version__},
                      "recipe_hash": recipe.hash, "model": {"path": args.weights, "version": meta.version},

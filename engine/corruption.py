@@ -11,7 +11,6 @@ second see it, at a fifth of the cost of a 25 fps stream.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -110,18 +109,12 @@ class CorruptionFamily:
         return self.slots[key]
 
     def _chosen(self, batch, idx: np.ndarray, fps: float) -> list[int]:
-        stream_of = {}
-        pos = 0
-        for w in batch.works:
-            for _ in w.frames:
-                stream_of[pos] = w.stream
-                pos += 1
+        if fps <= 0:
+            return list(range(len(idx)))
+        stream_of = [w.stream for w in batch.works for _ in w.frames]
         out = []
         for j, i in enumerate(idx):
             f = batch.frames[int(i)]
-            if fps <= 0:
-                out.append(j)
-                continue
             key = (stream_of[int(i)], fps)
             last = self._last.get(key)
             # pts going backwards (a reconnect, a wrapped clock) starts the count afresh
@@ -134,32 +127,13 @@ class CorruptionFamily:
         for key in [k for k in self._last if k[0] == stream]:
             del self._last[key]
 
-    def _plane(self, f) -> torch.Tensor | None:
-        a = getattr(f, "analysis", None)
-        if a is not None:
-            return a
-        if f.luma is not None:
-            return analysis_plane(f.luma)
-        return None
-
-    def __call__(self, batch, req, idx: np.ndarray) -> dict[str, np.ndarray]:
-        n = len(idx)
-        nan = np.full(n, np.nan, dtype=np.float64)
-        out: dict[str, np.ndarray] = {k: nan.copy() for k in ("prob", "decision", "threshold", "box_x", "box_y", "box_w", "box_h")}
-        out["plane"] = np.empty(n, dtype=object)
-        out["map"] = np.empty(n, dtype=object)
-        slot = self.slot(req.param("weights"))
-        loaded = slot.current()
-        if loaded is None:
-            return out
-        fps = req.param("fps")
-        fps = (0.0 if self.device.type == "cuda" else CPU_FPS) if fps is None else float(fps)
-        chosen = self._chosen(batch, idx, fps)
-        two = getattr(loaded.model, "in_channels", 1) == 2
-        # The picture shown before each one, for models that look at what changed (not in sparse tiers, where
-        # the one before is seconds old: the picture itself stands in, as at a stream's start).
+    def _inputs(self, batch, idx: np.ndarray, chosen: list[int], previous: bool) -> dict[tuple[int, int], tuple[list[int], torch.Tensor]]:
+        """The model's input for the chosen frames, per native picture size: (positions in idx, (n, C, H/2, W/2)
+        uint8 on the device). The 2x2 averaging runs once per size on the stacked lumas, not per frame."""
         before: dict[int, object] = {}
-        if two and req.param("previous", True):
+        if previous:
+            # The picture shown before each one (not in sparse tiers, where the one before is seconds old: the
+            # picture itself stands in, as at a stream's start).
             pos = 0
             for w in batch.works:
                 p = getattr(w, "prev", None)
@@ -167,28 +141,46 @@ class CorruptionFamily:
                     before[pos] = p
                     p = f
                     pos += 1
+        groups: dict[tuple[int, int], tuple[list[int], list[torch.Tensor]]] = {}
+        for j in chosen:
+            i = int(idx[j])
+            f = batch.frames[i]
+            if f.luma is None:
+                if "luma" not in self._warned:
+                    self._warned.add("luma")
+                    log.error("corruption: frames arrive without their luma plane (decode with keep_luma); not scored")
+                continue
+            lumas = [f.luma]
+            if previous:
+                b = before.get(i)
+                lumas.append(b.luma if b is not None and b.luma is not None and b.luma.shape == f.luma.shape else f.luma)
+            js, planes = groups.setdefault(tuple(f.luma.shape), ([], []))
+            js.append(j)
+            planes.append(torch.stack(lumas) if previous else f.luma.unsqueeze(0))
+        return {shape: (js, analysis_plane(torch.stack(planes).to(self.device, non_blocking=True)))
+                for shape, (js, planes) in groups.items()}
+
+    @torch.inference_mode()
+    def __call__(self, batch, req, idx: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(idx)
+        nan = np.full(n, np.nan, dtype=np.float64)
+        out: dict[str, np.ndarray] = {k: nan.copy() for k in ("prob", "decision", "threshold", "box_x", "box_y", "box_w", "box_h")}
+        out["plane"] = np.empty(n, dtype=object)
+        out["map"] = np.empty(n, dtype=object)
+        loaded = self.slot(req.param("weights")).current()
+        if loaded is None:
+            return out
+        fps = req.param("fps")
+        fps = (0.0 if self.device.type == "cuda" else CPU_FPS) if fps is None else float(fps)
+        chosen = self._chosen(batch, idx, fps)
+        previous = getattr(loaded.model, "in_channels", 1) == 2 and bool(req.param("previous", True))
         threshold = req.param("threshold")
         threshold = float(loaded.meta.threshold if threshold is None else threshold)
-        share = float(getattr(loaded.meta, "frame_blocks", 0.003))
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for j in chosen:
-            f = batch.frames[int(idx[j])]
-            p = self._plane(f)
-            if p is not None and two:
-                b = before.get(int(idx[j]))
-                q = self._plane(b) if b is not None else None
-                p = torch.stack([p, q if q is not None and q.shape == p.shape else p])
-            if p is None:
-                if "summary" not in self._warned:
-                    self._warned.add("summary")
-                    log.error("corruption: frames keep neither luma nor an analysis plane; decode with keep_analysis")
-                continue
-            groups.setdefault(tuple(p.shape[-2:]), []).append((j, p))
+        share = float(loaded.meta.frame_blocks)
         model = loaded.model
-        for members in groups.values():
-            x = torch.stack([p for _, p in members]).to(self.device, non_blocking=True)
-            if x.dim() == 3:
-                x = x.unsqueeze(1)
+        for js, x in self._inputs(batch, idx, chosen, previous).values():
+            if x.shape[1] < model.in_channels:  # a two-channel model where the picture before is not used
+                x = x.expand(-1, model.in_channels, -1, -1)
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     logits = model(x)
@@ -197,21 +189,24 @@ class CorruptionFamily:
             logits = logits.float()
             keep = block_mask(logits.shape[-2], logits.shape[-1], req.ignore, self.device)
             probs = frame_scores(logits, share, keep).cpu().numpy()
-            maps = torch.sigmoid(logits)
-            if keep is not None:
-                maps = maps * keep
-            for k, (j, p) in enumerate(members):
-                out["prob"][j] = probs[k]
-                out["threshold"][j] = threshold
-                hit = probs[k] >= threshold
-                out["decision"][j] = 1.0 if hit else 0.0
-                if hit:
-                    m = maps[k].cpu()
-                    box = damage_box(m)
+            sel = np.asarray(js)
+            out["prob"][sel] = probs
+            out["threshold"][sel] = threshold
+            out["decision"][sel] = (probs >= threshold).astype(np.float64)
+            hits = np.flatnonzero(probs >= threshold)
+            if hits.size:  # evidence for the alert and the review store: only pictures over the threshold
+                maps = torch.sigmoid(logits.index_select(0, torch.from_numpy(hits).to(self.device)))
+                if keep is not None:
+                    maps = maps * keep
+                maps = maps.cpu()
+                planes = x.index_select(0, torch.from_numpy(hits).to(self.device)).cpu().numpy()
+                for k, h in enumerate(hits):
+                    j = js[h]
+                    box = damage_box(maps[k])
                     if box is not None:
                         out["box_x"][j], out["box_y"][j], out["box_w"][j], out["box_h"][j] = box
-                    out["plane"][j] = p.cpu().numpy()
-                    out["map"][j] = m.numpy().astype(np.float16)
+                    out["plane"][j] = planes[k] if previous else planes[k][0]
+                    out["map"][j] = maps[k].numpy().astype(np.float16)
         return out
 
     def status(self) -> dict[str, object]:
@@ -220,7 +215,3 @@ class CorruptionFamily:
                       "error": s.error, "reloads": s.reloads, "reload_errors": s.reload_errors}
                 for key, s in self.slots.items()}
 
-
-def box_of(values: dict[str, np.ndarray], j: int) -> tuple[float, float, float, float] | None:
-    b = tuple(float(values[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
-    return None if any(math.isnan(v) for v in b) else b  # type: ignore[return-value]

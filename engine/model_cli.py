@@ -108,7 +108,6 @@ def train(
             raise _fail(f"no labelled alerts in the review store {review}; give verdicts with `framewatch label` first")
         overrides["feedback"] = str(review)
         overrides["init"] = str(init or _shipped())
-        overrides.setdefault("epochs", None)
     elif init is not None:
         overrides["init"] = str(init)
     cfg = _train_config(config, overrides)

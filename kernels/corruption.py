@@ -33,17 +33,22 @@ def block_mask(rows: int, cols: int, ignore: tuple, device: torch.device | str =
     return keep
 
 
-def frame_scores(block_logits: torch.Tensor, share: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, R, C) block logits -> (N,) frame probabilities: the sigmoid of the mean of the k largest logits,
-    k = max(3, ceil(share * blocks)), ignored blocks left out."""
-    flat = block_logits.flatten(1).float()
+def top_logits(block_logits: torch.Tensor, share: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, R, C) block logits -> (N,) frame logits: the mean of the k largest block logits, k = max(3, ceil(share *
+    blocks)) (the label rule's minimum of damaged blocks, so frame and block outputs agree), ignored blocks left
+    out. Differentiable: training uses it too."""
+    flat = block_logits.flatten(1)
+    n = flat.shape[1]
     if keep is not None:
         flat = flat.masked_fill(~keep.flatten().unsqueeze(0), -1e4)
         n = int(keep.sum())
-    else:
-        n = flat.shape[1]
     k = max(3, math.ceil(share * n))
-    return torch.sigmoid(flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1))
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+
+
+def frame_scores(block_logits: torch.Tensor, share: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, R, C) block logits -> (N,) frame probabilities (see top_logits)."""
+    return torch.sigmoid(top_logits(block_logits.float(), share, keep))
 
 
 def damage_box(block_probs: torch.Tensor, level: float = 0.5) -> tuple[float, float, float, float] | None:

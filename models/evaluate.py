@@ -59,7 +59,7 @@ def score_split(weights: str | Path, split: str = "test", recipe: Recipe | None 
         raise ValueError(f"split {split!r} of data set {r.hash} holds no frames")
     kinds = {s.name: s.kind for s in r.sources}
     planes = shard_inputs(shards)
-    probs, _ = frame_probabilities(model, planes, next(model.parameters()).device)
+    probs, _ = frame_probabilities(model, planes, next(model.parameters()).device, meta.frame_blocks)
     rep = lambda attr: np.concatenate([[getattr(s, attr)] * len(s.labels) for s in shards])  # noqa: E731
     return Scored(
         probs=probs,

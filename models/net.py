@@ -5,7 +5,8 @@ Why this shape: concealed packet loss shows as seams along the codec's block gri
 flat blocks next to correct ones), so the stem reads each 4x4 cell together with one pixel of its neighbours
 (kernel 6, stride 4), keeping the grid in place; most of the work then happens on the macroblock grid
 (residual blocks) and on a coarser context grid (a seam is judged against its surroundings). The frame logit is the mean of the k largest block
-logits, k being the label rule's minimum number of damaged blocks, so the two heads agree by construction.
+logits, k being the label rule's minimum number of damaged blocks (kernels.corruption.top_logits), so the two
+outputs agree by construction.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-FRAME_BLOCKS = 0.003  # the share of damaged macroblocks that makes a frame corrupt (models.data.generate.Recipe)
 
 
 def _sep(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -77,14 +76,6 @@ class CorruptionNet(nn.Module):
         ctx = self.s3(mb)
         ctx = F.interpolate(ctx, size=mb.shape[-2:], mode="nearest")
         return self.head(torch.cat([mb, ctx], 1))[:, 0, : math.ceil(h / 8), : math.ceil(w / 8)]
-
-
-def frame_logits(blocks: torch.Tensor, share: float = FRAME_BLOCKS) -> torch.Tensor:
-    """Mean of the k largest block logits per frame, k = max(3, ceil(share * blocks)) (kernels.corruption's
-    frame_scores is the same, in probabilities, with ignored regions)."""
-    flat = blocks.flatten(1)
-    k = max(3, math.ceil(share * flat.shape[1]))
-    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
 
 
 def parameters_count(model: nn.Module) -> int:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kernels.corruption import top_logits
 from models.data.generate import CLEAN, CORRUPT, IGNORE, Recipe, Shard, build, load_split
-from models.net import CorruptionNet, frame_logits
+from models.net import CorruptionNet
 from models.weights import SHIPPED, ModelMeta, load, save
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def _loss(model: CorruptionNet, planes: torch.Tensor, blocks: torch.Tensor, fram
         loss = loss + F.binary_cross_entropy_with_logits(logits[known], blocks[known].float(), pos_weight=pw)
     ok = ~torch.isnan(frame_y)
     if ok.any():
-        fl = frame_logits(logits, share=0.0)
+        fl = top_logits(logits, share=0.0)  # a crop: three damaged blocks make it corrupt
         loss = loss + F.binary_cross_entropy_with_logits(fl[ok], frame_y[ok], pos_weight=pw)
     return loss
 
@@ -180,8 +181,8 @@ def dataset_loss(model: CorruptionNet, items: list[Item], crop: tuple[int, int],
 
 
 @torch.inference_mode()
-def frame_probabilities(model: CorruptionNet, planes: list[torch.Tensor] | np.ndarray, device: torch.device, batch: int = 16,
-                        share: float = 0.003) -> tuple[np.ndarray, list[np.ndarray]]:
+def frame_probabilities(model: CorruptionNet, planes: list[torch.Tensor] | np.ndarray, device: torch.device, share: float,
+                        batch: int = 16) -> tuple[np.ndarray, list[np.ndarray]]:
     """Frame probabilities (N,) and block probability maps of whole analysis planes (grouped by size)."""
     model.eval()
     probs = np.zeros(len(planes), dtype=np.float32)
@@ -194,7 +195,7 @@ def frame_probabilities(model: CorruptionNet, planes: list[torch.Tensor] | np.nd
             sel = idx[a: a + batch]
             x = torch.stack([pair(planes[i], None) for i in sel]).to(device)
             logits = model(x[:, : model.in_channels]).float()
-            probs[sel] = torch.sigmoid(frame_logits(logits, share)).cpu().numpy()
+            probs[sel] = torch.sigmoid(top_logits(logits, share)).cpu().numpy()
             m = torch.sigmoid(logits).cpu().numpy()
             for j, i in enumerate(sel):
                 maps[i] = m[j]
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     model.eval()
     threshold, val_f1 = 0.5, float("nan")
     if len(val_labels) and (val_labels == CORRUPT).any():
-        probs, _ = frame_probabilities(model, val_planes, device)
+        probs, _ = frame_probabilities(model, val_planes, device, recipe.frame_blocks)
         threshold, val_f1 = best_f1_threshold(probs, val_labels)
     say(f"validation: best F1 {val_f1:.4f} at threshold {threshold:.4f}")
     meta = ModelMeta(
@@ -318,6 +319,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         recipe_hash=recipe.hash,
         width=width,
         in_channels=model.in_channels,
+        frame_blocks=recipe.frame_blocks,
         threshold=threshold,
         train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
                       "seconds": round(time.monotonic() - t_start, 1)},

@@ -12,7 +12,7 @@ import torch
 
 from engine.alerts import MemorySink, ThumbnailWriter
 from engine.corruption import CorruptionFamily
-from engine.detectors.base import Region
+from engine.detectors.base import MetricRequest, Region
 from engine.detectors.corruption import CorruptionConfig
 from engine.media import VideoFrame
 from engine.review import ReviewStore
@@ -49,8 +49,8 @@ def test_frame_scores_mask_and_box() -> None:
 
 
 class _Work:
-    def __init__(self, stream: str, frames: list[VideoFrame]) -> None:
-        self.stream, self.frames = stream, frames
+    def __init__(self, stream: str, frames: list[VideoFrame], prev: VideoFrame | None = None) -> None:
+        self.stream, self.frames, self.prev = stream, frames, prev
 
 
 class _Batch:
@@ -77,6 +77,26 @@ def test_sampling_per_stream_and_concealed_frames_always() -> None:
     assert 7 in in_a and len(in_a) == 11  # the concealed picture is looked at too
     assert fam._chosen(_Batch([_Work("b", [_frame(0.0)])]), np.arange(1), 5.0) == [0]  # pts went back: restart
     assert fam._chosen(batch, idx, 0.0) == list(range(100))
+
+
+def test_family_scores_like_the_offline_path(damaged_clip) -> None:
+    """The engine's batched family (planes made from stacked lumas, the picture before taken across the tick
+    boundary) gives the same probabilities as evaluation's path on the same pictures."""
+    from models.train import frame_probabilities, pair
+    from models.weights import SHIPPED, load
+
+    lumas, _ = decode_luma(damaged_clip["bad"].read_bytes())
+    ys = [torch.from_numpy(lumas[k]) for k in sorted(lumas)][:12]
+    frames = [VideoFrame(pts=i / FPS, duration=1 / FPS, luma=y, small=torch.zeros(18, 32, dtype=torch.uint8)) for i, y in enumerate(ys)]
+    fam = CorruptionFamily(torch.device("cpu"))
+    req = MetricRequest("corruption", (("fps", 0), ("threshold", None), ("weights", None), ("previous", True)))
+    got = fam(_Batch([_Work("s", frames[5:], prev=frames[4])]), req, np.arange(7))
+    model, meta = load(SHIPPED)
+    planes = [analysis_plane(y) for y in ys]
+    want, _ = frame_probabilities(model, [pair(planes[i], planes[i - 1]) for i in range(5, 12)], torch.device("cpu"), meta.frame_blocks)
+    assert np.allclose(got["prob"], want, atol=1e-5)
+    assert ((got["decision"] == 1) == (want >= meta.threshold)).all()
+    assert all((p is not None) == (d == 1) for p, d in zip(got["plane"], got["decision"], strict=True))
 
 
 def test_config_checks() -> None:

@@ -192,10 +192,10 @@ def test_corruption_model_fp16_on_gpu_matches_the_cpu_reference() -> None:
         p[40:80, 64:160] = p[100:140, 200:296].clone()
     inputs = [pair(p, planes[max(0, i - 1)]) for i, p in enumerate(planes)]
     model, meta = load(SHIPPED)
-    cpu, _ = frame_probabilities(model, inputs, torch.device("cpu"))
+    cpu, _ = frame_probabilities(model, inputs, torch.device("cpu"), meta.frame_blocks)
     gpu_model, _ = load(SHIPPED, "cuda")
     with torch.autocast("cuda", dtype=torch.float16):
-        gpu, _ = frame_probabilities(gpu_model, inputs, torch.device("cuda"))
+        gpu, _ = frame_probabilities(gpu_model, inputs, torch.device("cuda"), meta.frame_blocks)
     assert np.abs(cpu - gpu).max() <= 0.02, (cpu, gpu)
     far = np.abs(cpu - meta.threshold) > 0.05
     assert ((cpu >= meta.threshold) == (gpu >= meta.threshold))[far].all()

@@ -5,7 +5,7 @@ the model's block map go to the review store for an operator's verdict."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -74,26 +74,25 @@ class CorruptionDetector(Detector):
     def on_video(self, m: VideoMetrics) -> None:
         v = m.values[self.request]
         decision = v["decision"]
-        faulty = np.empty(len(decision), dtype=bool)
-        held = self._held
-        for j, d in enumerate(decision):
-            if not np.isnan(d):
-                held = bool(d)
-                if not np.isnan(v["threshold"][j]):
-                    self._threshold = float(v["threshold"][j])
-                if held and (self._evidence is None or v["prob"][j] > self._evidence["prob"]) and v["plane"][j] is not None:
-                    box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
-                    self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
-                                      "plane": v["plane"][j], "map": v["map"][j], "pts": float(m.pts[j])}
-            faulty[j] = held
-        self._held = held
+        seen = ~np.isnan(decision)
+        # Sample and hold: a picture not analysed keeps the decision of the last one that was.
+        last = np.maximum.accumulate(np.where(seen, np.arange(len(decision)), -1))
+        faulty = np.where(last >= 0, decision[np.maximum(last, 0)] == 1.0, self._held)
+        if seen.any():
+            self._held = bool(faulty[-1])
+            self._threshold = float(v["threshold"][np.flatnonzero(seen)[-1]])
+        hits = np.flatnonzero((decision == 1.0) & np.array([p is not None for p in v["plane"]]))
+        if hits.size:  # keep the most likely corrupt picture of the pending fault as its evidence
+            j = int(hits[np.argmax(v["prob"][hits])])
+            if self._evidence is None or v["prob"][j] > self._evidence["prob"]:
+                box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
+                self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
+                                  "plane": v["plane"][j], "map": v["map"][j]}
         self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
         if not self.hyst.active and self.hyst.pending_start is None:
             self._evidence = None
 
     def _make_event(self, start: float, value: float | None) -> Event:
-        from dataclasses import replace
-
         ev = self._evidence or {}
         box = ev.get("box")
         event = super()._make_event(start, value)
