@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean
+.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean audio-bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ train: $(VENV)/.installed
 
 corruption-bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/corruption_vs_blockdetect.py
+
+# Audio scoring cost per stream-hour against FFmpeg ebur128+silencedetect+astats, and A/V offset accuracy.
+audio-bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/audio_bench.py
 
 # On a GPU machine: cuda tests + GPU benchmark (WHEELS: folder of wheels or site-*.tar.xz to install first)
 gpu-check:

@@ -41,7 +41,7 @@ timeout 60 $PY benchmarks/nvdec_probe.py 2>&1 | cut -c1-700
 
 echo "== cuda tests"
 timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels_video.py \
-  tests/test_loudness.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
+  tests/test_loudness.py tests/test_true_peak.py tests/test_clicks.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
 echo "== tests done at $(( $(date +%s) - t0 )) s"
 
 echo "== corruption CNN on the GPU (1080p analysis planes, fp16, batch 64)"

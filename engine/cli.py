@@ -21,6 +21,7 @@ from rich.table import Table
 
 from engine import __version__, model_cli
 from engine.alerts import JsonlSink, MemorySink, MultiSink, ThumbnailWriter
+from engine.alerts.measurements import MeasurementLog
 from engine.alerts.sinks import CallbackSink
 from engine.config import (
     ConfigError,
@@ -96,9 +97,19 @@ def run(
     sinks.add(memory)
     if not quiet:
         sinks.add(CallbackSink(lambda e: err.print(_pretty(e))))
+    measure: MeasurementLog | None = None
+    if cfg.output.measurements:
+        try:
+            measure = MeasurementLog(cfg.output.measurements)
+        except OSError as exc:
+            raise _fail(f"cannot write measurements to {cfg.output.measurements}: {exc}") from None
     devices = cfg.engine.devices or [cfg.engine.device]
     if len(devices) > 1 or cfg.engine.workers > 1:
-        _run_workers(cfg, specs, sinks, memory, devices, path, duration, quiet)
+        try:
+            _run_workers(cfg, specs, sinks, memory, devices, path, duration, quiet, measure)
+        finally:
+            if measure is not None:
+                measure.close()
         return
     thumbs = ThumbnailWriter(cfg.output.thumbnails) if cfg.output.thumbnails else None
     engine = Engine(
@@ -110,6 +121,8 @@ def run(
         thumbnails=thumbs,
         review=ReviewStore(cfg.output.review) if cfg.output.review else None,
         torch_threads=cfg.engine.torch_threads,
+        on_measure=measure,
+        measure_every=cfg.output.measure_interval,
     )
     if not quiet:
         err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, device {cfg.engine.device}")
@@ -126,6 +139,8 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, previous)
         sinks.close()
+        if measure is not None:
+            measure.close()
     if cfg.output.summary and not quiet:
         _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()], memory.events)
     if any(rt.state == "error" for rt in engine.streams.values()):
@@ -133,7 +148,7 @@ def run(
 
 
 def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],
-                 path: Path, duration: float | None, quiet: bool) -> None:
+                 path: Path, duration: float | None, quiet: bool, measure: Any = None) -> None:
     """`run` with several engine processes (engine.workers per device, engine.devices)."""
     if any(d.startswith("cuda") for d in devices):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -146,7 +161,8 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
     engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
                      "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
                      "review": ReviewStore(cfg.output.review) if cfg.output.review else None}
-    pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails)
+    pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails,
+                          on_measure=measure, measure_every=cfg.output.measure_interval)
     pool.add_streams(specs)
     if not quiet:
         err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, {cfg.engine.workers} worker "
@@ -161,6 +177,8 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
     finally:
         signal.signal(signal.SIGTERM, previous)
         sinks.close()
+        if measure is not None:
+            measure.close()
     reports = list(pool.reports.values())
     if cfg.output.summary and not quiet:
         _summary(reports, memory.events, show_device=True)
@@ -212,9 +230,15 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
             "seconds": round(rt.stats.audio_seconds, 3),
             "integrated_lufs": _num(meter.integrated), "loudness_range_lu": _num(meter.loudness_range),
             "max_momentary_lufs": _num(meter.max_momentary), "max_short_term_lufs": _num(meter.max_short_term),
+            "true_peak_max_dbtp": _num(20 * math.log10(rt.audio.max_true_peak)) if rt.audio.max_true_peak > 0 else None,
+            "gaps": rt.counters.audio_gaps, "overlaps": rt.counters.audio_overlaps,
+            "timestamp_resets": rt.counters.timestamp_resets,
         }
+        audio["compliance"] = _compliance(rt, audio)
     duration = info.duration if info is not None and info.duration else rt.stats.media_end
+    sync = next((d for d in rt.detectors if d.NAME == "av_sync"), None)
     return {
+        "av_sync": sync.summary() if sync is not None and video and audio else None,
         "file": path,
         "duration": round(float(duration or 0.0), 3),
         "video": video,
@@ -222,6 +246,26 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
         "events": [e.to_dict() for e in resolved],
         "summary": summary,
         "errors": rt.errors,
+    }
+
+
+def _compliance(rt: StreamRuntime, audio: dict[str, Any]) -> dict[str, Any] | None:
+    """The programme's integrated loudness and maximum true peak against the stream's loudness standard."""
+    from engine.detectors.loudness import standard
+
+    cfg = rt.spec.detectors.get("loudness")
+    if cfg is None:
+        return None
+    std = standard(cfg.standard)
+    tp_cfg = rt.spec.detectors.get("true_peak")
+    ceiling = tp_cfg.ceiling if tp_cfg is not None else std.true_peak_max
+    integrated, tp = audio["integrated_lufs"], audio["true_peak_max_dbtp"]
+    loud_ok = None if integrated is None else abs(integrated - cfg.target_lufs) <= cfg.tolerance_lu
+    peak_ok = None if tp is None else tp <= ceiling
+    return {
+        "standard": cfg.standard, "target_lufs": cfg.target_lufs, "tolerance_lu": cfg.tolerance_lu,
+        "true_peak_max_dbtp": ceiling, "integrated_ok": loud_ok, "true_peak_ok": peak_ok,
+        "compliant": None if loud_ok is None or peak_ok is None else loud_ok and peak_ok,
     }
 
 

@@ -97,7 +97,8 @@ class ProfileModel(_Strict):
 class FaultModel(_Strict):
     """A fault scheduled on a synthetic:// stream."""
 
-    kind: Literal["black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal"]
+    kind: Literal["black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal",
+                  "dropout", "phase", "mute", "dc", "clicks"]
     start: float = Field(ge=0)
     duration: float = Field(gt=0)
     param: float | None = None
@@ -189,6 +190,9 @@ class OutputModel(_Strict):
     thumbnails: str | None = Field(None, description="folder for alert thumbnails, or null")
     review: str | None = Field(None, description="review store folder: corruption alerts keep their picture here for "
                                                  "`framewatch label` and retraining, or null")
+    measurements: str | None = Field(None, description="write each stream's loudness, true peak, A/V offset and "
+                                                       "counters as JSON lines here ('-' = stdout), or null")
+    measure_interval: float = Field(1.0, gt=0, le=3600, description="seconds of media time between measurements")
     summary: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
 

@@ -80,6 +80,11 @@ class AudioChunk:
     pts: float
     samples: torch.Tensor
     layout: str = "stereo"
+    # The container's timing of this chunk (see engine.detectors.base.TimestampNote): sample clock minus
+    # timestamp, a re-synchronisation jump, a timestamp reset; set by the source.
+    drift: float | None = None
+    jump: float = 0.0
+    reset: bool = False
 
     @property
     def channels(self) -> int:
@@ -133,3 +138,6 @@ class StreamCounters:
     reconnects: int = 0
     packets_skipped: int = 0  # video packets not decoded because of the stream's density tier
     decoder_fallbacks: int = 0  # times the requested decoder backend could not be used
+    audio_gaps: int = 0  # audio timestamps jumped forward past the samples (missing audio)
+    audio_overlaps: int = 0  # audio timestamps went back over samples already played
+    timestamp_resets: int = 0  # live timestamp discontinuities (encoder restarts, wraps) re-anchored on

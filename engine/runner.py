@@ -18,7 +18,7 @@ import torch
 from engine.alerts import EventSink, ThumbnailWriter
 from engine.batch import StreamQueue
 from engine.detectors import REGISTRY
-from engine.detectors.base import Detector, DetectorConfig, MetricRequest, StreamContext
+from engine.detectors.base import Detector, DetectorConfig, MetricRequest, StreamContext, TimestampNote
 from engine.events import Event
 from engine.media import AUDIO_WINDOW, AudioChunk, StreamCounters, StreamInfo, VideoFrame
 from engine.review import ReviewStore
@@ -99,6 +99,18 @@ def is_device_error(exc: BaseException) -> bool:
     return False
 
 
+def _num(v: float | None, digits: int = 2) -> float | None:
+    import math
+
+    return None if v is None or math.isnan(v) or math.isinf(v) else round(float(v), digits)
+
+
+def _db(linear: float) -> float | None:
+    import math
+
+    return None if not linear > 0 else round(20 * math.log10(linear), 2)
+
+
 @dataclass
 class StreamSpec:
     """One stream as the engine runs it: resolved detector configs and source options."""
@@ -155,11 +167,17 @@ class StreamRuntime:
         self.prev: VideoFrame | None = None
         self.last_frame: VideoFrame | None = None
         self.audio = AudioState()
+        self.audio_end = 0.0  # media time the scored audio reaches
+        self.next_measure = 0.0
         self._audio_buf: list[torch.Tensor] = []
         self._audio_len = 0
         self._audio_t0: float | None = None
         self._audio_layout = "stereo"
         self._restart = False
+        # Timing news of the chunks taken in, handed to the audio detectors with the next scored piece.
+        self._ts_notes: list[TimestampNote] = []
+        clicks = spec.detectors.get("clicks")
+        self.audio.clicks = clicks is not None and clicks.enabled
         clip = spec.detectors.get("clipping")
         if clip is not None:
             self.audio.clip_level = float(getattr(clip, "level", 0.891))
@@ -184,8 +202,9 @@ class StreamRuntime:
                 log.warning("stream %s: detector %s needs every frame and is off in tier %s", spec.id, name, self.tier)
                 continue
             self.detectors.append(REGISTRY[name](cfg, self.ctx))
-        self.video_detectors = [d for d in self.detectors if d.MEDIA in ("video", "stream")]
-        self.audio_detectors = [d for d in self.detectors if d.MEDIA == "audio"]
+        # "av" detectors (A/V sync) see both: the pictures' changes and the sound's.
+        self.video_detectors = [d for d in self.detectors if d.MEDIA in ("video", "stream", "av")]
+        self.audio_detectors = [d for d in self.detectors if d.MEDIA in ("audio", "av")]
         self.requests: list[MetricRequest] = list(dict.fromkeys(r for d in self.detectors for r in d.requests()))
         if self.source is not None and _needs_native_luma(self.requests):
             self.source.options = replace(self.source.options, keep_luma=True)
@@ -196,6 +215,31 @@ class StreamRuntime:
             wakeup=engine.wakeup,
             wake_at=engine.batch_frames,
         )
+
+    def measurements(self, media_time: float) -> dict[str, Any]:
+        """What this stream measures right now (see engine.alerts.measurements): JSON-safe, NaN as null."""
+        from dataclasses import asdict
+
+        from engine.events import now_iso
+
+        meter = self.audio.meter
+        sync = next((d for d in self.detectors if d.NAME == "av_sync"), None)
+        snap: dict[str, Any] = {
+            "stream": self.id, "t": round(media_time, 3), "wallclock": now_iso(), "state": self.state,
+            "loudness": {
+                "momentary": _num(meter.momentary), "short_term": _num(meter.short_term),
+                "integrated": _num(meter.integrated), "lra": _num(meter.loudness_range),
+                "true_peak_dbtp": _db(self.audio.take_interval_true_peak()),
+                "max_true_peak_dbtp": _db(self.audio.max_true_peak),
+            } if self.stats.audio_seconds else None,
+            "counters": asdict(self.counters),
+        }
+        if sync is not None:
+            s = sync.summary()
+            latest = s["latest"] or {}
+            snap["av_sync"] = {"offset": latest.get("offset") if latest and sync.last_is_confident else None,
+                               "confidence": latest.get("confidence"), "timestamp_drift": s["timestamps"]["drift"]}
+        return snap
 
     def fail(self, message: str) -> None:
         line = f"stream {self.id}: {message}"
@@ -228,6 +272,10 @@ class StreamRuntime:
     # -- audio accumulation into whole 5 ms windows
     def add_audio(self, chunk: AudioChunk) -> list[tuple[float, torch.Tensor, bool]]:
         out: list[tuple[float, torch.Tensor, bool]] = []
+        if chunk.drift is not None or chunk.jump or chunk.reset:
+            if len(self._ts_notes) >= 4096:  # bounded even if nothing is scored for a long while
+                del self._ts_notes[: len(self._ts_notes) // 2]
+            self._ts_notes.append(TimestampNote(chunk.pts, chunk.drift, chunk.jump, chunk.reset))
         c = chunk.samples.shape[0]
         if self._audio_t0 is not None:
             expected = self._audio_t0 + self._audio_len / 48_000
@@ -287,8 +335,13 @@ class Engine:
         torch_threads: int | None = 1,
         on_status: Callable[[StreamRuntime, str, str], None] | None = None,
         on_device_error: Callable[[BaseException], None] | None = None,
+        on_measure: Callable[[dict[str, Any]], None] | None = None,
+        measure_every: float = 1.0,
     ) -> None:
         tune_allocator()
+        # Each stream's measurements go here every `measure_every` seconds of its media time.
+        self.on_measure = on_measure
+        self.measure_every = measure_every
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.sink = sink
@@ -438,7 +491,10 @@ class Engine:
             if rt.eof:
                 pieces.extend(rt.flush_audio(pad=True))
             for i, (t0, samples, restart) in enumerate(pieces):
-                aworks.append((i, rt, AudioWork(rt.id, t0, samples, rt._audio_layout, rt.audio, restart)))
+                work = AudioWork(rt.id, t0, samples, rt._audio_layout, rt.audio, restart)
+                if i == 0:
+                    work.timestamps, rt._ts_notes = rt._ts_notes, []
+                aworks.append((i, rt, work))
         if vworks:
             self._dispatch_video(vworks)
         # A stream's audio pieces carry filter state from one to the next, so each round takes at most one
@@ -455,9 +511,21 @@ class Engine:
                     det.on_tick(wall, arrived)
                 except Exception as exc:
                     rt.fail(f"detector {det.NAME} failed: {exc}")
+            if self.on_measure is not None:
+                self._measure(rt)
             if rt.eof and rt.held is None and rt.queue.pending() == 0:
                 self._finish(rt)
         return busy
+
+    def _measure(self, rt: StreamRuntime) -> None:
+        t = max(rt.stats.media_end, rt.audio_end)
+        if t < rt.next_measure:
+            return
+        rt.next_measure = t + self.measure_every
+        try:
+            self.on_measure(rt.measurements(t))
+        except Exception as exc:  # a broken measurement log must not stop monitoring
+            log.error("stream %s: measurements not written: %s", rt.id, exc)
 
     def _scored(self, works: list, score: Callable[[list], list]) -> list[tuple]:
         """Score the whole batch; if that fails, stream by stream, so that one stream's odd frames end only
@@ -520,6 +588,7 @@ class Engine:
     def _dispatch_audio(self, works: list[tuple[StreamRuntime, AudioWork]]) -> None:
         for (rt, _), m in self._scored(works, self.scoring.score_audio):
             rt.stats.audio_seconds += m.peak.shape[-1] * m.window
+            rt.audio_end = m.t0 + m.peak.shape[-1] * m.window
             for det in rt.audio_detectors:
                 try:
                     det.on_audio(m)
@@ -546,7 +615,7 @@ class Engine:
         if rt.finished:
             return
         rt.finished = True
-        end = rt.stats.media_end
+        end = max(rt.stats.media_end, rt.audio_end)  # an audio-only stream has no frames to end on
         for det in rt.detectors:
             try:
                 det.finish(end)

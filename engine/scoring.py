@@ -15,14 +15,17 @@ import numpy as np
 import torch
 
 from engine.corruption import CorruptionFamily
-from engine.detectors.base import AudioMetrics, MetricRequest, VideoMetrics
+from engine.detectors.base import AudioMetrics, MetricRequest, TimestampNote, VideoMetrics
 from engine.loudness_meter import LoudnessMeter
 from engine.media import AUDIO_RATE, AUDIO_WINDOW, ColorRange, VideoFrame
 from kernels import audio as ka
+from kernels import clicks as kclick
 from kernels import difference as kd
 from kernels import loudness as kl
 from kernels import luma as kluma
 from kernels import spatial as ks
+from kernels import sync as ksync
+from kernels import true_peak as ktp
 from kernels.masks import region_mask
 
 
@@ -45,6 +48,7 @@ class AudioWork:
     layout: str
     state: AudioState
     restart: bool = False  # the first audio after a gap: start the filters afresh
+    timestamps: list[TimestampNote] = field(default_factory=list)
 
 
 @dataclass
@@ -57,11 +61,25 @@ class AudioState:
     clip_min_run: int = 3
     meter: LoudnessMeter = field(default_factory=LoudnessMeter)
     channels: int | None = None
+    onset_prev: torch.Tensor | None = None  # (1,) last window's log power, for the onset envelope
+    true_peak: torch.Tensor | None = None  # (1, C, K) true-peak filter memory
+    impulse: torch.Tensor | None = None  # (1, C, K) click detector memory
+    clicks: bool = False  # whether the stream's clicks detector wants the click analysis
+    # Bounded measurements over the whole stream, for reports and exports.
+    max_true_peak: float = float("nan")  # linear
+    interval_true_peak: float = float("nan")  # linear, since the last measurement snapshot
+
+    def take_interval_true_peak(self) -> float:
+        tp, self.interval_true_peak = self.interval_true_peak, float("nan")
+        return tp
 
     def restart_filters(self) -> None:
         """After a gap: the filters must not join audio across it; the loudness measurement goes on."""
         self.kstate = None
         self.clip_carry = None
+        self.onset_prev = None
+        self.true_peak = None
+        self.impulse = None
 
 
 # A family computes per-frame values for the frames of many streams at once.
@@ -374,8 +392,7 @@ class ScoringStep:
             for w in members:
                 if w.state.channels != c:
                     w.state.channels = c
-                    w.state.kstate = None
-                    w.state.clip_carry = None
+                    w.state.restart_filters()
             states = [w.state.kstate or kl.KState.zeros(1, c, self.device) for w in members]
             kstate = kl.KState(*(torch.cat([st[p] for st in states]) for p in range(3)))
             carry = torch.stack(
@@ -388,15 +405,50 @@ class ScoringStep:
             ms = ka.window_mean_square(x, AUDIO_WINDOW)
             clipped, new_carry = ka.clipped_windows(x, level, min_run, AUDIO_WINDOW, carry)
             y, new_k = kl.k_weight(x, kstate)
-            weights = kl.channel_weights(c, members[0].layout).to(self.device)
+            layout = members[0].layout
+            weights = kl.channel_weights(c, layout).to(self.device)
             power = kl.weighted_power(ka.window_mean_square(y, AUDIO_WINDOW), weights)
-            peak_np, ms_np, clip_np, power_np = (
-                t.cpu().numpy() for t in (peak, ms, clipped, power)
-            )
+            mean = ka.window_mean(x, AUDIO_WINDOW)
+            names = kl.channel_names(c, layout)
+            pair = kl.front_pair(names)
+            cross = None
+            if pair is not None:
+                a = torch.full((len(members),), pair[0], dtype=torch.int64, device=self.device)
+                b = torch.full((len(members),), pair[1], dtype=torch.int64, device=self.device)
+                cross = ka.window_cross(x, a, b, AUDIO_WINDOW)
+            nan = torch.full((1,), float("nan"), dtype=power.dtype)
+            prev = torch.cat([nan if w.state.onset_prev is None else w.state.onset_prev for w in members])
+            onset, new_prev = ksync.audio_onsets(power, prev.to(self.device))
+            tp_state = self._stacked([w.state.true_peak for w in members])
+            tp, new_tp = ktp.true_peak(x, tp_state, AUDIO_WINDOW)
+            # The click analysis is the costliest audio kernel: only streams whose clicks detector is on
+            # pay for it.
+            clicky = [i for i, w in enumerate(members) if w.state.clicks]
+            imp_np = at_np = lvl_np = None
+            if clicky:
+                sel = torch.tensor(clicky, device=self.device)
+                imp_state = self._stacked([members[i].state.impulse for i in clicky])
+                imp, imp_at, imp_level, new_imp = kclick.impulse_windows(
+                    x.index_select(0, sel), imp_state, AUDIO_WINDOW)
+                imp_np, at_np, lvl_np = (t.cpu().numpy() for t in (imp, imp_at, imp_level))
+                for j, i in enumerate(clicky):
+                    members[i].state.impulse = new_imp[j : j + 1]
+            where = {i: j for j, i in enumerate(clicky)}
+            arrays = [t.cpu().numpy() for t in (peak, ms, clipped, power, mean, onset, tp)]
+            peak_np, ms_np, clip_np, power_np, mean_np, onset_np, tp_np = arrays
+            cross_np = cross.cpu().numpy() if cross is not None else None
             for i, w in enumerate(members):
-                w.state.kstate = new_k.select(slice(i, i + 1))
-                w.state.clip_carry = new_carry[i].cpu()
-                block = w.state.meter.feed(power_np[i])
+                st = w.state
+                st.kstate = new_k.select(slice(i, i + 1))
+                st.clip_carry = new_carry[i].cpu()
+                st.onset_prev = new_prev[i : i + 1].cpu()
+                st.true_peak = new_tp[i : i + 1]
+                j = where.get(i)
+                if tp_np.shape[-1]:
+                    top = float(tp_np[i].max())
+                    st.max_true_peak = float(np.fmax(st.max_true_peak, top))
+                    st.interval_true_peak = float(np.fmax(st.interval_true_peak, top))
+                block = st.meter.feed(power_np[i])
                 out[positions[i]] = (
                     AudioMetrics(
                         stream=w.stream,
@@ -408,6 +460,27 @@ class ScoringStep:
                         momentary=block.momentary,
                         short_term=block.short_term,
                         window_power=power_np[i],
+                        layout=layout,
+                        channel_names=names,
+                        mean=mean_np[i],
+                        pair=pair,
+                        cross=None if cross_np is None else cross_np[i],
+                        onset=onset_np[i],
+                        true_peak=tp_np[i],
+                        impulse=None if j is None else imp_np[j],
+                        impulse_at=None if j is None else at_np[j],
+                        impulse_level=None if j is None else lvl_np[j],
+                        timestamps=w.timestamps,
+                        restart=w.restart,
                     )
                 )
         return [m for m in out if m is not None]
+
+    def _stacked(self, states: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """One batch state from per-stream states (1, ...); None when every stream starts afresh, zeros for
+        a stream that does (its filter has only seen silence)."""
+        known = [s for s in states if s is not None]
+        if not known:
+            return None
+        zero = torch.zeros_like(known[0], device=self.device)
+        return torch.cat([zero if s is None else s.to(self.device) for s in states])

@@ -75,6 +75,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: 
     engine = Engine(
         CallbackSink(lambda e: send("event", e.to_dict())),
         device=device,
+        on_measure=(lambda snap: send("measure", snap)) if "measure_every" in engine_kwargs else None,
         thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
         on_device_error=lambda exc: device_failed.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
         **engine_kwargs,
@@ -124,7 +125,7 @@ class ProcessWorkers:
     """Streams spread over worker processes, `per_device` per device; see the module docstring."""
 
     def __init__(self, sink: EventSink, devices: list[str], per_device: int = 1, engine_kwargs: dict | None = None,
-                 thumbnails: str | None = None) -> None:
+                 thumbnails: str | None = None, on_measure: Any = None, measure_every: float = 1.0) -> None:
         if not devices or per_device < 1:
             raise ValueError("ProcessWorkers needs at least one device and one worker per device")
         self.sink = sink
@@ -132,6 +133,10 @@ class ProcessWorkers:
         self.per_device = per_device
         self.engine_kwargs = dict(engine_kwargs or {})
         self.thumbnails = thumbnails
+        # Measurements come back from the workers like events and go to this callable in the parent.
+        self.on_measure = on_measure
+        if on_measure is not None:
+            self.engine_kwargs["measure_every"] = measure_every
         self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._out = self._ctx.Queue()
         self._stop = self._ctx.Value("b", 0, lock=False)
@@ -270,6 +275,9 @@ class ProcessWorkers:
                     # Media time restarts with the new worker's source; the outage's length is in wall-clock
                     # time (the two events' wallclock fields).
                     self.sink.emit(outage.resolved(outage.start, resumed_on=w.device))
+        elif kind == "measure":
+            if self.on_measure is not None and self._where.get(payload.get("stream")) == index:
+                self.on_measure(payload)
         elif kind == "device_error":
             self._failed_devices.add(w.device)
             log.error("worker %d: device %s failed: %s", index, w.device, payload)

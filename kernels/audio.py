@@ -144,3 +144,20 @@ def clipped_windows(
     counts[..., 0] += deferred
     new_carry = torch.where(hot[..., -1], run[..., -1], 0)
     return counts, new_carry
+
+
+def window_mean(x: Tensor, window: int = DEFAULT_WINDOW) -> Tensor:
+    """Mean sample value per window, (N, C, W): averaged over a second it is the channel's DC offset."""
+    return _windows(x, window).mean(-1)
+
+
+def window_cross(x: Tensor, a: Tensor, b: Tensor, window: int = DEFAULT_WINDOW) -> Tensor:
+    """Mean of x[:, a] * x[:, b] per window, (N, W), for one channel pair per stream.
+
+    `a` and `b` are (N,) int64 channel indices on x's device (the front left/right pair of each stream's
+    layout); with the channels' mean squares this gives their correlation over any span of windows.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"expected samples of shape (N, C, T), got {tuple(x.shape)}")
+    rows = torch.arange(x.shape[0], device=x.device)
+    return _windows((x[rows, a] * x[rows, b]).unsqueeze(1), window).mean(-1).squeeze(1)

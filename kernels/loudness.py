@@ -183,6 +183,21 @@ def _channel_names(c: int, layout: str | None) -> tuple[str, ...] | None:
     return _LAYOUTS[default] if default else None
 
 
+def channel_names(c: int, layout: str | None = None) -> tuple[str, ...]:
+    """Names of the C channels (FL, FR, FC, LFE, ...) by the rules of `channel_weights`; channels FFmpeg
+    has no default layout for are called c0, c1, ..."""
+    names = _channel_names(c, layout)
+    return names if names is not None else tuple(f"c{i}" for i in range(c))
+
+
+def front_pair(names: tuple[str, ...]) -> tuple[int, int] | None:
+    """Indices of the front left and right channels (the pair whose phase matters), None without one."""
+    for left, right in (("FL", "FR"), ("DL", "DR"), ("FLC", "FRC")):
+        if left in names and right in names:
+            return names.index(left), names.index(right)
+    return None
+
+
 def channel_weights(
     c: int,
     layout: str | None = None,

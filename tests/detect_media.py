@@ -40,7 +40,8 @@ HAVE_FFMPEG = shutil.which("ffmpeg") is not None
 needs_ffmpeg = pytest.mark.skipif(not HAVE_FFMPEG, reason="ffmpeg CLI not installed")
 
 VIDEO_TYPES = ("black", "freeze", "blockiness", "blur", "glitch")
-AUDIO_TYPES = ("silence", "clipping", "loudness")
+AUDIO_TYPES = ("silence", "clipping", "loudness", "true_peak", "dropout", "phase", "missing_channel", "dc_offset",
+               "clicks", "channel_silence")
 ALL_TYPES = (*VIDEO_TYPES, *AUDIO_TYPES, "no_signal")
 FAULT_TO_TYPE = {
     "black": "black",
@@ -52,6 +53,11 @@ FAULT_TO_TYPE = {
     "clipping": "clipping",
     "loudness": "loudness",
     "nosignal": "no_signal",
+    "dropout": "dropout",
+    "phase": "phase",
+    "mute": "missing_channel",
+    "dc": "dc_offset",
+    "clicks": "clicks",
 }
 AUDIO_TOL = 0.010  # seconds: audio edges must be placed within 10 ms
 

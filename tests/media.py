@@ -146,6 +146,7 @@ def write_clip(
     start: float = 0.0,
     audio_drop: tuple[float, float] | None = None,
     bframes: int = 0,
+    audio_clock: Callable[[float], float] | None = None,
 ) -> Path:
     """Write a clip with PyAV; the container follows the suffix (.mp4 .mov .mkv .ts .avi .wav).
 
@@ -155,8 +156,9 @@ def write_clip(
     (default a 1 kHz sine at -20 dBFS) at `audio_rate`, encoded with AAC or, for .wav/.avi or when asked,
     pcm_s16le. `start` shifts every timestamp (seconds), like a capture that does not begin at 0.
     `audio_drop=(a, b)` leaves out the audio frames that begin within [a, b) seconds (lost packets: a gap
-    in the audio timestamps while the video goes on). Encoding is single-threaded, so a clip is the same
-    bytes on every machine. Returns the path.
+    in the audio timestamps while the video goes on). `audio_clock(t)` maps each audio frame's true time
+    to the timestamp written for it (timestamps that drift or jump while the samples stay continuous).
+    Encoding is single-threaded, so a clip is the same bytes on every machine. Returns the path.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -215,7 +217,8 @@ def write_clip(
                 assert x.shape == (channels, b - a_done), x.shape
                 frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=as_.codec_context.layout.name)
                 frame.sample_rate = audio_rate
-                frame.pts = a_done + round(start * audio_rate)
+                t_audio = a_done / audio_rate if audio_clock is None else audio_clock(a_done / audio_rate)
+                frame.pts = round((t_audio + start) * audio_rate)
                 frame.time_base = Fraction(1, audio_rate)
                 for p in as_.encode(frame):
                     out.mux(p)
@@ -240,6 +243,105 @@ def write_clip(
     finally:
         out.close()
     return path
+
+
+def flash_and_beep(offset: float, fps: int = 25, period: float = 1.0, first: float = 0.48, flash_frames: int = 1,
+                   size: tuple[int, int] = (320, 240), beep: float | None = None, freq: float = 1000.0,
+                   dbfs: float = -12.0, channels: int = 2) -> tuple[LumaFn, AudioFn]:
+    """The A/V sync test pattern: `flash_frames` white frames on black every `period` seconds from the frame
+    at `first` (both rounded to whole frames), and a tone burst as long as the flash (or `beep` seconds) that
+    starts `offset` seconds after each flash starts (positive: audio late)."""
+    w, h = size
+    black = np.full((h, w), 16, np.uint8)
+    white = np.full((h, w), 235, np.uint8)
+    amp = 10 ** (dbfs / 20)
+    every = round(period * fps)
+    n0 = round(first * fps)
+    burst = flash_frames / fps if beep is None else beep
+
+    def luma(n: int) -> np.ndarray:
+        return white if n >= n0 and (n - n0) % every < flash_frames else black
+
+    def audio(a: int, b: int) -> np.ndarray:
+        t = np.arange(a, b) / AUDIO_RATE
+        phase = t - n0 / fps - offset
+        k = np.floor(phase * fps / every)
+        into = phase - k * every / fps
+        inside = (k >= 0) & (into < burst)
+        x = np.where(inside, amp * np.sin(2 * np.pi * freq * into), 0.0)
+        return np.repeat(x[None].astype(np.float32), channels, axis=0)
+
+    return luma, audio
+
+
+def decoded_audio(path: str | Path, rate: int = AUDIO_RATE) -> tuple[np.ndarray, str]:
+    """All audio of a file as float32 (C, T) at `rate`, and its layout name (PyAV, like the engine)."""
+    with av.open(str(path)) as c:
+        s = c.streams.audio[0]
+        layout = s.codec_context.layout.name
+        res = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        parts = []
+        for packet in c.demux(s):
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                continue  # a damaged packet (Megamind.avi has one): skipped, as the engine does
+            for frame in frames:
+                parts.extend(r.to_ndarray() for r in res.resample(frame))
+        parts.extend(r.to_ndarray() for r in res.resample(None))
+    return np.concatenate(parts, axis=1).astype(np.float32), layout
+
+
+def shift_audio(src: str | Path, dst: str | Path, offset: float, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> Path:
+    """Copy `src`'s video packets into Matroska `dst` and re-write its audio as PCM with the content moved
+    `offset` seconds later (positive: audio late; silence is put in front) or earlier (the first samples
+    are cut), timestamps starting at 0 for both: what a sync fault upstream of an encoder looks like.
+    `transform` may change the decoded samples (C, T) first (a fault injected into real audio)."""
+    x, layout = decoded_audio(src)
+    if transform is not None:
+        x = np.ascontiguousarray(transform(x), dtype=np.float32)
+    shift = round(abs(offset) * AUDIO_RATE)
+    if offset > 0:
+        x = np.concatenate([np.zeros((x.shape[0], shift), np.float32), x], axis=1)
+    elif offset < 0:
+        x = x[:, shift:]
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="matroska") as out:
+        vin = inp.streams.video[0]
+        vout = out.add_stream_from_template(vin)
+        aout = out.add_stream("pcm_s16le", rate=AUDIO_RATE, layout=layout)
+        aout.time_base = Fraction(1, AUDIO_RATE)
+        v0 = vin.start_time or 0
+        packets = []
+        for pkt in inp.demux(vin):
+            if pkt.size == 0:
+                continue
+            if pkt.pts is not None:
+                pkt.pts -= v0
+            if pkt.dts is not None:
+                pkt.dts -= v0
+            pkt.stream = vout
+            packets.append((float((pkt.pts if pkt.pts is not None else 0) * vin.time_base), pkt))
+        a = 0
+
+        def audio_until(t: float) -> None:
+            nonlocal a
+            while a < x.shape[1] and a / AUDIO_RATE <= t:
+                b = min(a + 1024, x.shape[1])
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, a:b]), format="fltp", layout=layout)
+                frame.sample_rate = AUDIO_RATE
+                frame.pts = a
+                frame.time_base = Fraction(1, AUDIO_RATE)
+                for p in aout.encode(frame):
+                    out.mux(p)
+                a = b
+
+        for t, pkt in packets:  # interleaved by time, as a muxer expects
+            audio_until(t)
+            out.mux(pkt)
+        audio_until(float("inf"))
+        for p in aout.encode(None):
+            out.mux(p)
+    return Path(dst)
 
 
 def frame_count(path: str | Path) -> int:

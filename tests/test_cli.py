@@ -14,8 +14,9 @@ import pytest
 from media import Cli, MovingPattern, json_lines, with_black
 
 FPS = 25
-REPORT_KEYS = {"file", "duration", "video", "audio", "events", "summary", "errors", "device"}
-DETECTORS = ["black", "blockiness", "blur", "clipping", "corruption", "freeze", "glitch", "loudness", "no_signal", "silence"]
+REPORT_KEYS = {"file", "duration", "video", "audio", "av_sync", "events", "summary", "errors", "device"}
+DETECTORS = ["av_sync", "black", "blockiness", "blur", "channel_silence", "clicks", "clipping", "corruption", "dc_offset", "dropout",
+             "freeze", "glitch", "loudness", "missing_channel", "no_signal", "phase", "silence", "true_peak"]
 # BS.1770: a 0 dBFS 1 kHz sine in one channel reads -3.01 LUFS (mean square 1/2, and the K-weighting gain at
 # 1 kHz is cancelled by the -0.691 dB constant); a second identical channel adds 10*log10(2) = +3.01 dB.
 # So a -20 dBFS sine in both channels of a stereo clip is -20.0 LUFS (not -23).

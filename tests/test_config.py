@@ -20,7 +20,8 @@ from engine.detectors import REGISTRY
 from engine.events import Severity
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_DETECTORS = {"black", "freeze", "blockiness", "blur", "glitch", "silence", "clipping", "loudness", "no_signal", "corruption"}
+ALL_DETECTORS = {"black", "freeze", "blockiness", "blur", "glitch", "silence", "clipping", "loudness", "no_signal", "corruption",
+                 "av_sync", "channel_silence", "clicks", "dc_offset", "dropout", "missing_channel", "phase", "true_peak"}
 
 
 def _error(text: str) -> str:

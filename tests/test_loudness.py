@@ -358,7 +358,9 @@ def _ffmpeg_ebur128(path: Path, tmp: Path, peak: bool) -> dict[str, object]:
     log_s = {round(float(t) * 10): float(s) for t, s in re.findall(r"t:\s*([\d.]+)\s.*?S:\s*(-?[\d.]+)", err)}
     frames = meta.read_text().split("frame:")[1:]
     meta_values = [dict(re.findall(r"lavfi\.r128\.([\w.]+)=(-?[\d.]+)", f)) for f in frames]
+    peak_m = re.search(r"True peak:\s*\n\s*Peak:\s*(-?[\d.]+|-inf) dBFS", summary)
     return {
+        "TP": float(peak_m.group(1)) if peak_m else None,
         "I": float(re.search(r"I:\s*(-?[\d.]+) LUFS", summary).group(1)),
         "LRA": float(re.search(r"LRA:\s*(-?[\d.]+) LU", summary).group(1)),
         "log_S": log_s,
@@ -447,3 +449,94 @@ def test_ffmpeg_agreement_multitone_with_gaps_5_1(tmp_path: Path) -> None:
     envelope[round(16.0 * RATE) :] = _dbfs(-12)  # a quieter ending
     # No true-peak pass here: it does not change loudness and costs seconds on six channels.
     _compare_with_ffmpeg(sig * envelope, tmp_path, peak=False)
+
+
+# -- real audio and the standards' profiles, end to end ---------------------------------------------------
+
+
+def _real_audio(name: str) -> np.ndarray:
+    from detect_media import samples_dir
+    from media import decoded_audio
+
+    path = samples_dir() / name
+    if not path.exists():
+        pytest.skip(f"{name} not fetched (tests/fetch_samples.sh)")
+    return decoded_audio(path)[0].astype(np.float64)
+
+
+def _kivy_beat() -> np.ndarray:
+    from test_audio_faults import _beat
+
+    return _beat().astype(np.float64)
+
+
+REAL_AUDIO = {
+    "Megamind.avi": lambda: _real_audio("Megamind.avi"),
+    "cup.mp4": lambda: _real_audio("cup.mp4"),
+    "box.mp4": lambda: _real_audio("box.mp4"),  # MP3 at 44.1 kHz, resampled to 48 kHz
+    "kivy-beat": _kivy_beat,
+}
+
+
+@pytest.mark.ffmpeg
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
+@pytest.mark.parametrize("name", list(REAL_AUDIO))
+def test_ffmpeg_agreement_on_real_audio(name: str, tmp_path: Path) -> None:
+    """Integrated (0.05 LU against FFmpeg's 3-decimal value, 0.1 against its summary), short-term at every
+    100 ms step (0.02 LU), loudness range, and, through `framewatch check`, the true peak (0.2 dB against
+    the summary, which FFmpeg prints to 0.1 dB)."""
+    from media import check_json
+
+    x = REAL_AUDIO[name]()
+    if x.shape[1] < 8 * RATE:
+        x = np.concatenate([x, x], axis=1)  # short-term needs some seconds past the first 3
+    x = x[:, : x.shape[1] // AUDIO_CHUNK * AUDIO_CHUNK]  # whole 100 ms chunks for the kernel-level meter
+    meter, ff = _compare_with_ffmpeg(x, tmp_path)
+    assert abs(meter.integrated - ff["I"]) <= 0.1
+    report = check_json(tmp_path / "signal.wav")
+    audio = report["audio"]
+    print(f"{name}: true peak framewatch {audio['true_peak_max_dbtp']} dBTP, FFmpeg {ff['TP']}; "
+          f"integrated {audio['integrated_lufs']} vs {ff['I']}")
+    assert abs(audio["true_peak_max_dbtp"] - ff["TP"]) <= 0.2
+    assert abs(audio["integrated_lufs"] - ff["I"]) <= 0.1
+
+
+@pytest.mark.ffmpeg
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
+@pytest.mark.parametrize("dbfs", [-23.0, -33.0, -6.0])
+def test_ebu_test_tone_reads_its_level(dbfs: float, tmp_path: Path) -> None:
+    """EBU Tech 3341 cases 1 and 2 style: a 1 kHz stereo sine at X dBFS reads X LUFS (within 0.1 LU, as
+    FFmpeg does), and its true peak is its amplitude (+3.01 dB over the RMS-referenced level)."""
+    tone = _tone(1000, 20, _dbfs(dbfs) * math.sqrt(2) / math.sqrt(2))
+    meter, ff = _compare_with_ffmpeg(np.stack([tone, tone]), tmp_path)
+    assert abs(meter.integrated - dbfs) <= 0.1 and abs(ff["I"] - dbfs) <= 0.1
+    assert abs(ff["TP"] - dbfs) <= 0.2
+
+
+def test_standard_profiles_judge_the_programme(tmp_path: Path) -> None:
+    """-25.5 LUFS programme with a -1.5 dBTP peak: inside ATSC A/85 (-24 +-2, -2 dBTP fails) ... the reports
+    say which target, tolerance and ceiling they judged against."""
+    from media import check_json, write_clip
+
+    rng = np.random.default_rng(9)
+    n = 12 * RATE
+    noise = rng.standard_normal((2, n))
+    x = noise / np.sqrt((noise**2).mean())
+    y, _ = k_weight(torch.from_numpy(x.astype(np.float32))[None])
+    level = float(power_to_lufs(weighted_power(window_mean_square(y), channel_weights(2)).mean(-1))[0])
+    x *= 10 ** ((-25.5 - level) / 20)
+    x = np.clip(x, -0.6, 0.6)  # peaks near -4.4 dBFS
+    path = write_clip(tmp_path / "prog.wav", audio_fn=lambda a, b: x[:, a:b].astype(np.float32), seconds=12)
+    config = tmp_path / "profiles.yaml"
+    config.write_text(
+        "profiles:\n"
+        "  us:\n    detectors:\n      loudness: {standard: atsc_a85}\n      true_peak: {standard: atsc_a85}\n"
+        "  eu:\n    detectors:\n      loudness: {standard: ebu_r128}\n"
+    )
+    us = check_json(path, "--config", config, "--profile", "us")["audio"]
+    eu = check_json(path, "--config", config, "--profile", "eu")["audio"]
+    assert us["integrated_lufs"] == pytest.approx(-25.5, abs=0.15)
+    assert us["compliance"]["standard"] == "atsc_a85" and us["compliance"]["target_lufs"] == -24.0
+    assert us["compliance"]["integrated_ok"] is True and us["compliance"]["compliant"] is True
+    assert eu["compliance"]["target_lufs"] == -23.0 and eu["compliance"]["integrated_ok"] is False
+    assert eu["compliance"]["true_peak_ok"] is True and eu["compliance"]["compliant"] is False

@@ -20,21 +20,23 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
+def open_lines(target: str | Path | IO[str]) -> tuple[IO[str], bool]:
+    """A JSON-lines target: '-' is stdout, a path is appended to (folders made), an open file is used as
+    is. Returns (file, whether the caller owns it and must close it)."""
+    if not isinstance(target, (str, Path)):
+        return target, False
+    if str(target) == "-":
+        return sys.stdout, False
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a", encoding="utf-8"), True
+
+
 class JsonlSink:
     """One JSON object per line, flushed per event so a tail -f or a pipe sees alerts as they happen."""
 
     def __init__(self, target: str | Path | IO[str] = "-") -> None:
-        self._own = False
-        if isinstance(target, (str, Path)):
-            if str(target) == "-":
-                self._fh: IO[str] = sys.stdout
-            else:
-                path = Path(target)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = path.open("a", encoding="utf-8")
-                self._own = True
-        else:
-            self._fh = target
+        self._fh, self._own = open_lines(target)
         self._lock = threading.Lock()
 
     def emit(self, event: Event) -> None:

@@ -42,6 +42,11 @@ def unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name} must be within 0..1, not {value}")
 
 
+def below_full_scale(name: str, value: float) -> None:
+    if value >= 0:
+        raise ValueError(f"{name} must be < 0 dBFS, not {value}")
+
+
 def positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, not {value}")
@@ -95,6 +100,22 @@ class VideoMetrics:
         return self.values[request][name]
 
 
+@dataclass(frozen=True, slots=True)
+class TimestampNote:
+    """What the container's audio timestamps said about one decoded chunk.
+
+    `drift` is the chunk's time by the count of samples decoded minus its time by its own timestamp: how
+    much later than its timestamps say the audio is heard by a player that clocks audio by its samples,
+    positive when audio is late. `jump` is a re-synchronisation of the audio clock on the timestamps (a gap,
+    positive, or an overlap, negative, too big to be timing jitter); `reset` a timestamp discontinuity the
+    source re-anchored on (an encoder restart)."""
+
+    t: float
+    drift: float | None
+    jump: float = 0.0
+    reset: bool = False
+
+
 @dataclass(slots=True)
 class AudioMetrics:
     """5 ms analysis windows of one stream from one tick, in order."""
@@ -108,6 +129,21 @@ class AudioMetrics:
     momentary: np.ndarray  # (W,) LUFS, 400 ms sliding
     short_term: np.ndarray  # (W,) LUFS, 3 s sliding
     window_power: np.ndarray  # (W,) K-weighted, channel-weighted power of each window
+    layout: str = ""
+    channel_names: tuple[str, ...] = ()  # one name per channel (FL, FR, FC, LFE, ...)
+    mean: np.ndarray | None = None  # (C, W) mean sample value (DC)
+    pair: tuple[int, int] | None = None  # the front left/right channels, None for mono
+    cross: np.ndarray | None = None  # (W,) mean of left * right over the pair
+    onset: np.ndarray | None = None  # (W,) rise of log10 window_power (A/V sync)
+    true_peak: np.ndarray | None = None  # (C, W) 4x oversampled peak, linear
+    impulse: np.ndarray | None = None  # (C, W) how far the strongest impulse stands out of its residual
+    impulse_at: np.ndarray | None = None  # (C, W) sample of that impulse within its window
+    impulse_level: np.ndarray | None = None  # (C, W) its residual amplitude
+    # The impulse values describe windows `impulse_lag` windows earlier than the others (the click kernel
+    # looks ahead): value w belongs to the window starting at t0 + (w - impulse_lag) * window.
+    impulse_lag: int = 1
+    timestamps: list[TimestampNote] = field(default_factory=list)  # container timing news since last tick
+    restart: bool = False  # the first windows after a gap in the audio
 
     @property
     def times(self) -> np.ndarray:
@@ -146,6 +182,8 @@ class Hysteresis:
     pending_clear: float | None = None  # when a pending fault last went away
     open: _Open | None = None
     last_end: float = 0.0
+    # Extra facts for the resolved event, asked for when it resolves (a click count, the true peak).
+    details: Callable[[], dict[str, object]] | None = None
 
     def _worse(self, a: float | None, b: float | None) -> float | None:
         vals = [v for v in (a, b) if v is not None and not math.isnan(v)]
@@ -221,7 +259,8 @@ class Hysteresis:
         op = self.open
         assert op is not None
         self.open = None
-        self.emit(op.event.resolved(end, op.worst))
+        extra = self.details() if self.details is not None else {}
+        self.emit(op.event.resolved(end, op.worst, **extra))
 
     def finish(self, end_time: float | None = None) -> None:
         """End of input: an open event resolves at the moment its fault stopped, or at the end of input."""
@@ -288,6 +327,23 @@ class Detector:
 
     def finish(self, end_time: float | None) -> None:
         self.hyst.finish(end_time)
+        for h in getattr(self, "_per_channel", {}).values():
+            h.finish(end_time)
+
+    def channel_hysteresis(self, channel: str) -> Hysteresis:
+        """A state machine of its own for one audio channel, whose events name the channel (a dead left
+        channel and a dead right one are two faults)."""
+        per: dict[str, Hysteresis] = self.__dict__.setdefault("_per_channel", {})
+        if channel not in per:
+            def make(start: float, value: float | None, channel: str = channel) -> Event:
+                from dataclasses import replace
+
+                e = self._make_event(start, value)
+                return replace(e, message=f"{e.message}: channel {channel}", details={**e.details, "channel": channel})
+
+            per[channel] = Hysteresis(self.config.onset, self.config.recovery, make, self._emit,
+                                      higher_is_worse=self.hyst.higher_is_worse)
+        return per[channel]
 
     # -- event plumbing
     def threshold(self) -> float | None:

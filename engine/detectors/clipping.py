@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, register
 from engine.events import Severity
 
@@ -38,6 +40,16 @@ class ClippingDetector(Detector):
     NEEDS_EVERY_FRAME = False
     Config = ClippingConfig
 
+    def __init__(self, config: ClippingConfig, ctx) -> None:
+        super().__init__(config, ctx)
+        # The true peak reached while the event is open tells how hard the signal hits the ceiling.
+        self.event_true_peak = float("nan")
+        self.hyst.details = self._details
+
+    def _details(self) -> dict[str, object]:
+        tp, self.event_true_peak = self.event_true_peak, float("nan")
+        return {} if np.isnan(tp) else {"true_peak_dbtp": round(20 * float(np.log10(max(tp, 1e-10))), 2)}
+
     def threshold(self) -> float:
         return self.config.level
 
@@ -47,4 +59,10 @@ class ClippingDetector(Detector):
     def on_audio(self, m: AudioMetrics) -> None:
         counts = m.clipped.max(axis=0)
         t = m.times
-        self.hyst.update(t, t + m.window, counts > 0, counts.astype(float))
+        hot = counts > 0
+        if m.true_peak is not None and hot.any():
+            # Gathered before the update, which may open and resolve the event within this tick.
+            self.event_true_peak = float(np.fmax(self.event_true_peak, m.true_peak[:, hot].max()))
+        self.hyst.update(t, t + m.window, hot, counts.astype(float))
+        if not self.hyst.active and self.hyst.pending_start is None:
+            self.event_true_peak = float("nan")

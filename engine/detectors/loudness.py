@@ -19,17 +19,41 @@ from engine.events import Severity
 SPANS = {"momentary": 0.4, "short_term": 3.0}
 
 
+@dataclass(frozen=True, slots=True)
+class Standard:
+    """A loudness recommendation: programme target, the tolerance of the integrated loudness around it,
+    and the maximum true peak."""
+
+    target: float  # LUFS (LKFS)
+    tolerance: float  # LU either side of the target, for the integrated (programme) loudness
+    true_peak_max: float  # dBTP
+
+
+# EBU R128 (2020): -23 LUFS, +-1 LU where exact normalisation is not possible (live), -1 dBTP.
+# ATSC A/85 (2013): -24 LKFS, +-2 dB, -2 dBTP.
+STANDARDS = {"ebu_r128": Standard(-23.0, 1.0, -1.0), "atsc_a85": Standard(-24.0, 2.0, -2.0)}
+
+
+def standard(name: str) -> Standard:
+    if name not in STANDARDS:
+        raise ValueError(f"standard must be one of {sorted(STANDARDS)}, not {name!r}")
+    return STANDARDS[name]
+
+
 @dataclass(frozen=True)
 class LoudnessConfig(DetectorConfig):
-    """target: programme loudness in LUFS (EBU R128: -23; ATSC A/85: -24). Loudness is faulty when the
-    chosen measure ('short_term' or 'momentary') is above target + upper LU, or below target - lower LU
-    (lower: None = no low-loudness check; silence has its own detector). Audio below -70 LUFS (gated
-    silence) never counts as too quiet."""
+    """standard: 'ebu_r128' (target -23 LUFS, +-1 LU, -1 dBTP) or 'atsc_a85' (-24 LKFS, +-2 dB, -2 dBTP);
+    target and tolerance override the standard's (LUFS, LU). Loudness is faulty when the chosen measure
+    ('short_term' or 'momentary') is above target + upper LU, or below target - lower LU (lower: None = no
+    low-loudness check; silence has its own detector). Audio below -70 LUFS (gated silence) never counts
+    as too quiet. The integrated loudness is judged against target +- tolerance in reports."""
 
     onset: float = 2.0
     recovery: float = 1.0
     severity: Severity = Severity.WARNING
-    target: float = -23.0
+    standard: str = "ebu_r128"
+    target: float | None = None
+    tolerance: float | None = None
     upper: float = 6.0
     lower: float | None = None
     measure: str = "short_term"
@@ -38,6 +62,17 @@ class LoudnessConfig(DetectorConfig):
         super().__post_init__()
         if self.measure not in SPANS:
             raise ValueError(f"measure must be one of {sorted(SPANS)}, not {self.measure!r}")
+        standard(self.standard)
+        if self.tolerance is not None and self.tolerance <= 0:
+            raise ValueError(f"tolerance must be > 0 LU, not {self.tolerance}")
+
+    @property
+    def target_lufs(self) -> float:
+        return self.target if self.target is not None else standard(self.standard).target
+
+    @property
+    def tolerance_lu(self) -> float:
+        return self.tolerance if self.tolerance is not None else standard(self.standard).tolerance
 
 
 @register
@@ -50,8 +85,8 @@ class LoudnessDetector(Detector):
 
     def __init__(self, config: LoudnessConfig, ctx) -> None:
         super().__init__(config, ctx)
-        self.high = config.target + config.upper
-        self.low = None if config.lower is None else config.target - config.lower
+        self.high = config.target_lufs + config.upper
+        self.low = None if config.lower is None else config.target_lufs - config.lower
         self.span = SPANS[config.measure]
         # Recent 5 ms windows (time, loudness of the window itself) to place the edges of a fault.
         self.recent: deque[tuple[float, float]] = deque()
@@ -63,7 +98,7 @@ class LoudnessDetector(Detector):
     def message(self, value: float | None) -> str:
         if value is None:
             return "loudness out of range"
-        side = "high" if value > self.config.target else "low"
+        side = "high" if value > self.config.target_lufs else "low"
         return f"loudness too {side} ({value:.1f} LUFS {self.config.measure.replace('_', '-')})"
 
     def _window_faulty(self, lufs: float) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, register
+from engine.detectors.base import AudioMetrics, Detector, DetectorConfig, below_full_scale, register
 from engine.events import Severity
 
 
@@ -22,8 +22,7 @@ class SilenceConfig(DetectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.noise_db >= 0:
-            raise ValueError(f"noise_db must be < 0 dBFS, not {self.noise_db}")
+        below_full_scale("noise_db", self.noise_db)
 
 
 @register

@@ -69,6 +69,7 @@ class Timeline:
         self.origin: float | None = None
         self.last: float | None = None  # last normalised time handed out
         self.last_wall: float | None = None
+        self.resets = 0  # live timestamp discontinuities re-anchored on
 
     def anchor(self, raw: float | None, duration: float, wall: float) -> None:
         """Set the origin from the first timestamp of the stream, or of a new connection, where time
@@ -90,6 +91,7 @@ class Timeline:
             if self.last is not None:
                 jumped = t < self.last - self.JUMP or t > self.last + self.JUMP
                 if self.live and jumped:
+                    self.resets += 1
                     gap = max(duration, wall - (self.last_wall or wall))
                     self.origin = raw - (self.last + gap)
                     t = self.last + gap
@@ -115,6 +117,10 @@ class AudioClock:
         self.timeline = timeline
         self.rate = rate
         self.next: float | None = None
+        # What the last chunk's timestamp said (see engine.detectors.base.TimestampNote): the sample clock
+        # minus the timestamp (None without one), and the size of a re-synchronisation (0: none).
+        self.drift: float | None = None
+        self.jump_size = 0.0
 
     def map(self, raw: float | None, samples: int, wall: float | None = None) -> tuple[float, bool]:
         """Start time of a chunk of `samples`, and whether it is discontinuous with the previous one."""
@@ -124,11 +130,14 @@ class AudioClock:
             tl.anchor(raw, samples / self.rate, time.time() if wall is None else wall)
             t = raw - tl.origin
         jump = False
+        self.jump_size = 0.0
         if self.next is None:
             start = t if t is not None else 0.0
         elif t is not None and abs(t - self.next) > self.RESYNC:
             start, jump = t, True
+            self.jump_size = t - self.next
         else:
             start = self.next
+        self.drift = None if t is None else start - t
         self.next = start + samples / self.rate
         return start, jump

@@ -187,6 +187,7 @@ class MediaSource(Source):
                 stop.wait(min(ahead, 1.0))
 
         last_pts: list[float] = []
+        resets_seen = [timeline.resets]
 
         def push_video(items) -> None:
             for raw, frame in items:
@@ -199,6 +200,7 @@ class MediaSource(Source):
                     last_pts[:] = [frame.pts]
                 frame.index = counters.video_frames
                 counters.video_frames += 1
+                counters.timestamp_resets = timeline.resets
                 if frame.corrupt:
                     counters.corrupt_frames += 1
                 pace(frame.pts)
@@ -206,7 +208,17 @@ class MediaSource(Source):
 
         def push_audio(items) -> None:
             for raw, chunk in items:
-                chunk.pts, _ = clock.map(raw, chunk.samples.shape[-1])
+                chunk.pts, jumped = clock.map(raw, chunk.samples.shape[-1])
+                chunk.drift = clock.drift
+                if jumped:
+                    chunk.jump = clock.jump_size
+                    if clock.jump_size > 0:
+                        counters.audio_gaps += 1
+                    else:
+                        counters.audio_overlaps += 1
+                if timeline.resets != resets_seen[0]:
+                    chunk.reset = True
+                    resets_seen[0] = timeline.resets
                 counters.audio_chunks += 1
                 queue.put_audio(chunk, time.time())
 

@@ -4,7 +4,10 @@ URL form: synthetic://NAME?size=640x360&fps=25&duration=30&tone=1000&level=-20&s
           &faults=black@5:3,freeze@10:3,loudness@20:4:12
 A fault is KIND@START:DURATION[:PARAM] in seconds. Kinds: black, freeze, blocky, blur, glitch (single bad
 frames every PARAM seconds, default 0.2), silence, clipping (PARAM = gain dB, default 18), loudness
-(PARAM = gain dB, default 12), nosignal (nothing is delivered). duration=0 runs until stopped.
+(PARAM = gain dB, default 12), nosignal (nothing is delivered), dropout (all channels digital zero), phase
+(the second channel inverted), mute (the second channel digital zero), dc (PARAM added to the first
+channel, default 0.05), clicks (a 0.3 impulse on the first channel every PARAM seconds, default 0.25).
+duration=0 runs until stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from engine.batch import StreamQueue
 from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, SourceStatus, StreamInfo, VideoFrame
 from engine.sources.base import Source, SourceError, SourceOptions
 
-FAULT_KINDS = ("black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal")
+FAULT_KINDS = ("black", "freeze", "blocky", "blur", "glitch", "silence", "clipping", "loudness", "nosignal",
+               "dropout", "phase", "mute", "dc", "clicks")
 
 
 @dataclass(frozen=True)
@@ -200,14 +204,29 @@ class Generator:
         gain = np.ones_like(t)
         for f in s.faults:
             inside = (t >= f.start) & (t < f.end)
-            if f.kind == "silence":
+            if f.kind in ("silence", "dropout"):
                 gain[inside] = 0.0
             elif f.kind == "loudness":
                 gain[inside] = 10 ** ((f.param if f.param is not None else 12.0) / 20)
             elif f.kind == "clipping":
                 gain[inside] = 10 ** ((f.param if f.param is not None else 18.0) / 20)
-        x = np.clip(x * gain, -1.0, 1.0).astype(np.float32)
-        return torch.from_numpy(np.tile(x, (s.channels, 1)))
+        x = np.tile(x * gain, (s.channels, 1))
+        for f in s.faults:
+            # Channel faults switch in and out over 2 ms, as a router or mixer does: a hard switch would
+            # itself be a click.
+            ramp = np.clip(np.minimum(t - f.start, f.end - t) / 0.002, 0.0, 1.0)
+            if f.kind == "phase" and s.channels > 1:
+                x[1] *= 1.0 - 2.0 * ramp
+            elif f.kind == "mute" and s.channels > 1:
+                x[1] *= 1.0 - ramp
+            elif f.kind == "dc":
+                x[0] += ramp * (f.param if f.param is not None else 0.05)
+            elif f.kind == "clicks":
+                period = round((f.param if f.param is not None else 0.25) * AUDIO_RATE)
+                first, last = round(f.start * AUDIO_RATE), round(f.end * AUDIO_RATE)
+                hit = ((idx - first) % period == 0) & (idx >= first) & (idx < last)
+                x[0, hit] += 0.3
+        return torch.from_numpy(np.clip(x, -1.0, 1.0).astype(np.float32))
 
 
 def _bounce(x: float, span: int) -> float:

@@ -1,0 +1,94 @@
+"""A/V sync measurement building blocks: onset envelopes on a common time grid and their cross-correlation.
+
+What is heard and what is seen are compared as two event trains on the audio analysis grid (5 ms): the
+audio onset envelope (rises of the windows' log power) and the visual change envelope (rises of the
+frame-to-frame difference, placed at each frame's presentation time). A sound and the picture change it
+belongs to (a flash and its beep, a cut and its sound, a door slam) rise together; the lag at which the
+two trains correlate best is the offset between them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Power floor for the log: -100 dBFS, below anything audible, so digital silence does not make the onset
+# of the quietest noise look like an explosion.
+POWER_FLOOR = 1e-10
+
+
+def audio_onsets(power: Tensor, prev: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Onset envelope of (N, W) window powers (channels summed): the rise of log10 power from each window to
+    the next, negative changes set to 0. `prev` (N,) is the last log power of the previous chunk, NaN (or
+    None for all) for a stream that starts here: its first window has no rise. Returns (envelope (N, W),
+    new prev (N,))."""
+    lp = torch.log10(power.clamp_min(POWER_FLOOR))
+    before = lp[:, :1] if prev is None else torch.where(prev.isnan(), lp[:, 0], prev.to(lp)).unsqueeze(1)
+    rise = torch.diff(lp, dim=1, prepend=before).clamp_min(0.0)
+    return rise, lp[:, -1]
+
+
+def visual_novelty(small: Tensor, history: Tensor | None = None, depth: int = 8, pool: int = 4) -> tuple[Tensor, Tensor]:
+    """How new each picture is: the mean absolute difference (code values) between each of the (K, H, W)
+    planes and the most similar of the `depth` pictures before it, on planes averaged `pool` x `pool`.
+
+    A cut or the first frame of a flash is new against everything recent; the frame after a flash returns
+    to what was there before and is not, so a flash is one event, however many frames it lasts (up to
+    `depth - 1`). `history` (m, H/pool, W/pool) float32 is the previous call's pooled planes (None at a
+    stream start: the first picture has nothing to be new against and scores 0). Returns (novelty (K,),
+    new history).
+    """
+    p = torch.nn.functional.avg_pool2d(small.to(torch.float32).unsqueeze(1), pool).squeeze(1)
+    seq = p if history is None else torch.cat([history.to(p), p])
+    first = seq.shape[0] - p.shape[0]
+    k = p.shape[0]
+    best = torch.full((k,), float("inf"), device=p.device)
+    for j in range(1, depth + 1):
+        idx = torch.arange(first, first + k, device=p.device) - j
+        ok = idx >= 0
+        d = (p - seq[idx.clamp_min(0)]).abs().flatten(1).mean(1)
+        best = torch.where(ok, torch.minimum(best, d), best)
+    best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
+    return best, seq[-depth:].clone()
+
+
+def xcorr_terms(a: Tensor, v: Tensor, max_lag: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The sums that make the normalised cross-correlation of a block of audio onsets `a` (N, T) with the
+    visual onsets `v` (N, T + 2 * max_lag) around it (max_lag grid steps before and after the block).
+
+    Returns (r, ea, ev): r (N, 2L + 1), where r[:, L + l] = sum_t a[t] * v[t - l] (lag l from -L to L: the
+    peak sits at the lag by which the audio comes late); ea (N,) the audio energy; ev (N, 2L + 1) the energy
+    of the video samples each lag uses. Each signal is centred on its own mean first. Sums of blocks add
+    up, so a long span is the sum of its blocks, and `pearson` turns the sums into a coefficient per lag.
+    """
+    if a.dim() != 2 or v.dim() != 2 or v.shape[1] != a.shape[1] + 2 * max_lag:
+        raise ValueError(f"expected a (N, T) and v (N, T + 2 * {max_lag}), got {tuple(a.shape)} and {tuple(v.shape)}")
+    a = a.to(torch.float64)
+    v = v.to(torch.float64)
+    a = a - a.mean(1, keepdim=True)
+    v = v - v.mean(1, keepdim=True)
+    t = a.shape[1]
+    span = 2 * max_lag + 1
+    size = 1 << (v.shape[1] + t).bit_length()  # zero padding: no circular wrap into the lags used
+    # c[k] = sum_t a[t] * v[t + k]; video index t + k is the time t - (L - k) of the block, i.e. lag L - k.
+    c = torch.fft.irfft(torch.fft.rfft(a, size).conj() * torch.fft.rfft(v, size), size)[:, :span]
+    csq = torch.nn.functional.pad(torch.cumsum(v * v, 1), (1, 0))
+    e = csq[:, t : t + span] - csq[:, :span]
+    return c.flip(1), (a * a).sum(1), e.flip(1)
+
+
+def pearson(r: Tensor, ea: Tensor, ev: Tensor) -> Tensor:
+    """Correlation coefficient per lag from summed `xcorr_terms`; 0 where a signal has no variance."""
+    scale = torch.sqrt(ea.unsqueeze(1) * ev)
+    return torch.where(scale > 0, r / scale.clamp_min(1e-300), torch.zeros_like(r))
+
+
+def peak_and_rival(r: Tensor, exclude: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best lag of each row of (N, L) correlations, its value, and the best value more than `exclude` lags
+    away from it (the strongest alternative explanation). Returns (index (N,), peak (N,), rival (N,))."""
+    idx = r.argmax(1)
+    peak = r.gather(1, idx.unsqueeze(1)).squeeze(1)
+    lags = torch.arange(r.shape[1], device=r.device).unsqueeze(0)
+    far = (lags - idx.unsqueeze(1)).abs() > exclude
+    rival = torch.where(far, r, torch.full_like(r, -1.0)).amax(1)
+    return idx, peak, rival
