@@ -61,7 +61,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # tests/media.py: the clip helpers the A/V sync tests use
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from cpu_vs_ffmpeg import cpu_model  # noqa: E402
 from media import decoded_audio, flash_and_beep, shift_audio, write_clip  # noqa: E402
 
 from engine.alerts import MemorySink  # noqa: E402
@@ -100,16 +102,6 @@ def samples_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------- facts
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tool_version(argv: list[str]) -> str:
