@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean audio-bench
+.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean audio-bench serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ dev: $(VENV)/.dev
 
 run: $(VENV)/.installed
 	$(BIN)/framewatch run
+
+# The service: API, mosaic page at http://127.0.0.1:8080/, /metrics, webhook delivery (Ctrl-C or SIGTERM drains)
+SERVE_CONFIG ?= configs/service.yaml
+serve: $(VENV)/.installed
+	$(BIN)/framewatch serve $(SERVE_CONFIG)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -8,6 +8,7 @@ frame. Status messages (connect, disconnect, errors, end of input) are never dro
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,6 +89,21 @@ class StreamQueue:
             self._status.append(status)
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def empty(self) -> bool:
+        """Nothing queued (read without the lock: a frame arriving meanwhile is simply taken next tick)."""
+        return not (self._video or self._audio or self._status)
+
+    def wait_taken(self, timeout: float) -> bool:
+        """Wait until every queued picture has been taken by the tick (False: timeout or closed)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._video and not self._closed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return not self._closed
 
     def drain(self, max_video: int) -> Drained:
         with self._cond:

@@ -95,6 +95,14 @@ def run(
             raise _fail(f"cannot write events to {target}: {exc}") from None
     memory = MemorySink()
     sinks.add(memory)
+    for i, w in enumerate(cfg.output.webhooks):
+        from engine.alerts.webhook import WebhookSink
+
+        try:
+            sinks.add(WebhookSink(w.url, cfg.output.outbox, name=w.name or f"webhook-{i + 1}", headers=dict(w.headers),
+                                  timeout=w.timeout, backoff_max=w.backoff_max))
+        except Exception as exc:
+            raise _fail(f"cannot open the webhook outbox {cfg.output.outbox}: {exc}") from None
     if not quiet:
         sinks.add(CallbackSink(lambda e: err.print(_pretty(e))))
     measure: MeasurementLog | None = None
@@ -145,6 +153,47 @@ def run(
         _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()], memory.events)
     if any(rt.state == "error" for rt in engine.streams.values()):
         raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Argument(help="config YAML (default: no streams; add them through the API)")] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind (default 127.0.0.1; others need a token)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8080)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="streams, alerts, outbox and thumbnails (default: config's service.state_dir)")] = None,
+    token: Annotated[str | None, typer.Option(help="bearer token the API requires; prefer FRAMEWATCH_TOKEN in the environment")] = None,
+) -> None:
+    """Run as a service: stream API, alert history and acks, /metrics, webhook delivery and the mosaic page at /."""
+    import os
+
+    from engine.config import FramewatchConfig
+    from engine.service import Service
+    from engine.service.app import is_loopback
+    from engine.service.app import serve as run_server
+
+    try:
+        cfg = load_config(config) if config is not None else FramewatchConfig()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    _setup_logging(cfg.output.log_level)
+    host = host or cfg.service.host
+    port = cfg.service.port if port is None else port
+    token = token or cfg.service.token or os.environ.get("FRAMEWATCH_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise _fail("the bearer token must have at least 16 characters")
+    if not is_loopback(host) and not token:
+        raise _fail(f"binding to {host} makes the API reachable from other machines: set a bearer token "
+                    "(FRAMEWATCH_TOKEN, service.token in the config, or --token)")
+    if not 0 <= port <= 65535:
+        raise _fail(f"port {port} is not a TCP port")
+    try:
+        service = Service(cfg, state_dir=state_dir, token=token)
+    except Exception as exc:
+        raise _fail(f"cannot open the service state in {state_dir or cfg.service.state_dir}: {exc}") from None
+    err.print(f"framewatch {__version__}: serving on http://{host}:{port}/ (API /api, metrics /metrics), "
+              f"state in {service.state_dir}, device {service.engine.device}"
+              + (", bearer token required" if token else ""), markup=False, highlight=False)
+    run_server(service, host, port, log_level=cfg.output.log_level)
 
 
 def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],

@@ -185,6 +185,27 @@ class EngineModel(_Strict):
         return v
 
 
+class WebhookModel(_Strict):
+    """An Alertmanager-compatible webhook receiver: every event goes out through a persistent outbox,
+    retried with exponential backoff until the receiver takes it."""
+
+    url: str = Field(description="http(s) URL the alerts are POSTed to (Alertmanager webhook JSON, version 4)")
+    name: str | None = Field(None, description="name in logs and metrics (default: webhook-N)")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers, e.g. Authorization")
+    timeout: float = Field(5.0, gt=0, le=300, description="seconds per POST")
+    backoff_max: float = Field(60.0, gt=0, le=3600, description="longest wait between retries, seconds")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        from urllib.parse import urlparse
+
+        u = urlparse(v.strip())
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError("webhook url must be an http:// or https:// URL with a host")
+        return v.strip()
+
+
 class OutputModel(_Strict):
     jsonl: str | None = Field("-", description="'-' for stdout, a file path, or null")
     thumbnails: str | None = Field(None, description="folder for alert thumbnails, or null")
@@ -193,8 +214,25 @@ class OutputModel(_Strict):
     measurements: str | None = Field(None, description="write each stream's loudness, true peak, A/V offset and "
                                                        "counters as JSON lines here ('-' = stdout), or null")
     measure_interval: float = Field(1.0, gt=0, le=3600, description="seconds of media time between measurements")
+    webhooks: list[WebhookModel] = Field(default_factory=list, description="Alertmanager-compatible receivers")
+    outbox: str = Field("framewatch-out/outbox.sqlite", description=(
+        "SQLite file of the webhook outbox for `run` (`serve` keeps it in its state database)"))
     summary: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+
+
+class ServiceModel(_Strict):
+    """`framewatch serve`: the API, the mosaic page and /metrics, in the engine's process."""
+
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback requires a token")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port)")
+    token: str | None = Field(None, min_length=16, description=(
+        "bearer token the API requires (or the FRAMEWATCH_TOKEN environment variable); at least 16 characters"))
+    state_dir: str = Field("framewatch-out/service", description=(
+        "streams, alert history, acks, the webhook outbox (state.sqlite) and alert thumbnails"))
+    external_url: str = Field("", description="URL the service is reached at, for links in webhook alerts")
+    drain_timeout: float = Field(10.0, ge=0, le=600, description=(
+        "seconds a SIGTERM waits for the webhook outbox to empty before exiting"))
 
 
 class FramewatchConfig(_Strict):
@@ -205,6 +243,7 @@ class FramewatchConfig(_Strict):
     detectors: DetectorsModel = Field(default_factory=DetectorsModel)  # type: ignore[valid-type]
     profiles: dict[str, ProfileModel] = Field(default_factory=dict)
     streams: list[StreamModel] = Field(default_factory=list)
+    service: ServiceModel = Field(default_factory=ServiceModel)
     duration: float | None = Field(None, gt=0, description="stop after this many seconds (run)")
 
     @model_validator(mode="after")
@@ -221,6 +260,8 @@ class FramewatchConfig(_Strict):
 
 def _unknown(what: str, name: str, known: typing.Iterable[str]) -> str:
     known = sorted(known)
+    if not known:
+        return f"unknown {what} {name!r}; none is configured"
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
     return f"unknown {what} {name!r}{hint}"
@@ -343,31 +384,34 @@ def resolve_detectors(
 
 
 def stream_specs(cfg: FramewatchConfig) -> list[StreamSpec]:
-    specs = []
-    for s in cfg.streams:
-        opts = SourceOptions(pace=s.pace, **{"decoder": cfg.engine.decoder, **s.options})  # type: ignore[arg-type]
-        profile = cfg.profiles.get(s.profile)
-        opts.tier = s.tier or (profile.tier if profile is not None and profile.tier else "all")
-        detectors = resolve_detectors(cfg, s.profile, s.detectors, where=f"streams.{s.id}")
-        if opts.tier != "all":
-            every = [n for n, c in detectors.items() if c.enabled and REGISTRY[n].NEEDS_EVERY_FRAME]
-            if every:
-                raise ConfigError(
-                    f"streams.{s.id}: tier {opts.tier} decodes only some frames, but detector(s) {', '.join(every)} "
-                    "need every frame; disable them for this stream (detectors: {name: {enabled: false}}) or use tier all"
-                )
-        specs.append(
-            StreamSpec(
-                id=s.id,
-                url=s.url,
-                detectors=detectors,
-                source=opts,
-                faults=[f.model_dump() for f in s.faults] or None,
-                profile=s.profile,
-                expect=s.expect.model_dump() if s.expect is not None else None,
+    return [stream_spec(cfg, s) for s in cfg.streams]
+
+
+def stream_spec(cfg: FramewatchConfig, s: StreamModel) -> StreamSpec:
+    """The engine's view of one configured stream. Raises ConfigError (an unknown profile, detector values
+    that do not hold, a detector the stream's tier cannot feed)."""
+    if s.profile != "default" and s.profile not in cfg.profiles:
+        raise ConfigError(f"streams.{s.id}.profile: " + _unknown("profile", s.profile, cfg.profiles))
+    opts = SourceOptions(pace=s.pace, **{"decoder": cfg.engine.decoder, **s.options})  # type: ignore[arg-type]
+    profile = cfg.profiles.get(s.profile)
+    opts.tier = s.tier or (profile.tier if profile is not None and profile.tier else "all")
+    detectors = resolve_detectors(cfg, s.profile, s.detectors, where=f"streams.{s.id}")
+    if opts.tier != "all":
+        every = [n for n, c in detectors.items() if c.enabled and REGISTRY[n].NEEDS_EVERY_FRAME]
+        if every:
+            raise ConfigError(
+                f"streams.{s.id}: tier {opts.tier} decodes only some frames, but detector(s) {', '.join(every)} "
+                "need every frame; disable them for this stream (detectors: {name: {enabled: false}}) or use tier all"
             )
-        )
-    return specs
+    return StreamSpec(
+        id=s.id,
+        url=s.url,
+        detectors=detectors,
+        source=opts,
+        faults=[f.model_dump() for f in s.faults] or None,
+        profile=s.profile,
+        expect=s.expect.model_dump() if s.expect is not None else None,
+    )
 
 
 def json_schema() -> dict[str, Any]:

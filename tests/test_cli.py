@@ -163,7 +163,7 @@ def test_config_schema_prints_json(cli):
     proc = cli["schema"].result()
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
-    assert set(schema["properties"]) == {"engine", "output", "detectors", "profiles", "streams", "duration"}
+    assert set(schema["properties"]) == {"engine", "output", "detectors", "profiles", "streams", "service", "duration"}
     assert "pic_th" in proc.stdout and "coded_mafd" in proc.stdout
 
 

@@ -243,7 +243,7 @@ def test_json_schema_is_json_and_names_detector_options():
     text = json.dumps(schema)
     assert json.loads(text) == schema
     assert schema["type"] == "object"
-    assert set(schema["properties"]) == {"engine", "output", "detectors", "profiles", "streams", "duration"}
+    assert set(schema["properties"]) == {"engine", "output", "detectors", "profiles", "streams", "service", "duration"}
     for option in ("pic_th", "pix_th", "coded_mafd", "noise_db", "onset", "recovery", "ignore"):
         assert f'"{option}"' in text, option
     for name in ALL_DETECTORS:

@@ -35,6 +35,8 @@ class NoSignalDetector(Detector):
         self.last_end: float | None = None  # media time at which the last frame ended
         self.open: Event | None = None
         self.started_wall: float | None = None
+        self.opened_wall = 0.0  # wall-clock time the open event fired
+        self.outage_end = 0.0  # media time up to which pictures came out before the outage, late ones too
         self.spacing = 0.0  # seconds between decoded pictures in a sparse tier
 
     def threshold(self) -> float:
@@ -46,9 +48,11 @@ class NoSignalDetector(Detector):
     def on_video(self, m: VideoMetrics) -> None:
         first = float(m.pts[0])
         if self.open is not None:
-            # The first frame after the outage (frames that arrived before it may be scored only now).
-            after = m.pts[m.pts >= self.open.start - 1e-6]
-            if after.size == 0:
+            # The first frame after the outage. Only something that arrived after the event fired brings the
+            # signal back: pictures that came out before it but are scored only now, and pictures a source
+            # hands out late (what a demuxer had buffered when the input stalled), are from before the outage.
+            after = m.pts[m.pts >= self.outage_end - 1e-6]
+            if after.size == 0 or not self._arrived_since_open():
                 self.last_end = float(m.pts[-1] + m.duration[-1])
                 return
             self._emit(self.open.resolved(float(after[0])))
@@ -69,15 +73,22 @@ class NoSignalDetector(Detector):
         so the wall-clock onset is at least 2.5 picture spacings there."""
         return max(self.config.onset, 2.5 * self.spacing)
 
+    def _arrived_since_open(self) -> bool:
+        arrival = self.ctx.extra.get("last_arrival")
+        return arrival is not None and arrival > self.opened_wall
+
     def on_tick(self, wallclock: float, media_time: float) -> None:
         """Called every engine tick; `media_time` is the end of the last frame that arrived."""
         last_arrival = self.ctx.extra.get("last_arrival")
         if self.started_wall is None:
             self.started_wall = wallclock
+        if self.open is not None and not self._arrived_since_open():
+            self.outage_end = max(self.outage_end, media_time)
         if not self.ctx.live or self.open is not None:
             return
         since = wallclock - (last_arrival if last_arrival is not None else self.started_wall)
         if since >= self.onset():
+            self.opened_wall, self.outage_end = wallclock, media_time
             self.open = self._make_event(media_time, since)
             self._emit(self.open)
 

@@ -63,12 +63,23 @@ class Timeline:
     """
 
     JUMP = 5.0
+    # Live pictures come out of the decoder in presentation order and audio in sample order, so a live
+    # stream's time never steps back by more than a few reordered frames: a bigger step back is a sender that
+    # restarted its clock (a fresh encoder starts near zero), however short the stream ran before it.
+    BACK = 1.0
 
     def __init__(self, live: bool) -> None:
         self.live = live
         self.origin: float | None = None
+        # The origin before the last live reset, until the first picture of the new timestamps: the decoder
+        # still holds a few pictures of the old ones when the new packets (often audio first) arrive, and
+        # those keep their place instead of counting as another reset.
+        self.prev_origin: float | None = None
         self.last: float | None = None  # last normalised time handed out
         self.last_wall: float | None = None
+        # Where a new connection's time resumes (after the outage): the first pictures of the connection
+        # continue from here, however long the outage, so they are no timestamp reset.
+        self.resume: float | None = None
         self.resets = 0  # live timestamp discontinuities re-anchored on
 
     def anchor(self, raw: float | None, duration: float, wall: float) -> None:
@@ -80,7 +91,21 @@ class Timeline:
             self.origin = raw if raw is not None else 0.0
         else:
             gap = max(duration, wall - (self.last_wall or wall))
-            self.origin = (raw if raw is not None else 0.0) - (self.last + gap)
+            self.resume = self.last + gap
+            self.origin = (raw if raw is not None else 0.0) - self.resume
+
+    def discontinuous(self, t: float, expected: float) -> bool:
+        """Whether a live time `t`, where about `expected` was due, comes from reset timestamps."""
+        return self.live and (t < expected - self.BACK or t > expected + self.JUMP)
+
+    def continue_after(self, raw: float, expected: float, wall: float, min_gap: float) -> float:
+        """Time of `raw`, the first timestamp seen after a live discontinuity: re-anchors after `expected`
+        plus the wall-clock time since the last item arrived (the outage, if any), at least `min_gap`."""
+        self.resets += 1
+        gap = max(min_gap, wall - (self.last_wall or wall))
+        self.prev_origin = self.origin
+        self.origin = raw - (expected + gap)
+        return expected + gap
 
     def map(self, raw: float | None, duration: float, wall: float) -> float:
         self.anchor(raw, duration, wall)
@@ -89,13 +114,16 @@ class Timeline:
         else:
             t = raw - self.origin
             if self.last is not None:
-                jumped = t < self.last - self.JUMP or t > self.last + self.JUMP
-                if self.live and jumped:
-                    self.resets += 1
-                    gap = max(duration, wall - (self.last_wall or wall))
-                    self.origin = raw - (self.last + gap)
-                    t = self.last + gap
-                elif t < self.last + 0.25 * duration:
+                expected = self.last if self.resume is None else max(self.last, self.resume)
+                if self.prev_origin is not None:
+                    old = raw - self.prev_origin
+                    if abs(old - expected) < abs(t - expected):
+                        t = old
+                    else:
+                        self.prev_origin = None
+                if self.discontinuous(t, expected):
+                    t = self.continue_after(raw, expected, wall, duration)
+                if t < self.last + 0.25 * duration:
                     # Out-of-order or repeated timestamps (guessed AVI times, pts = dts): keep cadence.
                     t = self.last + duration
         self.last = t
@@ -105,6 +133,7 @@ class Timeline:
     def reconnected(self) -> None:
         """A new connection brings new timestamps: re-anchor on its first one."""
         self.origin = None
+        self.prev_origin = None
 
 
 class AudioClock:
@@ -125,10 +154,18 @@ class AudioClock:
     def map(self, raw: float | None, samples: int, wall: float | None = None) -> tuple[float, bool]:
         """Start time of a chunk of `samples`, and whether it is discontinuous with the previous one."""
         tl = self.timeline
+        wall = time.time() if wall is None else wall
         t = None
         if raw is not None:
-            tl.anchor(raw, samples / self.rate, time.time() if wall is None else wall)
+            tl.anchor(raw, samples / self.rate, wall)
             t = raw - tl.origin
+            if self.next is not None and tl.discontinuous(t, self.next) and (tl.last is None or tl.discontinuous(t, tl.last)):
+                # The audio of a restarted sender often arrives before its first picture: re-anchor here, or
+                # the audio would run seconds behind (or ahead of) the pictures from now on. Continue after
+                # whichever of the two got furthest. (Audio back in step with the pictures after a long hole
+                # in the audio alone is a gap, not a reset.)
+                expected = max(self.next, tl.last) if tl.last is not None else self.next
+                t = tl.continue_after(raw, expected, wall, 0.0)
         jump = False
         self.jump_size = 0.0
         if self.next is None:
@@ -140,4 +177,6 @@ class AudioClock:
             start = self.next
         self.drift = None if t is None else start - t
         self.next = start + samples / self.rate
+        # An audio-only stream has no pictures to measure an outage from.
+        tl.last_wall = wall
         return start, jump

@@ -19,6 +19,11 @@ from engine.sources.base import AudioClock, Source, SourceError, SourceOptions, 
 log = logging.getLogger(__name__)
 
 LIVE_SCHEMES = {"udp", "rtp", "srt", "rtmp", "rtmps", "rtsp", "rtsps", "tcp", "http", "https", "hls"}
+# Protocols whose sender sets the pace: media arrives as it is produced. Holding their frames back to media
+# time only moves any backlog (a sender faster than real time, a sender clock running fast) into the socket
+# buffer, where every later frame waits behind it and an outage hides behind stale pictures for as long as
+# the backlog lasts. Pulled inputs (HLS, HTTP) fetch whole segments at once and are still held to media time.
+SENDER_PACED = {"udp", "rtp", "srt", "tcp", "rtmp", "rtmps", "rtsp", "rtsps"}
 
 
 def is_live_url(url: str) -> bool:
@@ -108,6 +113,9 @@ class MediaSource(Source):
                 container.close()
             if finished or not self.live or not self.options.reconnect:
                 break
+            # The tick handles a drain's news before its pictures: the pictures that came before the end (the
+            # decoder's last ones) must be taken first, or they would count as the signal coming back.
+            queue.wait_taken(1.0)
             queue.put_status(SourceStatus("disconnected", "input ended or stalled; reconnecting", time.time()))
             if stop.wait(delay):
                 break
@@ -163,13 +171,16 @@ class MediaSource(Source):
             info.audio_rate = as_.codec_context.sample_rate
         if container.duration is not None:
             info.duration = container.duration / 1_000_000
-        if not self.live and timeline.origin is None:
+        if timeline.origin is None and timeline.last is None:
+            # The earliest stream starts at 0: anchoring on whichever packet comes first would put the other
+            # stream's first items (AAC priming comes before the first picture) at negative times.
             starts = [float(s.start_time * s.time_base) for s in (vs, as_) if s is not None and s.start_time is not None]
-            if starts:
+            if starts and (not self.live or max(starts) - min(starts) < Timeline.JUMP):
                 timeline.origin = min(starts)
         queue.put_status(SourceStatus("connected", "", time.time(), info=info))
         clock = AudioClock(timeline, AUDIO_RATE)
-        realtime = self.realtime
+        realtime = self.realtime and not (
+            self.options.pace == "auto" and urlparse(self.url).scheme.lower() in SENDER_PACED)
         wall0: float | None = None
         media0 = 0.0
         counters = queue.counters
@@ -188,27 +199,37 @@ class MediaSource(Source):
 
         last_pts: list[float] = []
         resets_seen = [timeline.resets]
+        # Wall-clock time of the last item that came in as it arrived. Late items (see below) are put on the
+        # timeline as of then and do not count as arrivals: the signal was gone when they came out.
+        fresh = [time.time()]
 
-        def push_video(items) -> None:
+        def push_video(items, late: bool = False) -> None:
             for raw, frame in items:
-                now = time.time()
+                now = fresh[0] if late else time.time()
+                fresh[0] = now
                 frame.pts = timeline.map(raw, frame.duration, now)
                 if tiers is not None:
                     # A frame of a sparse tier stands for the time since the previous decoded one.
                     if last_pts and frame.pts > last_pts[0]:
                         frame.duration = frame.pts - last_pts[0]
                     last_pts[:] = [frame.pts]
+                if (frame.width, frame.height) != (info.width, info.height):
+                    # The sender changed the picture size within the connection (the decoder follows it).
+                    log.info("%s: picture size %sx%s -> %dx%d", self.url, info.width, info.height, frame.width, frame.height)
+                    info.width, info.height = frame.width, frame.height
                 frame.index = counters.video_frames
                 counters.video_frames += 1
                 counters.timestamp_resets = timeline.resets
                 if frame.corrupt:
                     counters.corrupt_frames += 1
                 pace(frame.pts)
-                queue.put_video(frame, now)
+                queue.put_video(frame, None if late else now)
 
-        def push_audio(items) -> None:
+        def push_audio(items, late: bool = False) -> None:
             for raw, chunk in items:
-                chunk.pts, jumped = clock.map(raw, chunk.samples.shape[-1])
+                now = fresh[0] if late else time.time()
+                fresh[0] = now
+                chunk.pts, jumped = clock.map(raw, chunk.samples.shape[-1], now)
                 chunk.drift = clock.drift
                 if jumped:
                     chunk.jump = clock.jump_size
@@ -219,28 +240,66 @@ class MediaSource(Source):
                 if timeline.resets != resets_seen[0]:
                     chunk.reset = True
                     resets_seen[0] = timeline.resets
+                    counters.timestamp_resets = timeline.resets
                 counters.audio_chunks += 1
-                queue.put_audio(chunk, time.time())
+                queue.put_audio(chunk, None if late else now)
 
+        def take(packet: av.Packet, late: bool = False) -> None:
+            if packet.stream is vs:
+                if tiers is not None and not tiers.keep(memoryview(packet), packet.is_keyframe):
+                    counters.packets_skipped += 1
+                    return
+                push_video(vdec.decode(packet), late)
+                counters.decode_errors = vdec.errors + (adec.errors if adec else 0)
+            elif packet.stream is as_:
+                push_audio(adec.decode(packet), late)
+                counters.decode_errors = (vdec.errors if vdec else 0) + adec.errors
+
+        def stalled(held: list[av.Packet]) -> None:
+            """Everything received before a live input stalled or ended after a stall, analysed as late."""
+            for p in held:
+                take(p, late=True)
+            if vdec is not None:
+                push_video(vdec.flush(), late=True)
+            if adec is not None:
+                push_audio(adec.flush(), late=True)
+
+        # When a live read times out (or the input ends), the demuxer first hands out what it still had
+        # buffered (MPEG-TS completes its last PES packets): pictures from before the outage, seconds late,
+        # that would count as the signal coming back. So packets that come after a long wait are held until
+        # the input either fails right after them (they are late) or shows it is alive by bringing more
+        # packets than it has streams. A live stream's packets never wait that long otherwise.
+        held: list[av.Packet] = []
+        long_wait = 0.5 * self.options.read_timeout
+        alive_after = len(container.streams) + 1
+        packets = container.demux(*streams)
         try:
-            for packet in container.demux(*streams):
+            while True:
+                asked = time.monotonic()
+                packet = next(packets, None)
+                if packet is None:
+                    break
                 if stop.is_set() or queue.closed:
                     return True
                 if packet.size == 0:
                     continue  # demuxer's end-of-stream marker; decoders are flushed below
-                if packet.stream is vs:
-                    if tiers is not None and not tiers.keep(memoryview(packet), packet.is_keyframe):
-                        counters.packets_skipped += 1
+                if self.live and (held or time.monotonic() - asked >= long_wait):
+                    held.append(packet)
+                    if len(held) <= alive_after:
                         continue
-                    push_video(vdec.decode(packet))
-                    counters.decode_errors = vdec.errors + (adec.errors if adec else 0)
-                elif packet.stream is as_:
-                    push_audio(adec.decode(packet))
-                    counters.decode_errors = (vdec.errors if vdec else 0) + adec.errors
+                    for p in held:
+                        take(p)
+                    held.clear()
+                    continue
+                take(packet)
         except av.error.EOFError:
             pass
         except (av.error.ExitError, TimeoutError, av.error.OSError) as exc:
             if self.live:
+                stalled(held)
+                # The tick handles a drain's news before its pictures: the late pictures are taken first, or
+                # they would count as the signal coming back after the disconnect.
+                queue.wait_taken(1.0)
                 queue.put_status(SourceStatus("disconnected", describe_error(exc), time.time()))
                 return False
             raise
@@ -249,6 +308,9 @@ class MediaSource(Source):
             counters.decode_errors += 1
             queue.put_status(SourceStatus("error", f"input damaged, stopped reading: {describe_error(exc)}", time.time()))
             return True
+        if held:  # the input ended right after a stall
+            stalled(held)
+            return not self.live
         if vdec is not None:
             push_video(vdec.flush())
         if adec is not None:

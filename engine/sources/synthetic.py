@@ -275,15 +275,20 @@ class SyntheticSource(Source):
             if gen.fault("nosignal", t):
                 n += 1
                 continue
-            y = gen.luma(n)
-            black = gen.fault("black", t) is not None
-            frame = VideoFrame(pts=t, duration=dur, luma=y, small=small_of(y), rgb=gen.rgb_fn(y, black),
-                               key_frame=True, index=n)
-            a, b = round(n * AUDIO_RATE / s.fps), round((n + 1) * AUDIO_RATE / s.fps)
             now = time.time()
-            queue.counters.video_frames += 1
-            queue.put_video(frame, now)
-            queue.counters.audio_chunks += 1
-            queue.put_audio(AudioChunk(pts=a / AUDIO_RATE, samples=gen.audio(a, b), layout="stereo" if s.channels == 2 else ("mono" if s.channels == 1 else f"{s.channels}c")), now)
+            # The source options' video/audio switches hold here as for real inputs (load tests, video-only
+            # monitoring): the time line runs on either way.
+            if self.options.video:
+                y = gen.luma(n)
+                black = gen.fault("black", t) is not None
+                frame = VideoFrame(pts=t, duration=dur, luma=y, small=small_of(y), rgb=gen.rgb_fn(y, black),
+                                   key_frame=True, index=n)
+                queue.counters.video_frames += 1
+                queue.put_video(frame, now)
+            if self.options.audio:
+                a, b = round(n * AUDIO_RATE / s.fps), round((n + 1) * AUDIO_RATE / s.fps)
+                layout = "stereo" if s.channels == 2 else ("mono" if s.channels == 1 else f"{s.channels}c")
+                queue.counters.audio_chunks += 1
+                queue.put_audio(AudioChunk(pts=a / AUDIO_RATE, samples=gen.audio(a, b), layout=layout), now)
             n += 1
         queue.put_status(SourceStatus("eof", "", time.time()))

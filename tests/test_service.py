@@ -1,0 +1,320 @@
+"""`framewatch serve` in-process: the stream API, validation, alert history and acks, thumbnails, metrics,
+health, security, and the state that survives a restart. (The page: test_mosaic.py; SIGTERM, crashes and the
+webhook from a real process: test_serve_process.py; live inputs: test_live_ingest.py.)"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from waiting import wait_until
+
+from engine.config import load_config
+from engine.service import Service
+from engine.service.app import create_app, is_loopback
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SYN = "synthetic://{name}?size=128x72&fps=10&duration=0&seed={seed}"
+TOKEN = "t0ken-for-tests-0123456789"
+
+
+
+
+def config(streams: str = "", extra: str = "") -> object:
+    return load_config(text=f"output: {{jsonl: null}}\nprofiles: {{quiet: {{only: [black, no_signal]}}}}\n{extra}\n"
+                            f"streams:{streams or ' []'}\n")
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    cfg = config(f"""
+  - {{id: news, url: "{SYN.format(name='news', seed=1)}", faults: [{{kind: black, start: 1, duration: 3}}]}}
+""")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as c:
+        c.service = svc  # type: ignore[attr-defined]
+        yield c
+
+
+def test_streams_add_get_change_remove(client: TestClient) -> None:
+    r = client.post("/api/streams", json={"id": "kids", "url": SYN.format(name="kids", seed=2), "profile": "quiet"})
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == "kids" and r.json()["profile"] == "quiet"
+    assert {s["id"] for s in client.get("/api/streams").json()} == {"news", "kids"}
+    s = wait_until(lambda: (x := client.get("/api/streams/kids").json())["state"] == "running" and x["fps"] > 5 and x)
+    assert (s["level"], s["decoder"], s["tier"], s["device"]) == ("ok", "synthetic", "all", "cpu")
+    assert s["info"]["width"] == 128 and s["info"]["height"] == 72
+    assert s["config"] == {"id": "kids", "url": SYN.format(name="kids", seed=2), "profile": "quiet"}
+    assert s["loudness"] is not None and s["loudness"]["momentary"] == pytest.approx(-20, abs=1.5)
+    assert -20 < s["loudness"]["max_true_peak_dbtp"] < 0
+    assert s["av_sync"] is None  # not in the 'quiet' profile; the default one has it:
+    assert set(client.get("/api/streams/news").json()["av_sync"]) == {"offset", "confidence", "timestamp_drift"}
+    # Same id twice: refused, the running stream untouched.
+    assert client.post("/api/streams", json={"id": "kids", "url": SYN.format(name="x", seed=3)}).status_code == 409
+    # A change is a merge patch and restarts the stream with it.
+    r = client.patch("/api/streams/kids", json={"faults": [{"kind": "black", "start": 0.5, "duration": 3}]})
+    assert r.status_code == 200, r.text
+    cfgd = client.get("/api/streams/kids").json()["config"]
+    assert cfgd["profile"] == "quiet" and cfgd["faults"][0]["kind"] == "black"
+    wait_until(lambda: any(a["type"] == "black" and a["stream"] == "kids" for a in client.get("/api/alerts").json()))
+    assert client.patch("/api/streams/kids", json={"profile": None}).json()["profile"] == "default"
+    assert client.patch("/api/streams/kids", json={"id": "other"}).status_code == 422
+    assert client.delete("/api/streams/kids").status_code == 204
+    assert client.get("/api/streams/kids").status_code == 404
+    assert client.delete("/api/streams/kids").status_code == 404
+    assert client.patch("/api/streams/kids", json={"url": "x"}).status_code == 404
+    assert [s["id"] for s in client.get("/api/streams").json()] == ["news"]
+
+
+@pytest.mark.parametrize("body, loc, words", [
+    ({"id": "a b", "url": "udp://127.0.0.1:5000"}, ["body", "id"], "stream id must be"),
+    ({"url": "udp://127.0.0.1:5000"}, ["body", "id"], "Field required"),
+    ({"id": "a", "url": ""}, ["body", "url"], "must not be empty"),
+    ({"id": "a", "url": "gopher://x"}, ["body", "url"], "unsupported URL scheme 'gopher'"),
+    ({"id": "a", "url": "synthetic://x?size=7x7"}, ["body", "url"], "synthetic size"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "profile": "loud"}, ["body", "profile"], "unknown profile 'loud'"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "options": {"speed": 2}}, ["body", "options"], "unknown source option 'speed'"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "detectors": {"black": {"onst": 1}}},
+     ["body", "detectors", "black", "onst"], "Extra inputs"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "detectors": {"black": {"pix_th": "dark"}}},
+     ["body", "detectors", "black", "pix_th"], "valid number"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "tier": "keyframes"}, ["body"], "need every frame"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "colour": "red"}, ["body", "colour"], "Extra inputs"),
+])
+def test_bad_bodies_get_422_with_field_and_reason(client: TestClient, body: dict, loc: list, words: str) -> None:
+    r = client.post("/api/streams", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"] == loc and words in err["msg"], err
+    assert [s["id"] for s in client.get("/api/streams").json()] == ["news"]  # nothing half-added
+
+
+def test_not_json_and_wrong_types_are_refused(client: TestClient) -> None:
+    assert client.post("/api/streams", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/api/streams", json=["a"]).status_code == 422
+    assert client.post("/api/streams", content=b"x" * 300_000, headers={"content-type": "application/json"}).status_code == 413
+    assert client.get("/api/streams/..%2F..%2Fetc").status_code == 404
+
+
+def test_unreachable_url_is_accepted_and_reported_as_no_signal(client: TestClient) -> None:
+    r = client.post("/api/streams", json={"id": "gone", "url": "tcp://127.0.0.1:9",
+                                          "options": {"open_timeout": 0.5, "read_timeout": 0.5, "backoff_max": 1}})
+    assert r.status_code == 201
+    s = wait_until(lambda: (x := client.get("/api/streams/gone").json())["state"] == "no_signal"
+                   and x["active_alerts"] and x, timeout=20)
+    assert s["level"] == "alarm" and s["active_alerts"][0]["type"] == "no_signal"
+    assert s["active_alerts"][0]["severity"] == "critical"
+    # The other stream carries on.
+    assert client.get("/api/streams/news").json()["state"] == "running"
+    ok, problems = client.service.readiness()  # type: ignore[attr-defined]
+    assert ok, problems
+
+
+def test_alert_history_filters_ack_and_thumbnails(client: TestClient) -> None:
+    a = wait_until(lambda: [x for x in client.get("/api/alerts?stream=news&type=black").json() if x["status"] == "resolved"])[0]
+    # The event schema of the JSONL sink, plus history fields.
+    for key in ("id", "stream", "type", "status", "start", "end", "duration", "wallclock", "value", "threshold",
+                "severity", "detector_version", "thumbnail", "message", "details"):
+        assert key in a
+    assert (a["type"], a["severity"], a["acknowledged"]) == ("black", "critical", False)
+    assert a["start"] == pytest.approx(1.0, abs=0.11) and a["end"] == pytest.approx(4.0, abs=0.11)
+    assert client.get("/api/alerts?status=firing&type=black").json() == []
+    assert client.get("/api/alerts?stream=nope").json() == []
+    assert client.get("/api/alerts?since=2999-01-01T00:00:00Z").json() == []
+    assert [x["id"] for x in client.get(f"/api/alerts?since={time.time() - 600}").json()] == [a["id"]]
+    assert client.get("/api/alerts?since=yesterday").status_code == 422
+    assert client.get("/api/alerts?status=maybe").status_code == 422
+    assert client.get("/api/alerts?limit=0").status_code == 422
+    r = client.post(f"/api/alerts/{a['id']}/ack", json={"by": "night shift", "comment": "seen"})
+    assert r.status_code == 200 and r.json()["acknowledged"] and r.json()["acked_by"] == "night shift"
+    first = r.json()["acked_at"]
+    assert client.post(f"/api/alerts/{a['id']}/ack", json={"by": "someone else"}).json()["acked_by"] == "night shift"
+    assert client.get(f"/api/alerts/{a['id']}").json()["acked_at"] == first
+    assert [x["id"] for x in client.get("/api/alerts?status=acknowledged").json()] == [a["id"]]
+    assert client.post("/api/alerts/ffffffffffffffff/ack").status_code == 404
+    assert client.post(f"/api/alerts/{a['id']}/ack", json={"by": 5}).status_code == 422
+    # Thumbnails: the alert's (a JPEG of the black picture) and the stream's current picture.
+    r = client.get(a["thumbnail_url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+    r = client.get("/api/streams/news/thumbnail.jpg")
+    assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+
+
+def test_thumbnails_only_from_the_service_store(client: TestClient, tmp_path: Path) -> None:
+    """A thumbnail path in the database that points elsewhere (a tampered or moved store) is never served."""
+    a = wait_until(lambda: client.get("/api/alerts?type=black").json())[0]
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"\xff\xd8 not yours")
+    svc = client.service  # type: ignore[attr-defined]
+    for bad in (str(secret), str(svc.thumbs_dir / ".." / ".." / "secret.jpg"), "/etc/passwd"):
+        with sqlite3.connect(svc.store.path) as db:
+            db.execute("UPDATE alerts SET event = json_set(event, '$.thumbnail', ?) WHERE id = ?", (bad, a["id"]))
+        assert client.get(f"/api/alerts/{a['id']}/thumbnail.jpg").status_code == 404
+    assert client.get("/api/alerts/..%2F..%2Fetc%2Fpasswd/thumbnail.jpg").status_code == 404
+    assert client.get("/static/../state/state.sqlite").status_code == 404
+
+
+def test_metrics_exports_what_operators_scrape(client: TestClient) -> None:
+    wait_until(lambda: client.get("/api/alerts?type=black&status=resolved").json())
+    client.post("/api/streams", json={"id": "gone", "url": "tcp://127.0.0.1:9",
+                                      "options": {"open_timeout": 0.5, "read_timeout": 0.5}})
+    wait_until(lambda: client.get("/api/streams/gone").json()["active_alerts"])
+    wait_until(lambda: 'framewatch_stream_fps{stream="news"} 0.0' not in client.get("/metrics").text)
+    text = client.get("/metrics").text
+    for name in ('framewatch_frames_decoded_total{stream="news"}', 'framewatch_frames_dropped_total{stream="news"}',
+                 'framewatch_decode_errors_total{stream="news"}', 'framewatch_reconnects_total{stream="gone"}',
+                 'framewatch_alerts_active{severity="critical",stream="gone",type="no_signal"} 1.0',
+                 'framewatch_alerts_total{type="black"} 1.0', "framewatch_detection_latency_seconds_bucket",
+                 'framewatch_stream_fps{stream="news"}', 'framewatch_loudness_lufs{stream="news",window="short_term"}',
+                 "framewatch_build_info{", "process_resident_memory_bytes"):
+        assert name in text, name
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['framewatch_frames_decoded_total{stream="news"}'] > 10
+    assert 5 < values['framewatch_stream_fps{stream="news"}'] < 15
+    # Black at 1.0 s, onset 2 s of the defaults... the alert fired some media seconds after the fault began.
+    assert values["framewatch_detection_latency_seconds_count"] >= 2
+    assert 0 < values["framewatch_detection_latency_seconds_sum"] < 30
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/livez").json() == {"status": "alive"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_token_required_when_set(tmp_path: Path) -> None:
+    svc = Service(config(), state_dir=tmp_path, token=TOKEN)
+    with TestClient(create_app(svc)) as c:
+        assert c.get("/api/streams").status_code == 401
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/api/streams", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        assert c.get("/api/streams", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert c.get("/api/streams", cookies={"framewatch_token": TOKEN}).status_code == 200
+        assert c.get(f"/metrics?access_token={TOKEN}").status_code == 200
+        assert c.post("/api/streams", json={"id": "a", "url": SYN.format(name="a", seed=1)}).status_code == 401
+        assert c.get("/livez").status_code == 200 and c.get("/readyz").status_code == 200
+        assert c.get("/api/streams").headers["www-authenticate"] == "Bearer"
+
+
+def test_serve_refuses_open_binding_without_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    monkeypatch.delenv("FRAMEWATCH_TOKEN", raising=False)
+    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "set a bearer token" in r.output
+    r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--token", "short", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "at least 16 characters" in r.output
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    """Streams (added, changed, removed through the API) and alert history with acks come back; alerts open
+    at shutdown were resolved once, said to be a shutdown, and nothing is duplicated."""
+    state = tmp_path / "state"
+    cfg = config(f"""
+  - {{id: a, url: "{SYN.format(name='a', seed=1)}"}}
+  - {{id: b, url: "{SYN.format(name='b', seed=2)}"}}
+""")
+    svc = Service(cfg, state_dir=state)
+    with TestClient(create_app(svc)) as c:
+        c.post("/api/streams", json={"id": "c", "url": SYN.format(name="c", seed=3),
+                                     "faults": [{"kind": "black", "start": 0.5, "duration": 3600}]})
+        c.patch("/api/streams/a", json={"profile": "quiet"})
+        c.delete("/api/streams/b")
+        firing = wait_until(lambda: c.get("/api/alerts?status=firing&stream=c").json())[0]
+        c.post(f"/api/alerts/{firing['id']}/ack", json={"by": "op"})
+    # Stopped: the open alert was resolved as a shutdown (once).
+    svc2 = Service(cfg, state_dir=state)
+    with TestClient(create_app(svc2)) as c:
+        ids = sorted(s["id"] for s in c.get("/api/streams").json())
+        assert ids == ["a", "c"]  # b stays removed although the config lists it
+        assert c.get("/api/streams/a").json()["profile"] == "quiet"  # the API's change wins over the file
+        old = c.get(f"/api/alerts/{firing['id']}").json()
+        assert old["status"] == "resolved" and old["details"]["resolution"] == "shutdown"
+        assert old["acknowledged"] and old["acked_by"] == "op" and "service shut down" in old["message"]
+        # The fault is still there after the restart: a new alert, not the old one again.
+        new = wait_until(lambda: c.get("/api/alerts?status=firing&stream=c").json())[0]
+        assert new["id"] != firing["id"] and new["run"] != old["run"]
+        hist = c.get("/api/alerts?stream=c&type=black").json()
+        assert sorted(a["id"] for a in hist) == sorted({firing["id"], new["id"]})
+    with sqlite3.connect(state / "state.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM alerts WHERE status = 'firing'").fetchone()[0] == 0
+
+
+def test_alerts_left_firing_by_a_killed_process_are_resolved_once_at_start(tmp_path: Path) -> None:
+    from engine.events import Event, Severity, Status
+    from engine.service.store import StateStore
+
+    store = StateStore(tmp_path / "state.sqlite")
+    ev = Event(id="abcdef0123456789", stream="a", type="freeze", status=Status.FIRING, start=12.0, end=None,
+               duration=None, wallclock="2026-01-01T00:00:00.000Z", value=3.0, threshold=2.0,
+               severity=Severity.CRITICAL, detector_version="1", message="picture frozen")
+    store.record(ev, "earlier-run")
+    store.put_stream("a", {"id": "a", "url": SYN.format(name="a", seed=1)})
+    store.note_media_times({"a": 30.5})
+    store.close()
+    seen: list = []
+    svc = Service(config(), state_dir=tmp_path)
+    svc.outputs.add(type("Spy", (), {"emit": lambda self, e: seen.append(e), "close": lambda self: None})())
+    with TestClient(create_app(svc)) as c:
+        a = c.get(f"/api/alerts/{ev.id}").json()
+        assert a["status"] == "resolved" and a["details"]["resolution"] == "restart" and a["end"] == 30.5
+        assert a["run"] == "earlier-run"
+    assert [(e.id, e.status.value) for e in seen if e.id == ev.id] == [(ev.id, "resolved")]
+    # And not again at the next start.
+    seen.clear()
+    svc = Service(config(), state_dir=tmp_path)
+    svc.outputs.add(type("Spy", (), {"emit": lambda self, e: seen.append(e), "close": lambda self: None})())
+    with TestClient(create_app(svc)):
+        pass
+    assert not [e for e in seen if e.id == ev.id]
+
+
+def test_a_stream_that_cannot_start_does_not_stop_the_others(tmp_path: Path) -> None:
+    """A stored stream the current config cannot run (its profile was removed) is reported, the rest runs."""
+    from engine.service.store import StateStore
+
+    store = StateStore(tmp_path / "state.sqlite")
+    store.put_stream("odd", {"id": "odd", "url": SYN.format(name="o", seed=1), "profile": "gone"})
+    store.put_stream("fine", {"id": "fine", "url": SYN.format(name="f", seed=2)})
+    store.close()
+    svc = Service(config(), state_dir=tmp_path)
+    with TestClient(create_app(svc)) as c:
+        assert [s["id"] for s in c.get("/api/streams").json()] == ["fine"]
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["problems"] == ["stream odd not started"]
+        # The operator fixes it through the API.
+        assert c.patch("/api/streams/odd", json={"profile": None}).status_code == 200
+        assert c.get("/readyz").status_code == 200
+
+
+def test_events_feed_pushes_snapshots_and_alerts(client: TestClient) -> None:
+    import json
+
+    seen: dict[str, list] = {"streams": [], "alert": []}
+    with client.stream("GET", "/api/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind in seen:
+                seen[kind].append(json.loads(line[6:]))
+            if seen["alert"] and len(seen["streams"]) >= 2:
+                break
+    assert seen["streams"][0][0]["id"] == "news"
+    assert seen["alert"][0]["type"] == "black" and seen["alert"][0]["stream"] == "news"
