@@ -186,6 +186,10 @@ def serve(
                     "(FRAMEWATCH_TOKEN, service.token in the config, or --token)")
     if not 0 <= port <= 65535:
         raise _fail(f"port {port} is not a TCP port")
+    if cfg.engine.workers > 1 or (cfg.engine.devices and len(cfg.engine.devices) > 1):
+        # Said, never silently ignored: the service runs one engine (see README: known limitations).
+        err.print(f"framewatch: warning: serve runs one engine on {cfg.engine.device}; engine.workers and "
+                  "engine.devices are used by `run` only", markup=False, highlight=False, soft_wrap=True)
     try:
         service = Service(cfg, state_dir=state_dir, token=token)
     except Exception as exc:

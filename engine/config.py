@@ -144,10 +144,30 @@ class StreamModel(_Strict):
     @classmethod
     def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
         known = {f.name for f in fields(SourceOptions)} - {"pace", "tier", "device", "keep_luma"}
-        for key in v:
+        hints = typing.get_type_hints(SourceOptions)
+        out: dict[str, Any] = {}
+        for key, value in v.items():
             if key not in known:
                 raise ValueError(_unknown("source option", key, known))
-        return v
+            # The dataclass does not check types: a wrong one would only fail later, in the stream's thread.
+            want = hints[key]
+            if want is bool and not isinstance(value, bool):
+                raise ValueError(f"source option {key} must be true or false")
+            if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"source option {key} must be a number")
+            if want is int and not float(value).is_integer():
+                raise ValueError(f"source option {key} must be a whole number")
+            if want in (int, float) and value < 0:
+                raise ValueError(f"source option {key} must not be negative")
+            if want is str and not isinstance(value, str):
+                raise ValueError(f"source option {key} must be text")
+            if key == "decoder":
+                from engine.decode import BACKEND_NAMES
+
+                if value not in BACKEND_NAMES:
+                    raise ValueError(f"source option decoder must be one of {', '.join(BACKEND_NAMES)}")
+            out[key] = want(value) if want in (int, float) else value
+        return out
 
 
 class EngineModel(_Strict):
@@ -233,6 +253,8 @@ class ServiceModel(_Strict):
     external_url: str = Field("", description="URL the service is reached at, for links in webhook alerts")
     drain_timeout: float = Field(10.0, ge=0, le=600, description=(
         "seconds a SIGTERM waits for the webhook outbox to empty before exiting"))
+    retention_days: float = Field(90.0, gt=0, description=(
+        "resolved alerts (and their thumbnails) older than this are deleted from the history"))
 
 
 class FramewatchConfig(_Strict):

@@ -83,6 +83,11 @@ def test_streams_add_get_change_remove(client: TestClient) -> None:
     ({"id": "a", "url": "synthetic://x?size=7x7"}, ["body", "url"], "synthetic size"),
     ({"id": "a", "url": "udp://127.0.0.1:5000", "profile": "loud"}, ["body", "profile"], "unknown profile 'loud'"),
     ({"id": "a", "url": "udp://127.0.0.1:5000", "options": {"speed": 2}}, ["body", "options"], "unknown source option 'speed'"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "options": {"read_timeout": "soon"}}, ["body", "options"],
+     "read_timeout must be a number"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "options": {"reconnect": 1}}, ["body", "options"], "true or false"),
+    ({"id": "a", "url": "udp://127.0.0.1:5000", "options": {"decoder": "cuvid"}}, ["body", "options"],
+     "decoder must be one of"),
     ({"id": "a", "url": "udp://127.0.0.1:5000", "detectors": {"black": {"onst": 1}}},
      ["body", "detectors", "black", "onst"], "Extra inputs"),
     ({"id": "a", "url": "udp://127.0.0.1:5000", "detectors": {"black": {"pix_th": "dark"}}},
@@ -318,3 +323,24 @@ def test_events_feed_pushes_snapshots_and_alerts(client: TestClient) -> None:
                 break
     assert seen["streams"][0][0]["id"] == "news"
     assert seen["alert"][0]["type"] == "black" and seen["alert"][0]["stream"] == "news"
+
+
+def test_history_is_bounded_by_retention(client: TestClient) -> None:
+    """Resolved alerts older than service.retention_days go, with their thumbnails; firing ones stay."""
+    svc = client.service  # type: ignore[attr-defined]
+    a = wait_until(lambda: client.get("/api/alerts?type=black&status=resolved").json())[0]
+    thumb = Path(a["thumbnail"])
+    assert thumb.is_file()
+    outside = svc.state_dir.parent / "keep.jpg"
+    outside.write_bytes(b"\xff\xd8")
+    client.post("/api/streams", json={"id": "gone", "url": "tcp://127.0.0.1:9", "options": {"open_timeout": 0.5}})
+    firing = wait_until(lambda: client.get("/api/alerts?status=firing&stream=gone").json())[0]
+    assert svc.purge_history(now=time.time()) == 0  # nothing is 90 days old
+    with sqlite3.connect(svc.store.path) as db:  # a stored path pointing outside the store is never deleted
+        db.execute("INSERT INTO alerts SELECT 'e0e0e0e0e0e0e0e0', stream, type, severity, status, fired_at, "
+                   "resolved_at, run, json_set(event, '$.thumbnail', ?), NULL, NULL, NULL FROM alerts WHERE id = ?",
+                   (str(outside), a["id"]))
+    assert svc.purge_history(now=time.time() + 91 * 86400) == 2
+    assert client.get(f"/api/alerts/{a['id']}").status_code == 404 and not thumb.exists()
+    assert outside.exists()
+    assert client.get(f"/api/alerts/{firing['id']}").json()["status"] == "firing"

@@ -546,14 +546,38 @@ class Service:
         return not problems, problems
 
     # -- background: frame rates, media times for the store, the page's periodic snapshot
+    def purge_history(self, now: float | None = None) -> int:
+        """Delete resolved alerts older than the retention, and their thumbnails (only files inside the
+        service's own thumbnail folder). Returns how many alerts went."""
+        from datetime import UTC, datetime
+
+        cutoff = (now if now is not None else time.time()) - self.cfg.service.retention_days * 86400
+        before = datetime.fromtimestamp(cutoff, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        count, paths = self.store.purge(before)
+        root = self.thumbs_dir.resolve()
+        for p in paths:
+            try:
+                f = Path(p).resolve()
+                if f.is_relative_to(root) and f.is_file():
+                    f.unlink()
+            except OSError as exc:
+                log.warning("thumbnail %s not deleted: %s", p, exc)
+        if count:
+            log.info("history: %d alert(s) older than %g days deleted", count, self.cfg.service.retention_days)
+        return count
+
     def _sample_loop(self) -> None:
         last_note = time.monotonic()
+        last_purge = 0.0
         while not self._stop_sampler.wait(1.0):
             try:
                 self._sample()
                 if time.monotonic() - last_note > 5:
                     last_note = time.monotonic()
                     self._note_media_times()
+                if time.monotonic() - last_purge > 3600:  # history is bounded too (service.retention_days)
+                    last_purge = time.monotonic()
+                    self.purge_history()
                 if self.broadcast.listeners:
                     self.broadcast.publish("streams", self.streams_status())
             except Exception:  # a bad sample must not end sampling

@@ -207,6 +207,15 @@ class StateStore:
                        (now_iso(), by, comment, alert_id))
         return self.alert(alert_id)
 
+    def purge(self, resolved_before: str) -> tuple[int, list[str]]:
+        """Delete alerts resolved before an ISO UTC time; returns how many, and their thumbnail paths (for the
+        caller to delete: the store only knows paths). Firing alerts are never purged."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, event FROM alerts WHERE status = 'resolved' AND resolved_at < ?",
+                              (resolved_before,)).fetchall()
+            db.executemany("DELETE FROM alerts WHERE id = ?", [(r["id"],) for r in rows])
+        return len(rows), [t for t in (json.loads(r["event"]).get("thumbnail") for r in rows) if t]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) AS n FROM alerts GROUP BY status").fetchall()
