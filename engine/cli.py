@@ -188,7 +188,7 @@ def serve(
         raise _fail(f"port {port} is not a TCP port")
     if cfg.engine.workers > 1 or (cfg.engine.devices and len(cfg.engine.devices) > 1):
         # Said, never silently ignored: the service runs one engine (see README: known limitations).
-        err.print(f"framewatch: warning: serve runs one engine on {cfg.engine.device}; engine.workers and "
+        err.print(f"framewatch: warning: serve runs one engine on {(cfg.engine.devices or [cfg.engine.device])[0]}; engine.workers and "
                   "engine.devices are used by `run` only", markup=False, highlight=False, soft_wrap=True)
     try:
         service = Service(cfg, state_dir=state_dir, token=token)

@@ -193,7 +193,7 @@ class Service:
         self._open_outputs()
         self.engine = Engine(
             AlertHub(self, self.outputs),
-            device=cfg.engine.device,
+            device=(cfg.engine.devices or [cfg.engine.device])[0],
             batch_frames=cfg.engine.batch_frames,
             tick=cfg.engine.tick_ms / 1000,
             queue_frames=cfg.engine.queue_frames,
