@@ -1,7 +1,7 @@
 """Per-stream bounded queues between a stream's I/O thread and the device tick.
 
-Every queue has a limit and a policy. Live streams drop their oldest frame when the tick falls behind
-(counted, never silent); files read as fast as possible block the reader instead, so file QC sees every
+Every queue has a limit and a policy. Live streams thin their pictures when the tick falls behind (every
+other one dropped, counted, never silent; see StreamQueue._thin) and drop their oldest audio; files read as fast as possible block the reader instead, so file QC sees every
 frame. Status messages (connect, disconnect, errors, end of input) are never dropped.
 """
 
@@ -65,6 +65,8 @@ class StreamQueue:
             if self.block:
                 while len(q) >= limit and not self._closed:
                     self._cond.wait(0.1)
+            elif len(q) >= limit and q is self._video:
+                self._thin()
             elif len(q) >= limit:
                 q.popleft()
                 setattr(self.counters, dropped_attr, getattr(self.counters, dropped_attr) + 1)
@@ -77,6 +79,23 @@ class StreamQueue:
         if full and self._wakeup is not None:
             self._wakeup.set()
         return True
+
+    def _thin(self) -> None:
+        """A live queue that is full drops every other picture, and each kept picture stands for the one
+        dropped after it (its duration grows by that one's). The tick behind then scores the same stretch of
+        time at a lower picture rate, without holes, so a black or frozen picture still adds up to its onset
+        and fires; dropping the oldest pictures instead scored short runs with holes between them, and under
+        sustained overload no fault ever filled its onset. The queue keeps its limit and, since the tick
+        takes the oldest pictures first, its lag stays bounded (about two ticks)."""
+        kept: list[VideoFrame] = []
+        for i, f in enumerate(self._video):
+            if i % 2 == 0:
+                kept.append(f)
+            else:
+                kept[-1].duration += f.duration
+        self.counters.frames_dropped += len(self._video) - len(kept)
+        self._video.clear()  # in place: _put holds this deque
+        self._video.extend(kept)
 
     def put_video(self, frame: VideoFrame, now: float | None = None) -> bool:
         return self._put(self._video, frame, self.max_video, "frames_dropped", now)
@@ -105,18 +124,21 @@ class StreamQueue:
                 self._cond.wait(left)
             return not self._closed
 
-    def drain(self, max_video: int) -> Drained:
+    def drain(self, max_video: int, max_audio: int | None = None) -> Drained:
+        """Up to max_video frames and max_audio audio chunks (all of them without a limit), and the news.
+        Bounding both bounds a tick's work when the scoring falls behind: the queues drop their oldest
+        items (counted) and every stream is still scored every tick, instead of one huge tick."""
         with self._cond:
             out = Drained()
             while self._video and len(out.video) < max_video:
                 out.video.append(self._video.popleft())
-            out.audio.extend(self._audio)
-            self._audio.clear()
-            # End of input goes out after the frames queued before it; other news (a disconnect, an error)
-            # at once, so a live queue that never empties cannot hold it back.
+            while self._audio and (max_audio is None or len(out.audio) < max_audio):
+                out.audio.append(self._audio.popleft())
+            # End of input goes out after the frames and audio queued before it; other news (a disconnect, an
+            # error) at once, so a live queue that never empties cannot hold it back.
             keep: deque[SourceStatus] = deque()
             for st in self._status:
-                (keep if st.kind == "eof" and self._video else out.status).append(st)
+                (keep if st.kind == "eof" and (self._video or self._audio) else out.status).append(st)
             self._status = keep
             self._cond.notify_all()
         return out

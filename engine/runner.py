@@ -358,6 +358,9 @@ class Engine:
             log.warning(self.device_note)
         self.scoring = ScoringStep(self.device)
         self.batch_frames = batch_frames
+        # Audio chunks (20-40 ms each) per stream per tick: about as much audio as a full batch of pictures
+        # lasts, and never the whole queue (5-10 s of audio per stream) in one tick when the scoring is behind.
+        self.batch_audio = max(16, 2 * batch_frames)
         self.tick = tick
         self.queue_frames = queue_frames
         self.thumbnails = thumbnails
@@ -493,8 +496,8 @@ class Engine:
                 # of streams the per-stream work of an empty tick, not the frames, used the CPU.
                 continue
             touched.add(rt.id)
-            d = rt.queue.drain(self.batch_frames)
-            if len(d.video) >= self.batch_frames:
+            d = rt.queue.drain(self.batch_frames, self.batch_audio)
+            if len(d.video) >= self.batch_frames or len(d.audio) >= self.batch_audio:
                 busy = True
             for st in d.status:
                 self._status(rt, st.kind, st.message, st.info)

@@ -1,4 +1,4 @@
-"""StreamQueue: drop-oldest for live streams (counted), blocking for files (never drops), status ordering."""
+"""StreamQueue: thinning for live streams (counted), blocking for files (never drops), status ordering."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def test_live_queue_drops_oldest_and_counts():
     assert counters.audio_dropped == 3
     assert q.last_arrival == 106.0
     d = q.drain(10)
-    assert [f.index for f in d.video] == [4, 5, 6]  # the newest survive
+    # Thinned: each kept picture stands for the ones dropped after it (0.0 to 0.2 s, 0.2 to 0.24 s).
+    assert [f.index for f in d.video] == [0, 5, 6]
+    assert [f.duration for f in d.video] == pytest.approx([0.2, 0.04, 0.04])
     assert [c.pts for c in d.audio] == pytest.approx([0.3, 0.4])
     assert q.pending() == 0
 
@@ -135,3 +137,23 @@ def test_status_on_an_empty_queue_is_delivered_at_once_and_never_dropped():
     d = q.drain(4)
     assert d.video == [] and [s.kind for s in d.status] == ["connected", "disconnected", "error", "connected"]
     assert counters.frames_dropped == 0
+
+
+def test_a_full_live_queue_thins_and_keeps_time_continuous():
+    """A tick that falls behind scores fewer pictures of the same stretch of time: the durations of what is
+    taken tile the time without holes (but the first), so a fault still fills its onset."""
+    counters = StreamCounters()
+    q = StreamQueue(counters, max_video=16, block=False)
+    taken = []
+    for i in range(400):
+        q.put_video(_frame(i))
+        if i % 50 == 49:  # a slow tick takes 8 pictures now and then
+            taken += q.drain(8).video
+    taken += q.drain(100).video
+    assert taken[-1].index >= 398 and counters.frames_dropped == 400 - len(taken)
+    assert len(taken) < 100
+    ends = [f.pts + f.duration for f in taken]
+    holes = [round(b.pts - a_end, 6) for a_end, b in zip(ends[:-1], taken[1:], strict=True) if b.pts - a_end > 1e-6]
+    assert holes == []
+    assert sum(f.duration for f in taken) == pytest.approx(400 * 0.04)
+    assert all(b.pts > a.pts for a, b in zip(taken, taken[1:], strict=False))

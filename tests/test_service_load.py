@@ -81,5 +81,9 @@ def test_200_streams_added_and_removed_without_leaks(tmp_path: Path) -> None:
     assert samples[0]["threads"] <= base_threads + 1  # + the page-feed worker the first request may start
     assert samples[-1]["fds"] <= samples[0]["fds"] + 2, samples
     # The first cycles fill the allocator's pools (the engine keeps up to 512 MB of freed heap for reuse,
-    # see engine.runner.tune_allocator) and caches; after that memory must stay flat.
-    assert samples[-1]["rss_mb"] - samples[-3]["rss_mb"] < 20, samples
+    # see engine.runner.tune_allocator) and caches; after that memory must stay flat. Alone, the process
+    # measured +0.4 MB over the last three cycles; inside the whole suite (a 2 GB heap left by earlier tests)
+    # RSS swings by +-60 MB from cycle to cycle without a trend, so peaks are compared: a leak of the size
+    # this test was written for (60-90 MB per cycle) adds well over 100 MB between them.
+    first, last = max(s["rss_mb"] for s in samples[:2]), max(s["rss_mb"] for s in samples[-2:])
+    assert last - first < 40, samples
