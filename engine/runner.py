@@ -103,13 +103,13 @@ def is_device_error(exc: BaseException) -> bool:
     return False
 
 
-def _num(v: float | None, digits: int = 2) -> float | None:
+def json_num(v: float | None, digits: int = 2) -> float | None:
     import math
 
     return None if v is None or math.isnan(v) or math.isinf(v) else round(float(v), digits)
 
 
-def _db(linear: float) -> float | None:
+def db_or_none(linear: float) -> float | None:
     import math
 
     return None if not linear > 0 else round(20 * math.log10(linear), 2)
@@ -232,10 +232,10 @@ class StreamRuntime:
         snap: dict[str, Any] = {
             "stream": self.id, "t": round(media_time, 3), "wallclock": now_iso(), "state": self.state,
             "loudness": {
-                "momentary": _num(meter.momentary), "short_term": _num(meter.short_term),
-                "integrated": _num(meter.integrated), "lra": _num(meter.loudness_range),
-                "true_peak_dbtp": _db(self.audio.take_interval_true_peak()),
-                "max_true_peak_dbtp": _db(self.audio.max_true_peak),
+                "momentary": json_num(meter.momentary), "short_term": json_num(meter.short_term),
+                "integrated": json_num(meter.integrated), "lra": json_num(meter.loudness_range),
+                "true_peak_dbtp": db_or_none(self.audio.take_interval_true_peak()),
+                "max_true_peak_dbtp": db_or_none(self.audio.max_true_peak),
             } if self.stats.audio_seconds else None,
             "counters": asdict(self.counters),
         }

@@ -32,22 +32,29 @@ def open_lines(target: str | Path | IO[str]) -> tuple[IO[str], bool]:
     return path.open("a", encoding="utf-8"), True
 
 
-class JsonlSink:
-    """One JSON object per line, flushed per event so a tail -f or a pipe sees alerts as they happen."""
+class LineWriter:
+    """Whole lines to a JSON-lines target (see open_lines), flushed per line so a tail -f or a pipe sees
+    them as they happen; safe from several threads."""
 
     def __init__(self, target: str | Path | IO[str] = "-") -> None:
         self._fh, self._own = open_lines(target)
         self._lock = threading.Lock()
 
-    def emit(self, event: Event) -> None:
-        line = event.to_json() + "\n"
+    def write_line(self, line: str) -> None:
         with self._lock:
-            self._fh.write(line)
+            self._fh.write(line + "\n")
             self._fh.flush()
 
     def close(self) -> None:
         if self._own:
             self._fh.close()
+
+
+class JsonlSink(LineWriter):
+    """One JSON object per event."""
+
+    def emit(self, event: Event) -> None:
+        self.write_line(event.to_json())
 
 
 class MemorySink:

@@ -26,7 +26,7 @@ from engine.alerts import JsonlSink, MultiSink, ThumbnailWriter
 from engine.config import ConfigError, FramewatchConfig, StreamModel, stream_spec
 from engine.events import Event, Status, now_iso
 from engine.review import ReviewStore
-from engine.runner import Engine, StreamRuntime
+from engine.runner import Engine, StreamRuntime, StreamSpec, db_or_none, json_num
 from engine.service.store import AlertQuery, StateStore
 
 log = logging.getLogger("framewatch.service")
@@ -222,7 +222,7 @@ class Service:
         """Resolve what a killed predecessor left firing, seed the config's streams, start everything."""
         self._close_leftovers()
         for s in self.cfg.streams:
-            self.store.seed_stream(s.id, s.model_dump(mode="json", exclude_defaults=True, exclude={"id"}) | {"id": s.id})
+            self.store.seed_stream(s.id, _body(s))
         for stored in self.store.streams():
             try:
                 self._start_stream(self._model(stored.body))
@@ -304,12 +304,7 @@ class Service:
         return model
 
     def _start_stream(self, model: StreamModel) -> StreamRuntime:
-        try:
-            spec = stream_spec(self.cfg, model)
-        except ConfigError as exc:
-            raise StreamRequestError(str(exc).split(": ", 1)[-1], ()) from None
-        except (TypeError, ValueError) as exc:  # source options of the wrong kind
-            raise StreamRequestError(str(exc), ("options",)) from None
+        spec = _spec(self.cfg, model)
         self._ending.pop(model.id, None)
         self._tiles.pop(model.id, None)
         self._rates.pop(model.id, None)
@@ -340,7 +335,7 @@ class Service:
             body = merge_patch(stored.body, patch)
             body["id"] = stream_id
             model = self._model(body)
-            stream_spec_check(self.cfg, model)
+            _spec(self.cfg, model)  # refused before the running stream is stopped for it
             self._ending[stream_id] = "changed"
             self.engine.remove_stream(stream_id)
             self._start_stream(model)
@@ -413,9 +408,9 @@ class Service:
                 "container": info.container, "video_codec": info.video_codec, "width": info.width,
                 "height": info.height, "fps": info.fps, "audio_codec": info.audio_codec,
                 "audio_channels": info.audio_channels, "live": info.live},
-            "loudness": {"momentary": _num(meter.momentary), "short_term": _num(meter.short_term),
-                         "integrated": _num(meter.integrated), "range": _num(meter.loudness_range),
-                         "max_true_peak_dbtp": _db(rt.audio.max_true_peak)} if rt.stats.audio_seconds else None,
+            "loudness": {"momentary": json_num(meter.momentary), "short_term": json_num(meter.short_term),
+                         "integrated": json_num(meter.integrated), "range": json_num(meter.loudness_range),
+                         "max_true_peak_dbtp": db_or_none(rt.audio.max_true_peak)} if rt.stats.audio_seconds else None,
             "av_sync": _sync(rt),
             "active_alerts": [{"id": e.id, "type": e.type, "severity": e.severity.value, "start": e.start,
                                "message": e.message, "acknowledged": e.id in acked} for e in active],
@@ -609,10 +604,10 @@ class Service:
                 "device_note": self.engine.device_note}
 
 
-def stream_spec_check(cfg: FramewatchConfig, model: StreamModel) -> None:
-    """Refuse a change before the running stream is stopped for it."""
+def _spec(cfg: FramewatchConfig, model: StreamModel) -> StreamSpec:
+    """The engine's spec of a stream, or the reason it cannot run, as a bad request."""
     try:
-        stream_spec(cfg, model)
+        return stream_spec(cfg, model)
     except ConfigError as exc:
         raise StreamRequestError(str(exc).split(": ", 1)[-1], ()) from None
     except (TypeError, ValueError) as exc:
@@ -621,12 +616,6 @@ def stream_spec_check(cfg: FramewatchConfig, model: StreamModel) -> None:
 
 def _body(model: StreamModel) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_defaults=True, exclude={"id"}) | {"id": model.id}
-
-
-def _db(linear: float) -> float | None:
-    import math
-
-    return round(20 * math.log10(linear), 2) if linear > 0 else None
 
 
 def _sync(rt: StreamRuntime) -> dict[str, Any] | None:
@@ -638,9 +627,3 @@ def _sync(rt: StreamRuntime) -> dict[str, Any] | None:
     latest = s.get("latest") or {}
     return {"offset": latest.get("offset") if det.last_is_confident else None,
             "confidence": latest.get("confidence"), "timestamp_drift": s["timestamps"]["drift"]}
-
-
-def _num(v: float | None) -> float | None:
-    import math
-
-    return None if v is None or math.isnan(v) or math.isinf(v) else round(float(v), 2)
