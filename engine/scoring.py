@@ -284,11 +284,49 @@ def _family_glitch(batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> di
     return {"score": score, "jump": np.where(valid, jump, np.nan)}
 
 
+class NoveltyFamily:
+    """How new each picture is against its stream's recent ones (kernels.sync.novelty_segments), for A/V
+    sync, over all streams of a pass at once. Each stream's last pooled pictures are kept here between
+    ticks, until the engine forgets the stream (it ended or was removed)."""
+
+    def __init__(self) -> None:
+        self._history: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
+
+    def __call__(self, batch: VideoBatch, req: MetricRequest, idx: np.ndarray) -> dict[str, np.ndarray]:
+        depth, pool = int(req.param("depth", 8)), int(req.param("pool", 4))
+        key = (depth, pool)
+        wanted = set(idx.tolist())
+        streams, lengths = [], []
+        base = 0
+        for w in batch.works:
+            if base in wanted:  # a stream's frames ask together
+                streams.append(w.stream)
+                lengths.append(len(w.frames))
+            base += len(w.frames)
+        sel = torch.from_numpy(idx).to(batch.device)
+        pooled = ksync.pool_planes(batch.small.index_select(0, sel), pool)
+        novelty, hist = ksync.novelty_segments(pooled, lengths, [self._history.get((s, key)) for s in streams], depth)
+        for stream, h in zip(streams, hist, strict=True):
+            self._history[(stream, key)] = h
+        return {"novelty": novelty.cpu().numpy()}
+
+    def forget(self, stream: str) -> None:
+        for k in [k for k in self._history if k[0] == stream]:
+            del self._history[k]
+
+
 class ScoringStep:
     """Runs the metric families for a tick's video batch and the audio kernels for its audio batch."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    # Frames (with their neighbours) scored in one pass. The families' temporaries grow with the pass: on
+    # the CPU a 32-bit sum over 1,600 small planes alone took 370 MB, and such peaks, freed and taken again
+    # in other sizes, left the heap fragmented and growing with stream churn. Passes of a few hundred frames
+    # cost the same per frame on a CPU; a GPU wants large ones to fill its cores.
+    PASS_FRAMES = {"cpu": 256, "cuda": 4096}
+
+    def __init__(self, device: torch.device | str = "cpu", pass_frames: int | None = None) -> None:
         self.device = torch.device(device)
+        self.pass_frames = pass_frames or self.PASS_FRAMES.get(self.device.type, 256)
         # Scoring kernels go on a stream of their own so they overlap the decoders' copy work; results are
         # read back once per family per tick (.cpu()), never per frame.
         self.cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -298,7 +336,15 @@ class ScoringStep:
             "difference": _family_difference,
             "glitch": _family_glitch,
             "corruption": CorruptionFamily(self.device),
+            "novelty": NoveltyFamily(),
         }
+
+    def forget(self, stream: str) -> None:
+        """Drop what families keep of a stream between ticks."""
+        for fn in self.families.values():
+            forget = getattr(fn, "forget", None)
+            if forget is not None:
+                forget(stream)
 
     def add_family(self, name: str, fn: FamilyFn) -> None:
         """The slot for models: a family computing per-frame values over the whole batch."""
@@ -329,11 +375,27 @@ class ScoringStep:
             finally:
                 self._done()
 
-    @torch.inference_mode()
     def _score_video(self, works: list[VideoWork]) -> list[VideoMetrics]:
-        works = [w for w in works if w.frames]
-        if not works:
-            return []
+        """Metrics for each work item with frames, in order, in passes of about pass_frames frames: a stream's
+        frames stay in one pass (their neighbours are in it), so the results do not depend on the cut."""
+        out: list[VideoMetrics] = []
+        part: list[VideoWork] = []
+        size = 0
+        for w in works:
+            if not w.frames:
+                continue
+            n = len(w.frames) + (w.prev is not None) + (w.next is not None)
+            if part and size + n > self.pass_frames:
+                out.extend(self._score_pass(part))
+                part, size = [], 0
+            part.append(w)
+            size += n
+        if part:
+            out.extend(self._score_pass(part))
+        return out
+
+    @torch.inference_mode()
+    def _score_pass(self, works: list[VideoWork]) -> list[VideoMetrics]:
         batch = VideoBatch(works, self.device)
         # Which frames asked for which request, across all streams.
         asked: dict[MetricRequest, list[int]] = {}

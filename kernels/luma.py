@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kernels.reduce import u8_sums
+
 
 def black_pixel_threshold(pix_th: float, full_range: bool) -> int:
     """FFmpeg blackdetect's integer pixel threshold: a pixel is black when luma <= this value."""
@@ -46,7 +48,4 @@ def black_fraction(luma: torch.Tensor, threshold: int, mask: torch.Tensor | None
 
 def luma_mean(luma: torch.Tensor) -> torch.Tensor:
     """Mean luma per frame, (N, H, W) uint8 -> (N,) float32 (0..255)."""
-    n = luma.shape[0]
-    flat = luma.reshape(n, -1)
-    # int32 holds 255 x 8.4 M pixels (4K) exactly and reduces twice as fast as int64 on a CPU.
-    return flat.sum(-1, dtype=torch.int32).to(torch.float32) / max(1, flat.shape[1])
+    return u8_sums(luma) / max(1, luma.shape[1:].numel())

@@ -38,17 +38,48 @@ def visual_novelty(small: Tensor, history: Tensor | None = None, depth: int = 8,
     stream start: the first picture has nothing to be new against and scores 0). Returns (novelty (K,),
     new history).
     """
-    p = torch.nn.functional.avg_pool2d(small.to(torch.float32).unsqueeze(1), pool).squeeze(1)
-    seq = p if history is None else torch.cat([history.to(p), p])
-    first = seq.shape[0] - p.shape[0]
-    k = p.shape[0]
-    # All (picture, earlier picture) pairs in one gather: a handful of tensor calls per tick instead of a
-    # few per depth step, which made this the largest per-stream cost of a CPU service with many streams.
-    idx = torch.arange(first, first + k, device=p.device).unsqueeze(1) - torch.arange(1, depth + 1, device=p.device)
-    d = (p.unsqueeze(1) - seq[idx.clamp_min(0)]).abs_().flatten(2).mean(2)  # (K, depth)
-    best = d.masked_fill_(idx < 0, float("inf")).amin(1)
+    novelty, new = novelty_segments(pool_planes(small, pool), [small.shape[0]], [history], depth)
+    return novelty, new[0]
+
+
+def pool_planes(small: Tensor, pool: int = 4) -> Tensor:
+    """(K, H, W) uint8 planes averaged `pool` x `pool`, float32: what novelty compares."""
+    return torch.nn.functional.avg_pool2d(small.to(torch.float32).unsqueeze(1), pool).squeeze(1)
+
+
+def novelty_segments(
+    pooled: Tensor, lengths: list[int], histories: list[Tensor | None], depth: int = 8
+) -> tuple[Tensor, list[Tensor]]:
+    """visual_novelty for many streams at once: `pooled` (K, h, w) holds the pooled pictures of several
+    streams one after the other (`lengths` pictures each), `histories` each stream's pooled pictures from
+    before (None: a stream start). A picture is compared only with earlier pictures of its own stream.
+    Returns (novelty (K,), each stream's new history)."""
+    if sum(lengths) != pooled.shape[0] or len(lengths) != len(histories):
+        raise ValueError(f"{len(lengths)} streams of {sum(lengths)} pictures for {pooled.shape[0]} pictures and {len(histories)} histories")
+    parts: list[Tensor] = []
+    cur, low, ends = [], [], []
+    pos = at = 0
+    for k, hist in zip(lengths, histories, strict=True):
+        start = pos
+        if hist is not None and hist.shape[0]:
+            parts.append(hist.to(pooled))
+            pos += hist.shape[0]
+        parts.append(pooled[at : at + k])
+        cur.extend(range(pos, pos + k))
+        low.extend([start] * k)
+        pos += k
+        at += k
+        ends.append((start, pos))
+    seq = torch.cat(parts) if len(parts) > 1 else parts[0]
+    dev = pooled.device
+    # All (picture, earlier picture of the same stream) pairs in one gather: a handful of tensor calls per
+    # tick for all streams, instead of a few per stream (the largest per-stream cost of a CPU service).
+    idx = torch.tensor(cur, device=dev).unsqueeze(1) - torch.arange(1, depth + 1, device=dev)
+    outside = idx < torch.tensor(low, device=dev).unsqueeze(1)
+    d = (pooled.unsqueeze(1) - seq[idx.clamp_min(0)]).abs_().flatten(2).mean(2)  # (K, depth)
+    best = d.masked_fill_(outside, float("inf")).amin(1)
     best = torch.where(torch.isinf(best), torch.zeros_like(best), best)
-    return best, seq[-depth:].clone()
+    return best, [seq[max(a, b - depth) : b].clone() for a, b in ends]
 
 
 def xcorr_terms(a: Tensor, v: Tensor, max_lag: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -76,6 +76,36 @@ def test_visual_novelty_carries_history_across_calls() -> None:
     assert torch.allclose(torch.cat([first, second]), whole)
 
 
+
+def test_novelty_of_many_streams_in_one_pass_equals_each_alone() -> None:
+    """The scoring step's novelty family scores all streams of a tick together; each stream's pictures are
+    compared only with its own, across ticks, as if it were scored alone; a forgotten stream starts afresh."""
+    from engine.detectors.base import MetricRequest
+    from engine.media import VideoFrame
+    from engine.scoring import ScoringStep, VideoWork
+
+    rng = np.random.default_rng(7)
+    seqs = {f"s{i}": torch.from_numpy(rng.integers(0, 255, (n, 36, 64), dtype=np.uint8)) for i, n in enumerate((11, 4, 9))}
+    seqs["s1"][2] = seqs["s0"][3]  # equal to another stream's picture: must not make it old
+    req = MetricRequest("novelty", (("depth", 8), ("pool", 4)))
+    step = ScoringStep("cpu")
+    cuts = {"s0": (0, 5, 11), "s1": (0, 1, 4), "s2": (0, 6, 9)}
+    got: dict[str, list[float]] = {k: [] for k in seqs}
+    for tick in range(2):
+        works = []
+        for sid, seq in seqs.items():
+            a, b = cuts[sid][tick], cuts[sid][tick + 1]
+            frames = [VideoFrame(pts=i / 25, duration=0.04, luma=None, small=seq[i]) for i in range(a, b)]
+            works.append(VideoWork(sid, frames, None, None, [req]))
+        for m in step.score_video(works):
+            got[m.stream].extend(m.get(req, "novelty").tolist())
+    for sid, seq in seqs.items():
+        alone, _ = ksync.visual_novelty(seq)
+        np.testing.assert_allclose(got[sid], alone.numpy(), rtol=1e-6, err_msg=sid)
+    step.forget("s0")
+    again = step.score_video([VideoWork("s0", [VideoFrame(pts=0, duration=0.04, luma=None, small=seqs["s0"][5])], None, None, [req])])
+    assert again[0].get(req, "novelty").tolist() == [0.0]  # a stream start: nothing to be new against
+
 def test_audio_onsets_rise_only_and_resume() -> None:
     p = torch.tensor([[1e-6, 1e-6, 1e-2, 1e-2, 1e-6, 1e-2]], dtype=torch.float64)
     rise, last = ksync.audio_onsets(p)

@@ -246,6 +246,46 @@ def test_scoring_summaries_equals_scoring_planes() -> None:
             np.testing.assert_allclose(b.values[req][key], va, rtol=1e-6, equal_nan=True, err_msg=f"{req.family}.{key}")
 
 
+
+def test_scoring_passes_do_not_change_results() -> None:
+    """A tick's frames are scored in passes of bounded size (memory); where the cut falls changes nothing,
+    because a stream's frames and their neighbours stay in one pass."""
+    names = [n for n in ("black", "freeze", "blockiness", "blur", "glitch", "scene_change") if n in REGISTRY]
+    reqs = list(dict.fromkeys(r for n in names for r in REGISTRY[n](REGISTRY[n].Config(), _ctx()).requests()))
+    assert {r.family for r in reqs} >= {"black", "spatial", "difference", "glitch"}
+
+    def works() -> list[VideoWork]:
+        out = []
+        for s in range(7):
+            y = _planes(n=9, seed=10 + s)
+            y[4] = 16 if s % 2 else y[4]  # a black picture in some streams, a glitch-like jump in the others
+            small = ksum.area_small_torch(y)
+            fr = [VideoFrame(pts=i / FPS, duration=1 / FPS, luma=y[i], small=small[i]) for i in range(9)]
+            # Neighbours on both sides for most streams, none for some: both kinds must survive a cut.
+            out.append(VideoWork(f"s{s}", fr[1:8], fr[0] if s % 3 else None, fr[8] if s % 4 else None, reqs))
+        return out
+
+    whole = ScoringStep("cpu", pass_frames=10_000).score_video(works())
+    for cut in (1, 9, 20):
+        step = ScoringStep("cpu", pass_frames=cut)
+        passes: list[int] = []
+        real = step._score_pass
+
+        def counted(ws, passes=passes, real=real):
+            passes.append(len(ws))
+            return real(ws)
+
+        step._score_pass = counted  # type: ignore[method-assign]
+        cut_up = step.score_video(works())
+        assert len(passes) > 1 and sum(passes) == 7, (cut, passes)
+        assert [m.stream for m in cut_up] == [m.stream for m in whole]
+        for a, b in zip(whole, cut_up, strict=True):
+            assert torch.equal(a.small, b.small)
+            for req in reqs:
+                for key, va in a.values[req].items():
+                    np.testing.assert_array_equal(b.values[req][key], va, err_msg=f"{cut} {req.family}.{key}")
+
+
 def _ctx():
     from engine.detectors.base import StreamContext
 

@@ -32,6 +32,7 @@ from engine.detectors.base import (
     Detector,
     DetectorConfig,
     Hysteresis,
+    MetricRequest,
     VideoMetrics,
     positive,
     register,
@@ -177,7 +178,9 @@ class AvSyncDetector(Detector):
         size = self.hop + 4 * self.lag + round(10.0 / STEP)  # slack for one side running ahead of the other
         self.audio = _Ring(size)
         self.video = _Ring(size)
-        self.v_history: torch.Tensor | None = None  # the last pictures, pooled, for their novelty
+        # How new each picture is, from the batched scoring step (kernels.sync.novelty_segments); not in a
+        # sparse tier, where the pictures are seconds apart and only timestamps are judged.
+        self.request = MetricRequest("novelty", (("depth", 8), ("pool", 4)))
         self.next_block: int | None = None  # grid index where the next block starts
         self.blocks: deque[tuple] = deque()  # (r, ea, ev, t0, t1, audio events, video events) per hop
         self.total: list[torch.Tensor] | None = None
@@ -224,12 +227,14 @@ class AvSyncDetector(Detector):
     def _faulty(self, offset: float) -> bool:
         return offset < -self.config.early or offset > self.config.late
 
+    def requests(self) -> list[MetricRequest]:
+        return [self.request] if self.ctx.tier == "all" else []
+
     # -- the two envelopes
     def on_video(self, m: VideoMetrics) -> None:
         if self.ctx.tier != "all":
             return
-        novelty, self.v_history = ksync.visual_novelty(m.small, self.v_history)
-        novelty = novelty.cpu().numpy().astype(np.float64)
+        novelty = m.get(self.request, "novelty").astype(np.float64)
         # Each picture's novelty sits on the grid step holding its presentation time; the steps up to the
         # next picture are quiet (known, zero).
         pts = np.asarray(m.pts)
