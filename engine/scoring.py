@@ -303,8 +303,10 @@ class NoveltyFamily:
                 streams.append(w.stream)
                 lengths.append(len(w.frames))
             base += len(w.frames)
-        sel = torch.from_numpy(idx).to(batch.device)
-        pooled = ksync.pool_planes(batch.small.index_select(0, sel), pool)
+        small = batch.small
+        if len(idx) < small.shape[0]:  # only some streams asked (most ask: av_sync is on by default)
+            small = small.index_select(0, torch.from_numpy(idx).to(batch.device))
+        pooled = ksync.pool_planes(small, pool)
         novelty, hist = ksync.novelty_segments(pooled, lengths, [self._history.get((s, key)) for s in streams], depth)
         for stream, h in zip(streams, hist, strict=True):
             self._history[(stream, key)] = h

@@ -261,3 +261,15 @@ def test_sparse_tier_judges_timestamps_only(tmp_path: Path) -> None:
     det = next(d for d in rt.detectors if d.NAME == "av_sync")
     assert det.summary()["estimates"] == 0  # no content claim from key frames alone
     assert not [e for e in sink.events if e.type == "av_sync"]
+
+
+@pytest.mark.parametrize("shape,pool", [((40, 180, 320), 4), ((3, 37, 61), 4), ((5, 36, 64), 12), ((2, 3, 3), 4)])
+def test_pooled_planes_equal_avg_pool(shape: tuple[int, int, int], pool: int) -> None:
+    """The integer pooling gives avg_pool2d's floats exactly, remainders cut off the same way."""
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8))
+    ref = torch.nn.functional.avg_pool2d(x.to(torch.float32).unsqueeze(1), pool).squeeze(1) if min(shape[1:]) >= pool else None
+    got = ksync.pool_planes(x, pool)
+    if ref is None:
+        assert got.shape == (shape[0], 0, 0)
+    else:
+        assert torch.equal(got, ref)
