@@ -62,7 +62,7 @@ class TrainConfig:
     # Every picture of the training split's clean decodes joins the training data as a negative, read as the engine
     # reads it (key frames alone): the held decision makes one false alarm cost a whole GOP, so clean pictures
     # matter more than their share in the shards.
-    clean_sequences: bool = False
+    clean_sequences: bool = True
 
 
 @dataclass

@@ -141,10 +141,28 @@ def _run(path: Path, tmp: Path | None = None, **cfg) -> tuple[list, Engine]:
     return list(sink.events), eng
 
 
+def test_shipped_model_finds_the_burst_until_the_key_frame_and_nothing_on_the_clean_stream(damaged_clip, tmp_path) -> None:
+    """With the model's decision over time (held until the next key frame, loss reported by the transport): no
+    event on the clean stream, one on the damaged one, ending when the key frame heals the picture. It starts
+    with the loss the demuxer reports, which in display order can come a few pictures before the first visibly
+    damaged one (here 0.68 s against 0.84 s: the pictures between were lost whole or came out intact)."""
+    events, _ = _run(damaged_clip["clean"])
+    assert events == []
+    events, _ = _run(damaged_clip["bad"], tmp_path)
+    resolved = [e for e in events if e.status.value == "resolved"]
+    assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
+    e = resolved[0]
+    frame = 1 / FPS
+    assert damaged_clip["first"] - 0.2 <= e.start <= damaged_clip["first"] + frame + 1e-6, (e.start, damaged_clip["first"])
+    assert abs(e.end - (damaged_clip["last"] + frame)) <= frame + 1e-6, (e.end, damaged_clip["last"])
+    assert e.details["review"] is True and Path(e.thumbnail).is_file()
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "the shipped model (held-out F1 0.74, target 0.95: issue open) scores this burst's frames only a little above "
-    "clean ones (about 64 % of the damaged frames over its threshold, against 35-42 % of the clean ones), so the "
-    "onset never fills; strict: when a better model passes, this marker must go"))
+    "the event starts 4 pictures (0.16 s) before the first visibly damaged picture: the demuxer reports the lost "
+    "TS packets on a picture shown before it (the two B pictures between were lost whole); with the CNN alone "
+    "(rule hold) it starts 3 pictures late (0.96 s), the first damaged pictures scoring just under the threshold. "
+    "strict: when the start is within a picture, this marker must go"))
 def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_clip, tmp_path) -> None:
     events, _ = _run(damaged_clip["clean"])
     assert events == []
@@ -209,10 +227,10 @@ def test_gop_hold_holds_until_the_key_frame() -> None:
     assert GopHold().update(t, prob, key, ev, 0.5, hold=True, use_evidence=True)[0][1]
     assert not GopHold().update(t, prob, key, ev, 0.5, hold=True, use_evidence=False)[0][1]
     # state carries over from one tick to the next, and a stream without key frames is released after max_hold
-    g = GopHold(max_hold=0.2)
+    g = GopHold(max_hold=0.21)  # the picture over the threshold at 0.08 s holds to 0.29 s
     g.update(t[:3], prob[:3], np.zeros(3, bool), none[:3], 0.5, hold=True, use_evidence=False)
     faulty, _ = g.update(t[3:], prob[3:], np.zeros(9, bool), none[3:], 0.5, hold=True, use_evidence=False)
-    assert faulty[:3].all() and not faulty[4:7].any()
+    assert faulty.tolist() == [True] * 5 + [False, False, True, True]
 
 
 def test_damage_tracker_marks_pictures_until_a_whole_key_frame() -> None:
@@ -237,6 +255,7 @@ def test_decoder_reports_lost_packets(damaged_clip) -> None:
         with av.open(str(path)) as c:
             dec = PyAVVideoDecoder(c.streams.video[0], threads=1, low_delay=True)
             out = [x for p in c.demux(c.streams.video[0]) for x in dec.decode(p)] + dec.flush()
+        out = [(ts, f) for ts, f in out if ts is not None]
         t0 = min(ts for ts, _ in out)
         return sorted((round(ts - t0, 3), f.damaged) for ts, f in out)
 
