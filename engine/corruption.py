@@ -2,10 +2,14 @@
 stream on that device, hot-reloaded when its file changes, scoring the frames of all streams of a tick in one
 batch per picture size.
 
-Which frames: every frame when `fps` is 0, else at most `fps` frames per second of each stream, plus every frame
-the decoder says it concealed errors in (free evidence; a damaged stream is exactly when to look). On a GPU the
-default is every frame, on a CPU 5 per second: concealed loss lasts until the next key frame, so five looks a
-second see it, at a fifth of the cost of a 25 fps stream.
+Which frames: every frame when `fps` is 0, else at most `fps` frames per second of each stream, plus every key
+frame (where the detector's hold starts afresh) and every frame the decoder or the transport reports damage for
+(free evidence; a damaged stream is exactly when to look). On a GPU the default is every frame, on a CPU 5 per
+second: concealed loss lasts until the next key frame, so five looks a second see it, at a fifth of the cost of a
+25 fps stream.
+
+The model reads each picture with the one shown before it, except at a key frame: there the picture is read alone,
+because a key frame that heals damaged pictures changes along the block grid exactly as new damage does.
 """
 
 from __future__ import annotations
@@ -85,6 +89,13 @@ class ModelSlot:
             log.warning("corruption model reloaded from %s: version %s", self.path, meta.version)
 
 
+def analysed(pts: float, flagged: bool, last: float | None, fps: float) -> bool:
+    """Whether a picture at `pts` is analysed when the last one analysed of its stream was at `last` (None: none
+    yet) and `fps` pictures per second are asked for (0: all); `flagged` pictures (key frames, loss or
+    concealment reported) always are. pts going backwards (a reconnect, a wrapped clock) starts the count afresh."""
+    return fps <= 0 or flagged or last is None or pts < last or pts >= last + 1.0 / fps - 1e-6
+
+
 def shipped_weights() -> Path:
     from models.weights import SHIPPED
 
@@ -116,9 +127,7 @@ class CorruptionFamily:
         for j, i in enumerate(idx):
             f = batch.frames[int(i)]
             key = (stream_of[int(i)], fps)
-            last = self._last.get(key)
-            # pts going backwards (a reconnect, a wrapped clock) starts the count afresh
-            if f.corrupt or last is None or f.pts < last or f.pts >= last + 1.0 / fps - 1e-6:
+            if analysed(f.pts, f.corrupt or f.damaged or f.key_frame, self._last.get(key), fps):
                 out.append(j)
                 self._last[key] = f.pts
         return out
@@ -153,7 +162,8 @@ class CorruptionFamily:
             lumas = [f.luma]
             if previous:
                 b = before.get(i)
-                lumas.append(b.luma if b is not None and b.luma is not None and b.luma.shape == f.luma.shape else f.luma)
+                usable = b is not None and b.luma is not None and b.luma.shape == f.luma.shape and not f.key_frame
+                lumas.append(b.luma if usable else f.luma)
             js, planes = groups.setdefault(tuple(f.luma.shape), ([], []))
             js.append(j)
             planes.append(torch.stack(lumas) if previous else f.luma.unsqueeze(0))
@@ -167,9 +177,16 @@ class CorruptionFamily:
         out: dict[str, np.ndarray] = {k: nan.copy() for k in ("prob", "decision", "threshold", "box_x", "box_y", "box_w", "box_h")}
         out["plane"] = np.empty(n, dtype=object)
         out["map"] = np.empty(n, dtype=object)
+        # Every frame, analysed or not: key frames (the detector's hold ends there), loss evidence, and the model's
+        # decision rule (0 frame, 1 hold, 2 hold+evidence: models.weights.ModelMeta.decision).
+        out["key"] = np.array([float(batch.frames[int(i)].key_frame) for i in idx], dtype=np.float64)
+        out["evidence"] = np.array([float(batch.frames[int(i)].damaged) for i in idx], dtype=np.float64)
+        out["hold"] = np.zeros(n, dtype=np.float64)
         loaded = self.slot(req.param("weights")).current()
         if loaded is None:
             return out
+        rule = getattr(loaded.meta, "decision", "frame")
+        out["hold"][:] = {"frame": 0.0, "hold": 1.0, "hold+evidence": 2.0}.get(rule, 0.0)
         fps = req.param("fps")
         fps = (0.0 if self.device.type == "cuda" else CPU_FPS) if fps is None else float(fps)
         chosen = self._chosen(batch, idx, fps)

@@ -62,6 +62,9 @@ class VideoFrame:
     key_frame: bool = False
     index: int = 0  # frame number in the stream, set by the source
     corrupt: bool = False  # the decoder concealed an error in this frame
+    # Lost or damaged data since the last key frame (decode order): a packet of this picture or of one it may
+    # predict from was flagged by the demuxer or rejected by the decoder (engine.decode.base.DamageTracker).
+    damaged: bool = False
     summary: LumaSummary | None = None
 
     @property

@@ -131,12 +131,14 @@ def _root(p: Path | None) -> str | None:
 def _eval_table(title: str, reports: list[tuple[str, dict]]) -> Table:
     t = Table(title=title)
     t.add_column("model")
-    for c in ("precision", "recall", "F1", "AP", "packet-loss F1", "clean real clips: false frames"):
+    for c in ("rule", "precision", "recall", "F1", "AP", "packet-loss F1", "clean real clips: false frames", "events"):
         t.add_column(c, justify="right")
     for name, r in reports:
         o = r["overall"]
-        t.add_row(name, f"{o['precision']:.4f}", f"{o['recall']:.4f}", f"{o['f1']:.4f}", f"{o['average_precision']:.4f}",
-                  f"{r['packet_loss']['f1']:.4f}", f"{r['clean_real_clips']['false_alarm_frames']}/{r['clean_real_clips']['frames']}")
+        c = r.get("clean_real_clips_whole", r["clean_real_clips"])
+        t.add_row(name, r.get("rule", "frame"), f"{o['precision']:.4f}", f"{o['recall']:.4f}", f"{o['f1']:.4f}",
+                  f"{o['average_precision']:.4f}", f"{r['packet_loss']['f1']:.4f}", f"{c['false_alarm_frames']}/{c['frames']}",
+                  str(c.get("events", "-")))
     return t
 
 
@@ -151,7 +153,8 @@ def evaluate(
     recipe: RecipeOpt = None,
     data_root: DataRootOpt = None,
 ) -> None:
-    """Precision, recall, F1, PR curve (PNG), per damage kind, per source and per codec, as JSON."""
+    """Precision, recall, F1, PR curve (PNG), per damage kind, per source and per codec, as JSON: the model run as
+    the engine runs it over whole held-out decodes, with its decision rule."""
     from models import evaluate as ev
     from models.weights import WeightsError
 
@@ -166,8 +169,9 @@ def evaluate(
             if record:
                 from models.weights import record_metrics
 
-                record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "overall",
-                                                                     "packet_loss", "per_kind", "per_source", "clean_real_clips")})
+                record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "rule", "overall",
+                                                                     "packet_loss", "per_kind", "per_source", "clean_real_clips",
+                                                                     "all_labelled", "clean_real_clips_whole")})
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if as_json:

@@ -1,6 +1,12 @@
 """Evaluation of a corruption model on the held-out split: precision, recall, F1 at the model's threshold,
 average precision, a PR curve (PNG), and the same per damage kind, per source clip and per codec. Also the
-comparison that decides whether a candidate model may replace the current one."""
+comparison that decides whether a candidate model may replace the current one.
+
+Evaluation runs the model the way the engine does: over every picture of each held-out decode in order
+(models.data.sequences), with the engine's input pairing and its decision rule (engine.detectors.corruption.GopHold:
+a probability held until the next key frame, loss evidence from the transport), and scores the frames the split's
+shards hold (so figures compare with frame-by-frame ones), plus every labelled picture and the clean real clips
+whole (false-alarm pictures and events)."""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from kernels.corruption import top_logits
 from models.data.generate import CORRUPT, Recipe, build, load_split
 from models.train import frame_probabilities, pick_device, shard_inputs
 from models.weights import load
@@ -47,6 +55,146 @@ class Scored:
     source: np.ndarray
     codec: np.ndarray
     sample: np.ndarray  # from a real (sample) clip rather than generated content
+
+
+@torch.inference_mode()
+def sequence_probs(model, seq, device: torch.device, frame_blocks: float, fps: float = 0.0, batch: int = 8) -> np.ndarray:
+    """Frame probabilities of one whole decode (models.data.sequences.Sequence) as the engine's corruption family
+    gives them: the pictures it analyses at `fps` (engine.corruption.analysed; NaN for the others), each read with
+    the picture shown before it, except key frames and the first picture, read alone."""
+    from engine.corruption import analysed
+
+    model.eval()
+    n = len(seq.labels)
+    pts = np.arange(n) / seq.fps
+    chosen, last = [], None
+    for i in range(n):
+        if analysed(float(pts[i]), bool(seq.key[i] or seq.corrupt[i] or seq.damaged[i]), last, fps):
+            chosen.append(i)
+            last = float(pts[i])
+    probs = np.full(n, np.nan)
+    planes = torch.from_numpy(seq.planes)
+    for a in range(0, len(chosen), batch):
+        sel = chosen[a: a + batch]
+        before = [i if (i == 0 or seq.key[i]) else i - 1 for i in sel]
+        x = torch.stack([planes[sel], planes[before]], 1).to(device)
+        logits = model(x[:, : model.in_channels]).float()
+        probs[sel] = torch.sigmoid(top_logits(logits, frame_blocks)).cpu().numpy()
+    return probs
+
+
+def hold_levels(probs: np.ndarray, seq, rule: str) -> np.ndarray:
+    """Per picture, the score whose crossing of a threshold is the detector's decision under `rule`
+    (engine.detectors.corruption.GopHold, without its max_hold release, which decoded GOPs here never reach): the
+    probability, its highest value since the last key frame, and +inf for loss evidence with "hold+evidence"."""
+    out = np.full(len(probs), np.nan)
+    level = np.nan
+    for i, p in enumerate(probs):
+        if rule != "frame" and seq.key[i]:
+            level = np.nan
+        if not np.isnan(p):
+            level = p if rule == "frame" or np.isnan(level) else max(level, p)
+        out[i] = level
+        if rule == "hold+evidence" and seq.damaged[i]:
+            out[i] = np.inf
+    return np.nan_to_num(out, nan=-1.0)
+
+
+def hold_decisions(probs: np.ndarray, seq, rule: str, threshold: float, max_hold: float = 10.0) -> np.ndarray:
+    """The detector's per-picture decisions over one decode: engine.detectors.corruption.GopHold itself."""
+    from engine.detectors.corruption import GopHold
+
+    faulty, _ = GopHold(max_hold).update(np.arange(len(probs)) / seq.fps, probs, seq.key, seq.damaged, threshold,
+                                         hold=rule != "frame", use_evidence=rule == "hold+evidence")
+    return faulty
+
+
+def _events(faulty: np.ndarray, fps: float, onset: float = 0.3, recovery: float = 0.5) -> int:
+    """Events the detector's onset/recovery state machine (defaults of CorruptionConfig) raises on decisions."""
+    from engine.detectors.base import Hysteresis
+
+    class _Ev:
+        def resolved(self, *a, **k):
+            return self
+
+    fired = []
+    h = Hysteresis(onset, recovery, make_event=lambda start, value: fired.append(start) or _Ev(), emit=lambda e: None)
+    t = np.arange(len(faulty)) / fps
+    h.update(t, t + 1.0 / fps, faulty)
+    h.finish()
+    return len(fired)
+
+
+@dataclass
+class SequenceScored:
+    scored: Scored  # the shards' frames (each decode's sampled pictures): `probs` hold hold_levels
+    seqs: list  # every decode of the split
+    probs: list[np.ndarray]  # frame probabilities of every picture of every decode (NaN: not analysed)
+    rule: str
+
+
+def score_sequences(model, meta, split: str, recipe: Recipe, folder: Path, rule: str | None = None,
+                    fps: float = 0.0) -> SequenceScored:
+    """Every decode of a split run through the engine's decision (sequence_probs, then GopHold under `rule`,
+    the model's own by default), scored on the frames the split's shards hold."""
+    from models.data.sequences import sequences
+
+    rule = rule or getattr(meta, "decision", "frame")
+    seqs = sequences(recipe, folder, split)
+    if not seqs:
+        raise ValueError(f"split {split!r} of data set {recipe.hash} holds no frames")
+    device = next(model.parameters()).device
+    kinds = {s.name: s.kind for s in recipe.sources}
+    probs = [sequence_probs(model, q, device, meta.frame_blocks, fps) for q in seqs]
+    levels, labels, kind, source, codec, sample = [], [], [], [], [], []
+    for q, p in zip(seqs, probs, strict=True):
+        m = q.sampled & (q.labels >= 0)
+        levels.append(hold_levels(p, q, rule)[m])
+        labels.append(q.labels[m])
+        for lst, v in ((kind, q.kind), (source, q.source), (codec, q.codec), (sample, kinds.get(q.source) == "sample")):
+            lst.append(np.array([v] * int(m.sum())))
+    sc = Scored(np.concatenate(levels), np.concatenate(labels), np.concatenate(kind), np.concatenate(source),
+                np.concatenate(codec), np.concatenate(sample).astype(bool))
+    return SequenceScored(sc, seqs, probs, rule)
+
+
+def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dict[str, Any]:
+    """report() of the shards' frames at `threshold`, checked against the detector's own decisions, plus every
+    labelled picture of every decode and the clean real clips whole (false-alarm pictures and events)."""
+    out = report(ss.scored, threshold)
+    kinds = {s.name: s.kind for s in recipe.sources}
+    dec_all, lab_all, fa, frames, events, mismatch = [], [], 0, 0, 0, 0
+    for q, p in zip(ss.seqs, ss.probs, strict=True):
+        d = hold_decisions(p, q, ss.rule, threshold)
+        m = q.sampled & (q.labels >= 0)
+        mismatch += int((d[m] != (hold_levels(p, q, ss.rule)[m] >= threshold)).sum())
+        ok = q.labels >= 0
+        dec_all.append(d[ok])
+        lab_all.append(q.labels[ok])
+        if q.kind == "clean" and kinds.get(q.source) == "sample":
+            frames += len(d)
+            fa += int(d.sum())
+            events += _events(d, q.fps)
+    if mismatch:
+        raise AssertionError(f"{mismatch} pictures decided differently by the detector and by the evaluation's scores")
+    out["rule"] = ss.rule
+    out["all_labelled"] = prf(np.concatenate(dec_all), np.concatenate(lab_all))
+    out["clean_real_clips_whole"] = {"frames": frames, "false_alarm_frames": fa, "events": events}
+    return out
+
+
+def calibrate(model, meta, recipe: Recipe, folder: Path, rules: tuple[str, ...] = ("frame", "hold", "hold+evidence")
+              ) -> dict[str, tuple[float, float]]:
+    """{rule: (threshold, F1)}: the best-F1 threshold of each decision rule on the validation split's decodes, run
+    as the engine runs them (one scoring pass for all rules)."""
+    from models.train import best_f1_threshold
+
+    ss = score_sequences(model, meta, "val", recipe, folder, "frame")
+    out = {}
+    for rule in rules:
+        lv = [hold_levels(p, q, rule)[q.sampled & (q.labels >= 0)] for q, p in zip(ss.seqs, ss.probs, strict=True)]
+        out[rule] = best_f1_threshold(np.concatenate(lv), ss.scored.labels)
+    return out
 
 
 def score_split(weights: str | Path, split: str = "test", recipe: Recipe | None = None, data_root: str | None = None,
@@ -122,35 +270,48 @@ def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray, dict]], path: Path, 
 
 
 def evaluate(weights: str | Path, split: str = "test", out_dir: str | Path | None = None, recipe: Recipe | None = None,
-             data_root: str | None = None, device: str = "auto", threshold: float | None = None) -> dict[str, Any]:
-    sc, meta = score_split(weights, split, recipe, data_root, device)
-    r = report(sc, meta.threshold if threshold is None else threshold)
-    precision, recall = r.pop("_curve")
+             data_root: str | None = None, device: str = "auto", threshold: float | None = None, rule: str | None = None,
+             fps: float = 0.0) -> dict[str, Any]:
+    """The model on the held-out decodes, run as the engine runs it (every picture in order, `fps` 0: all analysed,
+    the model's decision rule unless `rule` says otherwise), scored on the split's labelled frames."""
+    model, meta = load(weights, pick_device(device))
+    r = recipe or Recipe()
+    folder = build(r, Path(data_root) if data_root else None)
+    ss = score_sequences(model, meta, split, r, folder, rule, fps)
+    rep = sequence_report(ss, meta.threshold if threshold is None else threshold, r)
+    precision, recall = rep.pop("_curve")
     result = {"model": {"path": str(weights), "version": meta.version, "recipe_hash": meta.recipe_hash},
-              "split": split, **r}
+              "split": split, "fps": fps, **rep}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        result["pr_curve_png"] = str(plot_pr({meta.version: (precision, recall, r)}, out / "pr_curve.png",
-                                             f"corruption model {meta.version}, {split} split"))
+        result["pr_curve_png"] = str(plot_pr({meta.version: (precision, recall, rep)}, out / "pr_curve.png",
+                                             f"corruption model {meta.version} ({ss.rule}), {split} split"))
         (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 def compare(candidate: str | Path, current: str | Path, split: str = "test", out_dir: str | Path | None = None,
             recipe: Recipe | None = None, data_root: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """Both models on the same held-out frames. The candidate is `better_or_equal` only when its F1 is not lower
-    and it raises no more false alarms on the clean real clips: promotion refuses anything else."""
-    sc_new, m_new = score_split(candidate, split, recipe, data_root, device)
-    sc_old, m_old = score_split(current, split, recipe, data_root, device)
-    r_new, r_old = report(sc_new, m_new.threshold), report(sc_old, m_old.threshold)
-    c_new, c_old = r_new.pop("_curve"), r_old.pop("_curve")
+    """Both models on the same held-out decodes, each with its own decision rule and threshold. The candidate is
+    `better_or_equal` only when its F1 is not lower and it raises no more false alarms on the clean real clips:
+    promotion refuses anything else."""
+    r = recipe or Recipe()
+    folder = build(r, Path(data_root) if data_root else None)
+    reps, metas, curves = [], [], []
+    for w in (candidate, current):
+        model, meta = load(w, pick_device(device))
+        rep = sequence_report(score_sequences(model, meta, split, r, folder), meta.threshold, r)
+        curves.append(rep.pop("_curve"))
+        reps.append(rep)
+        metas.append(meta)
+    (r_new, r_old), (m_new, m_old), (c_new, c_old) = reps, metas, curves
     reasons = []
     if r_new["overall"]["f1"] < r_old["overall"]["f1"]:
         reasons.append(f"F1 {r_new['overall']['f1']:.4f} < current {r_old['overall']['f1']:.4f}")
-    if r_new["clean_real_clips"]["false_alarm_frames"] > r_old["clean_real_clips"]["false_alarm_frames"]:
-        reasons.append(f"{r_new['clean_real_clips']['false_alarm_frames']} false-alarm frames on clean real clips "
-                       f"> current {r_old['clean_real_clips']['false_alarm_frames']}")
+    fa_new, fa_old = (x["clean_real_clips_whole"]["false_alarm_frames"] for x in (r_new, r_old))
+    if fa_new > fa_old:
+        reasons.append(f"{fa_new} false-alarm frames on clean real clips > current {fa_old}")
     result = {"split": split, "candidate": {"path": str(candidate), "version": m_new.version, **r_new},
               "current": {"path": str(current), "version": m_old.version, **r_old},
               "better_or_equal": not reasons, "reasons": reasons}

@@ -56,6 +56,13 @@ class TrainConfig:
     data_root: str | None = None
     output: str = str(SHIPPED)
     version: str | None = None
+    # How the engine decides pictures (models.weights.ModelMeta.decision); the threshold is chosen on the
+    # validation split's whole decodes under this rule, as the engine runs it.
+    decision: str = "hold+evidence"
+    # Every picture of the training split's clean decodes joins the training data as a negative, read as the engine
+    # reads it (key frames alone): the held decision makes one false alarm cost a whole GOP, so clean pictures
+    # matter more than their share in the shards.
+    clean_sequences: bool = True
 
 
 @dataclass
@@ -215,6 +222,27 @@ def best_f1_threshold(probs: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     return float(p[k]), float(f1[k])
 
 
+def clean_sequence_items(recipe: Recipe, folder: Path, split: str) -> list[Item]:
+    """Every picture of a split's clean decodes (from the streams kept beside the data), each with the picture
+    shown before it, or alone at a key frame or a stream's start, as the engine reads them; all blocks intact."""
+    from kernels.corruption import analysis_plane
+    from models.data.sequences import decode_flags
+
+    out = []
+    for src in recipe.sources:
+        if src.split != split:
+            continue
+        for codec in recipe.codecs:
+            dec = decode_flags((folder / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts").read_bytes())
+            keys = sorted(dec)
+            planes = [analysis_plane(torch.from_numpy(dec[k][0])) for k in keys]
+            for i, k in enumerate(keys):
+                before = planes[i] if i == 0 or dec[k][1] else planes[i - 1]
+                blocks = torch.zeros(math.ceil(planes[i].shape[-2] / 8), math.ceil(planes[i].shape[-1] / 8), dtype=torch.uint8)
+                out.append(Item(torch.stack([planes[i], before]), blocks, CLEAN))
+    return out
+
+
 def _feedback_items(store_path: str | None) -> list[tuple[Item, int]]:
     if not store_path:
         return []
@@ -233,6 +261,8 @@ def _feedback_items(store_path: str | None) -> list[tuple[Item, int]]:
 
 def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
     say = progress or (lambda s: log.info(s))
+    if cfg.decision not in ("frame", "hold", "hold+evidence"):
+        raise ValueError(f"decision must be frame, hold or hold+evidence, not {cfg.decision!r}")
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -242,11 +272,12 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     recipe = Recipe.from_json(cfg.recipe) if cfg.recipe else Recipe()
     folder = build(recipe, Path(cfg.data_root) if cfg.data_root else None, progress=lambda s: say(f"data: {s} built"))
     items = items_from_shards(load_split(folder, "train"))
+    if cfg.clean_sequences:
+        items += clean_sequence_items(recipe, folder, "train")
     feedback = _feedback_items(cfg.feedback)
     # Verdicts are few and precious: each is seen several times per epoch, with its frame label kept whole.
     train_set: list[tuple[Item, int | None]] = [(it, None) for it in items] + [fb for fb in feedback for _ in range(cfg.feedback_repeat)]
     val = load_split(folder, "val")
-    val_planes = shard_inputs(val)
     val_labels = np.concatenate([s.labels for s in val]) if val else np.zeros(0)
     say(f"data {recipe.hash}: {len(items)} training frames ({sum(it.label == CORRUPT for it in items)} corrupt), "
         f"{len(feedback)} operator verdicts, {len(val_labels)} validation frames; device {device}")
@@ -308,11 +339,16 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
                     g["initial_lr"] = g["lr"]  # decay from the rate reached, not from the one-cycle's start
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=remaining)
     model.eval()
-    threshold, val_f1 = 0.5, float("nan")
+    threshold, val_f1, val_frame = 0.5, float("nan"), {}
     if len(val_labels) and (val_labels == CORRUPT).any():
-        probs, _ = frame_probabilities(model, val_planes, device, recipe.frame_blocks)
-        threshold, val_f1 = best_f1_threshold(probs, val_labels)
-    say(f"validation: best F1 {val_f1:.4f} at threshold {threshold:.4f}")
+        from types import SimpleNamespace
+
+        from models.evaluate import calibrate
+
+        cal = calibrate(model, SimpleNamespace(frame_blocks=recipe.frame_blocks), recipe, folder, tuple(dict.fromkeys(("frame", cfg.decision))))
+        threshold, val_f1 = cal[cfg.decision]
+        val_frame = {"frame_rule_threshold": cal["frame"][0], "frame_rule_val_f1": cal["frame"][1]}
+    say(f"validation ({cfg.decision}): best F1 {val_f1:.4f} at threshold {threshold:.4f}")
     meta = ModelMeta(
         version=cfg.version or dt.datetime.now(dt.UTC).strftime(f"{MODEL_VERSION}.%Y%m%d%H%M%S"),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -321,9 +357,10 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         in_channels=model.in_channels,
         frame_blocks=recipe.frame_blocks,
         threshold=threshold,
+        decision=cfg.decision,
         train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
                       "seconds": round(time.monotonic() - t_start, 1)},
-        metrics={"val_f1": val_f1, "final_loss": history[-1]["loss"] if history else None},
+        metrics={"val_f1": val_f1, **val_frame, "final_loss": history[-1]["loss"] if history else None},
         parent=parent,
         feedback=len(feedback),
     )

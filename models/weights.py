@@ -35,6 +35,11 @@ class ModelMeta:
     parent: str | None = None  # version this one was fine-tuned from
     feedback: int = 0  # operator verdicts it was trained on
     in_channels: int = 2  # 1: the picture alone; 2: the picture and the one shown before it
+    # How pictures are decided (engine.detectors.corruption.GopHold): "frame" (each picture by its own
+    # probability), "hold" (the highest probability since the last key frame), "hold+evidence" (the same, and
+    # loss the transport or decoder reported since the last key frame counts as corrupt). `threshold` was chosen
+    # on validation data for this rule.
+    decision: str = "frame"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -111,6 +111,20 @@ def test_build_is_deterministic_and_split_by_source(tmp_path) -> None:
     assert all(s.planes.shape[1:] == (96, 160) and s.blocks.shape[1:] == (12, 20) for s in sa)
     assert Recipe.from_json(r.to_json()) == r
     assert (a / "recipe.json").is_file()
+    # Whole decodes for evaluation replay the same damage: the pictures a shard sampled come out the same, with
+    # the decoder's key frames and the transport's loss evidence (bursts of lost TS packets) beside them.
+    from models.data.sequences import sequences
+
+    seqs = sequences(r, a, "test")
+    shards = {(s.codec, s.kind): s for s in load_split(a, "test")}
+    assert {(q.codec, q.kind) for q in seqs} == set(shards)
+    for q in seqs:
+        sh = shards[(q.codec, q.kind)]
+        assert np.array_equal(q.planes[q.sampled], sh.planes) and np.array_equal(q.labels[q.sampled], sh.labels)
+        assert q.key[0] and len(q.key) == len(q.labels) == len(q.damaged)
+    burst = next(q for q in seqs if q.kind == "burst")
+    assert burst.damaged.any() and not next(q for q in seqs if q.kind == "clean").damaged.any()
+    assert (burst.labels[burst.damaged] != 0).mean() > 0.5  # evidence mostly where the picture is damaged
 
 
 def test_hevc_encoding_is_bit_exact() -> None:

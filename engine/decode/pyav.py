@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
+from engine.decode.base import DamageTracker
 from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, ColorRange, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class PyAVVideoDecoder:
         cc.thread_count = threads
         self.errors = 0
         self.corrupt = 0
+        self.damage = DamageTracker()
         self._scaler = VideoReformatter()
         self._convert = VideoReformatter()
         self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
@@ -90,11 +92,16 @@ class PyAVVideoDecoder:
             color_range=ColorRange.FULL if full else ColorRange.LIMITED,
             key_frame=bool(frame.key_frame),
             corrupt=corrupt,
+            damaged=self.damage.take(frame.pts) or corrupt,
         )
         return ts, vf
 
     def decode(self, packet: av.Packet | None) -> list[tuple[float | None, VideoFrame]]:
-        return [self._to_frame(f) for f in _decode(self, packet)]
+        errors = self.errors
+        frames = _decode(self, packet)
+        if packet is not None:
+            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt) or self.errors > errors)
+        return [self._to_frame(f) for f in frames]
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:
         return self.decode(None)

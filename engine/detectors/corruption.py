@@ -20,6 +20,45 @@ from engine.detectors.base import (
 )
 from engine.events import Event, Severity
 
+RULES = ("frame", "hold", "hold+evidence")
+
+
+class GopHold:
+    """The decision over a stream's pictures in order, the same in the engine and in evaluation
+    (models.evaluate): packet loss damages a picture and, through prediction, every one after it until the next
+    key frame heals the stream, while the damage is most visible where it starts. So with `hold` a picture's
+    level is the highest probability of the pictures analysed since the last key frame (the key frame included)
+    and with `evidence` a picture the transport or decoder reported damage for (engine.media.VideoFrame.damaged)
+    counts as corrupt too. A stream without key frames is not held for ever: a hold whose last picture over the
+    threshold is `max_hold` seconds old starts afresh. Without `hold` a picture is decided by its own probability
+    and pictures not analysed keep the decision of the last one that was (sample and hold)."""
+
+    def __init__(self, max_hold: float = 10.0) -> None:
+        self.max_hold = max_hold
+        self.level = float("nan")  # probability held (NaN: nothing analysed since the last key frame)
+        self.hit: float | None = None  # pts of the last picture over the threshold in this hold
+
+    def update(self, pts: np.ndarray, prob: np.ndarray, key: np.ndarray, evidence: np.ndarray, threshold: float,
+               hold: bool, use_evidence: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(faulty (k,) bool, level (k,) float) for pictures at `pts` with probabilities `prob` (NaN: not
+        analysed), key-frame flags `key` and loss evidence `evidence`."""
+        k = len(pts)
+        faulty = np.zeros(k, dtype=bool)
+        level = np.full(k, np.nan)
+        for i in range(k):
+            p = float(prob[i])
+            if hold and key[i]:
+                self.level, self.hit = float("nan"), None
+            if hold and self.hit is not None and pts[i] - self.hit > self.max_hold:
+                self.level, self.hit = float("nan"), None
+            if not np.isnan(p):
+                self.level = p if not hold or np.isnan(self.level) else max(self.level, p)
+                if p >= threshold:
+                    self.hit = float(pts[i])
+            level[i] = self.level
+            faulty[i] = (not np.isnan(self.level) and self.level >= threshold) or bool(use_evidence and evidence[i])
+        return faulty, level
+
 
 @dataclass(frozen=True)
 class CorruptionConfig(DetectorConfig):
@@ -27,7 +66,10 @@ class CorruptionConfig(DetectorConfig):
     weights: a weights file (null: the shipped model; the file is re-read when it changes); fps: pictures per
     second analysed per stream (0: every one; null: every one on a GPU, 5 on a CPU; pictures the decoder
     reports as concealed are always analysed). Concealed loss lasts until the next key frame, so the default
-    onset of 0.3 s catches a damaged GOP while a single odd picture does not alert."""
+    onset of 0.3 s catches a damaged GOP while a single odd picture does not alert. rule: how pictures are
+    decided (GopHold): null for the model's own rule (the one its threshold was chosen for: ModelMeta.decision),
+    or "frame", "hold", "hold+evidence". max_hold: seconds a hold lasts without a picture over the threshold when
+    no key frame ends it."""
 
     enabled: bool = False  # off by default until the model's held-out precision is good enough (README)
     onset: float = 0.3
@@ -36,9 +78,14 @@ class CorruptionConfig(DetectorConfig):
     threshold: float | None = None
     weights: str | None = None
     fps: float | None = None
+    rule: str | None = None
+    max_hold: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)} or null, not {self.rule!r}")
+        positive("max_hold", self.max_hold)
         if self.threshold is not None:
             unit_interval("threshold", self.threshold)
         if self.fps is not None and self.fps != 0:
@@ -48,7 +95,7 @@ class CorruptionConfig(DetectorConfig):
 @register
 class CorruptionDetector(Detector):
     NAME = "corruption"
-    VERSION = "1.0"
+    VERSION = "1.1"
     MEDIA = "video"
     NEEDS_EVERY_FRAME = False
     Config = CorruptionConfig
@@ -58,7 +105,7 @@ class CorruptionDetector(Detector):
         self.request = MetricRequest(
             "corruption", (("fps", config.fps), ("threshold", config.threshold), ("weights", config.weights),
                            ("previous", ctx.tier == "all")), config.ignore)
-        self._held = False  # decision of the last analysed picture, held over pictures not analysed
+        self._gop = GopHold(config.max_hold)
         self._evidence: dict | None = None  # the most likely corrupt picture of the pending fault
         self._threshold: float | None = config.threshold
 
@@ -75,12 +122,12 @@ class CorruptionDetector(Detector):
         v = m.values[self.request]
         decision = v["decision"]
         seen = ~np.isnan(decision)
-        # Sample and hold: a picture not analysed keeps the decision of the last one that was.
-        last = np.maximum.accumulate(np.where(seen, np.arange(len(decision)), -1))
-        faulty = np.where(last >= 0, decision[np.maximum(last, 0)] == 1.0, self._held)
         if seen.any():
-            self._held = bool(faulty[-1])
             self._threshold = float(v["threshold"][np.flatnonzero(seen)[-1]])
+        rule = self.config.rule or (RULES[int(v["hold"][-1])] if len(decision) else "frame")
+        faulty, level = self._gop.update(m.pts, v["prob"], v["key"], v["evidence"],
+                                         np.inf if self._threshold is None else self._threshold,
+                                         hold=rule != "frame", use_evidence=rule == "hold+evidence")
         hits = np.flatnonzero((decision == 1.0) & np.array([p is not None for p in v["plane"]]))
         if hits.size:  # keep the most likely corrupt picture of the pending fault as its evidence
             j = int(hits[np.argmax(v["prob"][hits])])
@@ -88,7 +135,7 @@ class CorruptionDetector(Detector):
                 box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
                 self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
                                   "plane": v["plane"][j], "map": v["map"][j]}
-        self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, level)
         if not self.hyst.active and self.hyst.pending_start is None:
             self._evidence = None
 

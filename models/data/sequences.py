@@ -1,0 +1,179 @@
+"""Whole damaged decodes, frame by frame, for judging the corruption detector the way the engine runs it.
+
+The shards of `generate` keep a sample of each damaged decode (a few dozen labelled pictures and the picture
+before each). The engine, though, sees every picture of a stream in order, with the decoder's flags (key frame,
+concealed error), and may decide from what came before. This module replays the recipe's damage for one source
+clip from its kept clean streams (the damage, the decode and the labels are bit-exact for the recipe, so the
+same frames come out as in the shards), keeps every picture of every decode, and marks which of them the shard
+sampled: a sequence evaluation scores exactly the shards' frames (or all labelled frames) with the whole history
+before each one available.
+
+Sequences are cached beside the data set under `sequences/<split>/` (analysis planes, labels, flags).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from engine.decode.base import DamageTracker
+from kernels.corruption import analysis_plane
+from models.data.codec import remux_packets, video_pid
+from models.data.content import SourceSpec
+from models.data.damage import damage, drop_slices
+from models.data.generate import CLEAN, CORRUPT, Recipe, _pick, _rng, block_mad, block_seam, label
+
+
+@dataclass
+class Sequence:
+    """Every picture of one decode in display order: analysis planes (N, H/2, W/2) uint8, frame labels (N,) int8
+    (-2: no clean counterpart, not scored), block labels (N, H/16, W/16) uint8, the decoder's key-frame and
+    concealment flags (N,) bool, the loss evidence the engine's decoder gives each picture (`damaged`, see
+    engine.decode.base.DamageTracker), and `sampled` (N,) bool: the pictures the recipe's shard of this decode
+    holds."""
+
+    planes: np.ndarray
+    labels: np.ndarray
+    blocks: np.ndarray
+    key: np.ndarray
+    corrupt: np.ndarray
+    sampled: np.ndarray
+    damaged: np.ndarray
+    source: str
+    split: str
+    codec: str
+    kind: str
+    fps: float
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, planes=self.planes, labels=self.labels, blocks=self.blocks, key=self.key, corrupt=self.corrupt,
+                 sampled=self.sampled, damaged=self.damaged, meta=np.array(json.dumps({"source": self.source, "split": self.split, "codec": self.codec,
+                                                                 "kind": self.kind, "fps": self.fps})))
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: Path) -> Sequence:
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        return Sequence(z["planes"], z["labels"], z["blocks"], z["key"], z["corrupt"], z["sampled"], z["damaged"], **meta)
+
+
+def decode_flags(data: bytes) -> dict[int, tuple[np.ndarray, bool, bool, bool]]:
+    """As models.data.codec.decode_luma (same decoder settings, so the same pictures), with the decoder's key-frame
+    and concealed-error flags of each picture and the loss evidence the engine's decoder gives it (the same
+    DamageTracker on the same packets): {pts: (luma, key_frame, corrupt, damaged)}."""
+    frames: dict[int, tuple[np.ndarray, bool, bool, bool]] = {}
+    try:
+        c = av.open(io.BytesIO(data), format="mpegts")
+    except av.error.FFmpegError:
+        return frames
+    tracker = DamageTracker()
+    with c:
+        st = c.streams.video[0]
+        st.codec_context.thread_type = "SLICE"
+        packets = c.demux(st)
+        while True:
+            try:
+                p = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError:
+                continue
+            failed = False
+            try:
+                out = st.codec_context.decode(p if p.size else None)
+            except av.error.FFmpegError:
+                out, failed = [], True
+            if p.size:
+                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt) or failed)
+            for f in out:
+                if f.pts is not None:
+                    y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
+                        np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
+                    corrupt = bool(getattr(f, "is_corrupt", False))
+                    frames[int(f.pts)] = (y, bool(f.key_frame), corrupt, tracker.take(f.pts) or corrupt)
+    return frames
+
+
+def _planes(lumas: list[np.ndarray]) -> np.ndarray:
+    return np.stack([analysis_plane(torch.from_numpy(y)).numpy() for y in lumas])
+
+
+def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]:
+    """Every decode of one source clip (each codec: the clean one and one per damage), replayed exactly as
+    `generate.build_source` made its shards (same random draws in the same order)."""
+    out = []
+    fps = src.fps
+    for codec in r.codecs:
+        stream_path = folder / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts"
+        ts = stream_path.read_bytes()
+        clean = decode_flags(ts)
+        keys = sorted(clean)
+        duration = len(keys) / fps
+        h, w = clean[keys[0]][0].shape
+        rng = _rng(r, src.name, codec, "clean")
+        picks = _pick(np.arange(len(keys)), r.clean_per_codec, rng)
+        sampled = np.zeros(len(keys), bool)
+        sampled[picks] = True
+        zero = np.zeros((len(keys), h // 16, w // 16), np.uint8)
+        out.append(Sequence(_planes([clean[k][0] for k in keys]), np.full(len(keys), CLEAN, np.int8), zero,
+                            np.array([clean[k][1] for k in keys]), np.array([clean[k][2] for k in keys]), sampled,
+                            np.array([clean[k][3] for k in keys]), src.name, src.split, codec, "clean", float(fps)))
+        pid = video_pid(ts)
+        for spec in r.damages:
+            rng = _rng(r, src.name, codec, spec.kind)
+            if spec.kind == "slice":
+                p_hit = min(1.0, spec.rate / fps)
+                protect = int(spec.protect * fps)
+                count = iter(range(10**9))
+
+                def mutate(payload: bytes, key: bool, rng=rng, p_hit=p_hit, protect=protect, count=count, codec=codec) -> bytes:
+                    if next(count) < protect or rng.random() >= p_hit:
+                        return payload
+                    return drop_slices(payload, rng, codec)
+
+                damaged = remux_packets(ts, mutate)
+            else:
+                damaged, _ = damage(ts, pid, spec, duration, rng)
+            dec = decode_flags(damaged)
+            order = sorted(dec)
+            common = sorted(set(dec) & set(clean))
+            labels = np.full(len(order), -2, np.int8)  # -2: no clean counterpart (not scored)
+            blocks = np.zeros((len(order), h // 16, w // 16), np.uint8)
+            pos = {k: i for i, k in enumerate(order)}
+            for k in common:
+                mad = block_mad(dec[k][0], clean[k][0])
+                lab, b = label(mad, r, block_seam(dec[k][0], clean[k][0]))
+                labels[pos[k]], blocks[pos[k]] = lab, b
+            lab_common = np.array([labels[pos[k]] for k in common])
+            keep = np.concatenate([_pick(np.flatnonzero(lab_common == CORRUPT), r.per_decode[0], rng),
+                                   _pick(np.flatnonzero(lab_common == CLEAN), r.per_decode[1], rng)])
+            sampled = np.zeros(len(order), bool)
+            sampled[[pos[common[i]] for i in keep]] = True
+            out.append(Sequence(_planes([dec[k][0] for k in order]), labels, blocks,
+                                np.array([dec[k][1] for k in order]), np.array([dec[k][2] for k in order]), sampled,
+                                np.array([dec[k][3] for k in order]), src.name, src.split, codec, spec.kind, float(fps)))
+    return out
+
+
+def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
+    """Every decode of every source clip of a split, built once and cached under folder/sequences/<split>."""
+    out = []
+    for src in r.sources:
+        if src.split != split:
+            continue
+        base = folder / "sequences" / split
+        names = [base / f"{src.name.replace('.', '_')}__{c}__{k}.npz" for c in r.codecs for k in ("clean", *(d.kind for d in r.damages))]
+        if not all(p.is_file() for p in names):
+            for s in source_sequences(r, src, folder):
+                s.save(base / f"{src.name.replace('.', '_')}__{s.codec}__{s.kind}.npz")
+        out.extend(Sequence.load(p) for p in names)
+    return out
