@@ -411,6 +411,7 @@ class Engine:
         # DELETE of one of 200 busy streams took ~450 ms.
         self._removals: list[tuple[str, StreamRuntime | None, threading.Event]] = []
         self._running = False
+        self._run_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.on_status = on_status
         # Set: a device error ends the whole engine and is handed over once (the owner moves the streams
@@ -451,7 +452,9 @@ class Engine:
             self._shutdown(rt)  # outside the tick lock: joining the I/O thread may take a while
         item = (stream_id, rt, threading.Event())
         with self._lock:
-            queued = self._running
+            # From the engine thread itself (a device-failure handler moving streams away, inside a tick) the
+            # tick lock is its own: finish at once rather than wait for a tick end that cannot come.
+            queued = self._running and threading.current_thread() is not self._run_thread
             if queued:
                 self._removals.append(item)
         if queued:
@@ -511,6 +514,7 @@ class Engine:
         trimmed = time.monotonic()
         with self._lock:
             self._running = True
+            self._run_thread = threading.current_thread()
         try:
             while not self._stopping.is_set():
                 if time.monotonic() - trimmed > self.TRIM_EVERY:

@@ -30,3 +30,47 @@ def test_a_stream_whose_frames_break_scoring_fails_alone() -> None:
     black = [(e.status.value, e.start, e.end) for e in sink.events if e.stream == "good" and e.type == "black"]
     assert black == [("firing", 1.0, None), ("resolved", 1.0, 4.0)]
     assert not [e for e in sink.events if e.stream == "bad"]
+
+
+@pytest.mark.timeout(120)
+def test_streams_removed_from_another_thread_and_from_the_engine_thread_end_with_their_alerts() -> None:
+    """A remover on another thread is answered at the end of the running tick; the engine thread itself (a
+    device-failure handler moving streams away inside a tick) removes at once, never waiting on its own tick."""
+    import threading
+    import time
+
+    sink = MemorySink()
+    engine = Engine(sink)
+    engine.REMOVE_WAIT = 60.0  # a wait on its own tick would show as a minute
+    detectors = resolve_detectors(FramewatchConfig())
+    live = "synthetic://{name}?size=64x64&fps=25&duration=0&faults=black@0:3600"
+    for name in ("a", "b"):
+        engine.add_stream(StreamSpec(name, live.format(name=name), detectors, SourceOptions()))
+    took: dict[str, float] = {}
+
+    def on_tick() -> None:
+        if "b" not in took and any(e.stream == "b" and e.type == "black" for e in sink.events):
+            t0 = time.monotonic()
+            engine.remove_stream("b")
+            took["b"] = time.monotonic() - t0
+            assert sink.events[-1].stream == "b" and sink.events[-1].status.value == "resolved"
+
+    runner = threading.Thread(target=engine.run, kwargs={"until_done": False, "on_tick": on_tick})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ("b" in took and any(e.stream == "a" and e.type == "black" for e in sink.events)):
+            assert time.monotonic() < deadline, "no black alert on both streams"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        engine.remove_stream("a")
+        took["a"] = time.monotonic() - t0
+        assert [e.status.value for e in sink.events if e.stream == "a" and e.type == "black"] == ["firing", "resolved"]
+    finally:
+        engine.stop()
+        runner.join(30)
+    assert took["b"] < 5 and took["a"] < 5, took
+    for name in ("a", "b"):
+        black = [e.status.value for e in sink.events if e.stream == name and e.type == "black"]
+        assert black == ["firing", "resolved"], (name, black)
+    assert not engine.streams and not engine._removals
