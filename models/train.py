@@ -172,17 +172,25 @@ def _loss(model: CorruptionNet, planes: torch.Tensor, blocks: torch.Tensor, fram
 
 
 @torch.inference_mode()
-def dataset_loss(model: CorruptionNet, items: list[Item], crop: tuple[int, int], seed: int = 0, pos_weight: float = 2.0) -> float:
+def dataset_loss(model: CorruptionNet, items: list[Item], crop: tuple[int, int], seed: int = 0, pos_weight: float = 2.0,
+                 batch_stats: bool = False) -> float:
     """The training loss over one fixed set of crops (the same crops for the same seed): comparable before and
-    after training."""
+    after training. `batch_stats`: normalise with the set's own statistics, as training does, instead of the
+    running ones (which after a few steps of a tiny run say more about the momentum than about the model); the
+    model itself is left as it was."""
     rng = np.random.default_rng(seed)
     was = model.training
-    model.eval()
+    if batch_stats:
+        import copy
+
+        model = copy.deepcopy(model)
+    model.train(batch_stats)
     crops = [_crop(it, crop[0], crop[1], rng) for it in items]
     planes = torch.stack([c[0] for c in crops])
     blocks = torch.stack([c[1] for c in crops])
     fy = torch.tensor([_crop_label(c[1], None) for c in crops])
-    loss = float(_loss(model, planes, blocks, fy, pos_weight))
+    with torch.no_grad():
+        loss = float(_loss(model, planes, blocks, fy, pos_weight))
     model.train(was)
     return loss
 
