@@ -141,15 +141,24 @@ def _run(path: Path, tmp: Path | None = None, **cfg) -> tuple[list, Engine]:
     return list(sink.events), eng
 
 
-def test_shipped_model_finds_the_burst_until_the_key_frame_and_nothing_on_the_clean_stream(damaged_clip, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def burst_runs(damaged_clip, tmp_path_factory) -> tuple[list, list, Path]:
+    """The shipped model's events on the clean and on the damaged clip, and the folder of the damaged run's
+    thumbnails and review store (run once for the tests below)."""
+    folder = tmp_path_factory.mktemp("burst")
+    clean, _ = _run(damaged_clip["clean"])
+    bad, _ = _run(damaged_clip["bad"], folder)
+    return clean, bad, folder
+
+
+def test_shipped_model_finds_the_burst_until_the_key_frame_and_nothing_on_the_clean_stream(damaged_clip, burst_runs) -> None:
     """With the model's decision over time (held until the next key frame, loss reported by the transport): no
     event on the clean stream, one on the damaged one, ending when the key frame heals the picture. It starts
     with the loss the demuxer reports, which in display order can come a few pictures before the first visibly
     damaged one (here 0.68 s against 0.84 s: the pictures between were lost whole or came out intact)."""
-    events, _ = _run(damaged_clip["clean"])
+    events, bad, tmp_path = burst_runs
     assert events == []
-    events, _ = _run(damaged_clip["bad"], tmp_path)
-    resolved = [e for e in events if e.status.value == "resolved"]
+    resolved = [e for e in bad if e.status.value == "resolved"]
     assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
     e = resolved[0]
     frame = 1 / FPS
@@ -163,11 +172,10 @@ def test_shipped_model_finds_the_burst_until_the_key_frame_and_nothing_on_the_cl
     "TS packets on a picture shown before it (the two B pictures between were lost whole); with the CNN alone "
     "(rule hold) it starts 3 pictures late (0.96 s), the first damaged pictures scoring just under the threshold. "
     "strict: when the start is within a picture, this marker must go"))
-def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_clip, tmp_path) -> None:
-    events, _ = _run(damaged_clip["clean"])
+def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_clip, burst_runs) -> None:
+    events, bad, tmp_path = burst_runs
     assert events == []
-    events, _ = _run(damaged_clip["bad"], tmp_path)
-    resolved = [e for e in events if e.status.value == "resolved"]
+    resolved = [e for e in bad if e.status.value == "resolved"]
     assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
     e = resolved[0]
     frame = 1 / FPS

@@ -190,6 +190,24 @@ def _rng(r: Recipe, *parts: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(key[:8], "little"))
 
 
+
+def damaged_stream(ts: bytes, pid: int, spec, duration: float, fps: float, codec: str, rng: np.random.Generator) -> bytes:
+    """The MPEG-TS `ts` with one damage `spec` applied: slices dropped from whole packets (after `protect`
+    seconds, at `rate` per second), or TS packets of the video `pid` lost or garbled. Deterministic for `rng`."""
+    if spec.kind != "slice":
+        return damage(ts, pid, spec, duration, rng)[0]
+    p_hit = min(1.0, spec.rate / fps)
+    protect = int(spec.protect * fps)
+    count = iter(range(10**9))
+
+    def mutate(payload: bytes, key: bool) -> bytes:
+        if next(count) < protect or rng.random() >= p_hit:
+            return payload
+        return drop_slices(payload, rng, codec)
+
+    return remux_packets(ts, mutate)
+
+
 def _pick(idx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if len(idx) <= n:
         return idx
@@ -264,19 +282,7 @@ def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
         n_corrupt = 0
         for spec in r.damages:
             rng = _rng(r, src.name, codec, spec.kind)
-            if spec.kind == "slice":
-                p_hit = min(1.0, spec.rate / fps)
-                protect = int(spec.protect * fps)
-                count = iter(range(10**9))
-
-                def mutate(payload: bytes, key: bool, rng=rng, p_hit=p_hit, protect=protect, count=count, codec=codec) -> bytes:
-                    if next(count) < protect or rng.random() >= p_hit:
-                        return payload
-                    return drop_slices(payload, rng, codec)
-
-                damaged = remux_packets(ts, mutate)
-            else:
-                damaged, _ = damage(ts, pid, spec, duration, rng)
+            damaged = damaged_stream(ts, pid, spec, duration, fps, codec, rng)
             dec, _ = decode_luma(damaged)
             rows = []
             order = sorted(dec)

@@ -24,10 +24,19 @@ import torch
 
 from engine.decode.base import DamageTracker
 from kernels.corruption import analysis_plane
-from models.data.codec import remux_packets, video_pid
+from models.data.codec import video_pid
 from models.data.content import SourceSpec
-from models.data.damage import damage, drop_slices
-from models.data.generate import CLEAN, CORRUPT, Recipe, _pick, _rng, block_mad, block_seam, label
+from models.data.generate import (
+    CLEAN,
+    CORRUPT,
+    Recipe,
+    _pick,
+    _rng,
+    block_mad,
+    block_seam,
+    damaged_stream,
+    label,
+)
 
 
 @dataclass
@@ -130,19 +139,7 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
         pid = video_pid(ts)
         for spec in r.damages:
             rng = _rng(r, src.name, codec, spec.kind)
-            if spec.kind == "slice":
-                p_hit = min(1.0, spec.rate / fps)
-                protect = int(spec.protect * fps)
-                count = iter(range(10**9))
-
-                def mutate(payload: bytes, key: bool, rng=rng, p_hit=p_hit, protect=protect, count=count, codec=codec) -> bytes:
-                    if next(count) < protect or rng.random() >= p_hit:
-                        return payload
-                    return drop_slices(payload, rng, codec)
-
-                damaged = remux_packets(ts, mutate)
-            else:
-                damaged, _ = damage(ts, pid, spec, duration, rng)
+            damaged = damaged_stream(ts, pid, spec, duration, fps, codec, rng)
             dec = decode_flags(damaged)
             order = sorted(dec)
             common = sorted(set(dec) & set(clean))
