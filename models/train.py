@@ -234,14 +234,14 @@ def clean_sequence_items(recipe: Recipe, folder: Path, split: str) -> list[Item]
     """Every picture of a split's clean decodes (from the streams kept beside the data), each with the picture
     shown before it, or alone at a key frame or a stream's start, as the engine reads them; all blocks intact."""
     from kernels.corruption import analysis_plane
-    from models.data.sequences import decode_flags
+    from models.data.codec import decode_pictures
 
     out = []
     for src in recipe.sources:
         if src.split != split:
             continue
         for codec in recipe.codecs:
-            dec = decode_flags((folder / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts").read_bytes())
+            dec, _ = decode_pictures((folder / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts").read_bytes())
             keys = sorted(dec)
             planes = [analysis_plane(torch.from_numpy(dec[k][0])) for k in keys]
             for i, k in enumerate(keys):

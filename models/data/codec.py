@@ -80,12 +80,23 @@ def remux_packets(data: bytes, mutate) -> bytes:
 def decode_luma(data: bytes) -> tuple[dict[int, np.ndarray], int]:
     """Luma planes of every picture the decoder gives, by pts (90 kHz ticks), and the number of decode errors
     it reported. Damaged input is never an exception here: FFmpeg conceals what it can and goes on."""
-    frames: dict[int, np.ndarray] = {}
+    pictures, errors = decode_pictures(data)
+    return {pts: p[0] for pts, p in pictures.items()}, errors
+
+
+def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool, bool]], int]:
+    """decode_luma with the decoder's key-frame and concealed-error flags of each picture and the loss evidence
+    the engine's decoder gives it (the same DamageTracker on the same packets): ({pts: (luma, key_frame,
+    corrupt, damaged)}, decode errors)."""
+    from engine.decode.base import DamageTracker
+
+    frames: dict[int, tuple[np.ndarray, bool, bool, bool]] = {}
     errors = 0
     try:
         c = av.open(io.BytesIO(data), format="mpegts")
     except av.error.FFmpegError:
         return frames, 1
+    tracker = DamageTracker()
     with c:
         st = c.streams.video[0]
         st.codec_context.thread_type = "SLICE"  # frame threads change concealment between runs; slices do not
@@ -98,12 +109,18 @@ def decode_luma(data: bytes) -> tuple[dict[int, np.ndarray], int]:
             except av.error.FFmpegError:
                 errors += 1
                 continue
+            failed = False
             try:
-                for f in st.codec_context.decode(p if p.size else None):
-                    if f.pts is not None:
-                        y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
-                            np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
-                        frames[int(f.pts)] = y
+                out = st.codec_context.decode(p if p.size else None)
             except av.error.FFmpegError:
+                out, failed = [], True
                 errors += 1
+            if p.size:
+                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt) or failed)
+            for f in out:
+                if f.pts is not None:
+                    y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
+                        np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
+                    corrupt = bool(getattr(f, "is_corrupt", False))
+                    frames[int(f.pts)] = (y, bool(f.key_frame), corrupt, tracker.take(f.pts) or corrupt)
     return frames, errors

@@ -13,18 +13,15 @@ Sequences are cached beside the data set under `sequences/<split>/` (analysis pl
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
-from engine.decode.base import DamageTracker
 from kernels.corruption import analysis_plane
-from models.data.codec import video_pid
+from models.data.codec import decode_pictures, video_pid
 from models.data.content import SourceSpec
 from models.data.generate import (
     CLEAN,
@@ -75,43 +72,6 @@ class Sequence:
         return Sequence(z["planes"], z["labels"], z["blocks"], z["key"], z["corrupt"], z["sampled"], z["damaged"], **meta)
 
 
-def decode_flags(data: bytes) -> dict[int, tuple[np.ndarray, bool, bool, bool]]:
-    """As models.data.codec.decode_luma (same decoder settings, so the same pictures), with the decoder's key-frame
-    and concealed-error flags of each picture and the loss evidence the engine's decoder gives it (the same
-    DamageTracker on the same packets): {pts: (luma, key_frame, corrupt, damaged)}."""
-    frames: dict[int, tuple[np.ndarray, bool, bool, bool]] = {}
-    try:
-        c = av.open(io.BytesIO(data), format="mpegts")
-    except av.error.FFmpegError:
-        return frames
-    tracker = DamageTracker()
-    with c:
-        st = c.streams.video[0]
-        st.codec_context.thread_type = "SLICE"
-        packets = c.demux(st)
-        while True:
-            try:
-                p = next(packets)
-            except StopIteration:
-                break
-            except av.error.FFmpegError:
-                continue
-            failed = False
-            try:
-                out = st.codec_context.decode(p if p.size else None)
-            except av.error.FFmpegError:
-                out, failed = [], True
-            if p.size:
-                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt) or failed)
-            for f in out:
-                if f.pts is not None:
-                    y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
-                        np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
-                    corrupt = bool(getattr(f, "is_corrupt", False))
-                    frames[int(f.pts)] = (y, bool(f.key_frame), corrupt, tracker.take(f.pts) or corrupt)
-    return frames
-
-
 def _planes(lumas: list[np.ndarray]) -> np.ndarray:
     return np.stack([analysis_plane(torch.from_numpy(y)).numpy() for y in lumas])
 
@@ -124,7 +84,7 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
     for codec in r.codecs:
         stream_path = folder / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts"
         ts = stream_path.read_bytes()
-        clean = decode_flags(ts)
+        clean = decode_pictures(ts)[0]
         keys = sorted(clean)
         duration = len(keys) / fps
         h, w = clean[keys[0]][0].shape
@@ -140,7 +100,7 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
         for spec in r.damages:
             rng = _rng(r, src.name, codec, spec.kind)
             damaged = damaged_stream(ts, pid, spec, duration, fps, codec, rng)
-            dec = decode_flags(damaged)
+            dec = decode_pictures(damaged)[0]
             order = sorted(dec)
             common = sorted(set(dec) & set(clean))
             labels = np.full(len(order), -2, np.int8)  # -2: no clean counterpart (not scored)
