@@ -63,6 +63,13 @@ class TrainConfig:
     # reads it (key frames alone): the held decision makes one false alarm cost a whole GOP, so clean pictures
     # matter more than their share in the shards.
     clean_sequences: bool = True
+    # Hard negatives: the clean pictures the model scores highest (the top `hard_share` of them, by the starting
+    # weights when fine-tuning, else by the model half-way through) each join the training set `hard_repeat`
+    # more times, their crops centred on the block the model found most suspicious. A false alarm on clean
+    # content costs a whole GOP under the held decision, and random crops of a big clean picture mostly miss the
+    # few blocks that fool the model (a facade's window grid, an old codec's own blocking).
+    hard_share: float = 0.0
+    hard_repeat: int = 2
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Item:
     plane: torch.Tensor  # (2, H, W) uint8 analysis planes: the picture and the one shown before it
     blocks: torch.Tensor  # (H/8, W/8) uint8 block labels (IGNORE where unknown)
     label: int
+    focus: tuple[int, int] | None = None  # a block (row, column) crops centre on most of the time (hard negatives)
 
 
 @dataclass
@@ -113,11 +121,17 @@ def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator) -> tuple[torch
         plane = F.pad(item.plane[None].float(), (0, max(0, cw - w), 0, max(0, ch - h)), mode="replicate")[0].to(torch.uint8)
         blocks = torch.full((max(bh, gh), max(bw, gw)), IGNORE, dtype=torch.uint8)
         blocks[:bh, :bw] = item.blocks
-        item = Item(plane, blocks, item.label)
+        item = Item(plane, blocks, item.label, item.focus)
         bh, bw = blocks.shape
     damaged = torch.nonzero(item.blocks == 1)
-    if len(damaged) and rng.random() < 0.5:
-        cy, cx = damaged[int(rng.integers(len(damaged)))].tolist()
+    if item.focus is not None and rng.random() < 0.75:
+        centre = True
+        cy, cx = item.focus
+    else:
+        centre = bool(len(damaged)) and rng.random() < 0.5
+        if centre:
+            cy, cx = damaged[int(rng.integers(len(damaged)))].tolist()
+    if centre:
         by = int(np.clip(cy - gh // 2 + rng.integers(-gh // 4, gh // 4 + 1), 0, bh - gh))
         bx = int(np.clip(cx - gw // 2 + rng.integers(-gw // 4, gw // 4 + 1), 0, bw - gw))
     else:
@@ -251,6 +265,35 @@ def clean_sequence_items(recipe: Recipe, folder: Path, split: str) -> list[Item]
     return out
 
 
+def mine_hard_negatives(model: CorruptionNet, items: list[Item], share: float, device: torch.device,
+                        batch: int = 8) -> list[Item]:
+    """The top `share` of the clean items by the model's frame probability, each as a copy focused on its most
+    suspicious block (Item.focus)."""
+    clean = [it for it in items if it.label == CLEAN]
+    n = int(round(share * len(clean)))
+    if n <= 0:
+        return []
+    was = model.training
+    model.eval()
+    scores, focus = np.zeros(len(clean)), []
+    with torch.inference_mode():
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, it in enumerate(clean):
+            groups.setdefault(tuple(it.plane.shape[-2:]), []).append(i)
+        for idx in groups.values():
+            for a in range(0, len(idx), batch):
+                sel = idx[a: a + batch]
+                logits = model(torch.stack([clean[i].plane for i in sel]).to(device)[:, : model.in_channels]).float()
+                flat = logits.flatten(1)
+                scores[sel] = top_logits(logits, 0.0).cpu().numpy()
+                for j, k in zip(sel, flat.argmax(1).tolist(), strict=True):
+                    focus.append((j, divmod(int(k), logits.shape[-1])))
+    model.train(was)
+    where = dict(focus)
+    hardest = np.argsort(-scores, kind="stable")[:n]
+    return [Item(clean[i].plane, clean[i].blocks, CLEAN, where[int(i)]) for i in hardest]
+
+
 def _feedback_items(store_path: str | None) -> list[tuple[Item, int]]:
     if not store_path:
         return []
@@ -301,16 +344,31 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+    mine_at = 0 if cfg.init else cfg.epochs // 2  # epochs done before hard negatives are mined (once)
+    n_hard = int(round(cfg.hard_share * sum(it.label == CLEAN for it in items))) * cfg.hard_repeat
+    mined_steps = max(1, math.ceil((len(train_set) + n_hard) / cfg.batch))
+    total_steps = cfg.epochs * steps_per_epoch if cfg.hard_share <= 0 else mine_at * steps_per_epoch + (cfg.epochs - mine_at) * mined_steps
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
                                                 pct_start=0.15 if not cfg.init else 0.05)
     history = []
     ch, cw = cfg.crop
+    base_set = list(train_set)
+
+    def mine() -> None:
+        nonlocal train_set, steps_per_epoch
+        hard = mine_hard_negatives(model, items, cfg.hard_share, device)
+        train_set = base_set + [(it, None) for it in hard for _ in range(cfg.hard_repeat)]
+        steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch))
+        say(f"hard negatives: {len(hard)} clean pictures x {cfg.hard_repeat} (by the model after {epoch} epochs)")
+
     # The validation pass after training takes about a tenth of an epoch per 500 frames; keep room for it.
     deadline = t_start + cfg.minutes * 60 - 30
     stopped_early = False
     epochs = cfg.epochs
     epoch = 0
     while epoch < epochs:
+        if cfg.hard_share > 0 and epoch == mine_at:
+            mine()
         t_epoch = time.monotonic()
         model.train()
         order = rng.permutation(len(train_set))

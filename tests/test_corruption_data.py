@@ -29,6 +29,20 @@ def test_generated_content_is_seeded() -> None:
     assert not np.array_equal(a[0], a[5])  # it moves
 
 
+def test_facade_content_is_seeded_and_grid_like() -> None:
+    spec = SourceSpec("f", "generated", "train", seed=3, width=320, height=192, seconds=0.2, style="facade")
+    a, b = generated_frames(spec), generated_frames(spec)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    mixed = generated_frames(SourceSpec("f", "generated", "train", seed=3, width=320, height=192, seconds=0.2))
+    assert not np.array_equal(a[0], mixed[0])
+    # Night towers: a dark picture with many strong, short-period edges (the window grids).
+    y = a[0].astype(np.float32).mean(axis=2)
+    assert y.mean() < 110
+    assert (np.abs(np.diff(y, axis=1)) > 40).mean() > 0.01
+    with pytest.raises(ValueError, match="content style"):
+        generated_frames(SourceSpec("f", "generated", "train", seed=3, width=64, height=64, seconds=0.1, style="x"))
+
+
 def test_damage_touches_only_the_video_pid_after_the_protected_start(clip) -> None:
     _, ts = clip
     pid = video_pid(ts)
@@ -125,6 +139,42 @@ def test_build_is_deterministic_and_split_by_source(tmp_path) -> None:
     burst = next(q for q in seqs if q.kind == "burst")
     assert burst.damaged.any() and not next(q for q in seqs if q.kind == "clean").damaged.any()
     assert (burst.labels[burst.damaged] != 0).mean() > 0.5  # evidence mostly where the picture is damaged
+
+
+def test_a_recipe_that_adds_sources_builds_only_those(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    import models.data.generate as gen
+    from models.data.generate import extend
+
+    r = Recipe(sources=(SMALL,), codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)),), clean_per_codec=4,
+               per_decode=(8, 4))
+    a = build(r, tmp_path, workers=1)
+    added = SourceSpec("tiny3", "generated", "val", seed=9, width=320, height=192, seconds=2.0, style="facade")
+    r2 = dataclasses.replace(r, sources=(SMALL, added))
+    with pytest.raises(ValueError, match="more than its sources"):
+        extend(dataclasses.replace(r2, block_mad=9.0), a, tmp_path)
+    made = []
+    real = gen.build_source
+    monkeypatch.setattr(gen, "build_source", lambda rr, src, out: made.append(src.name) or real(rr, src, out))
+    folder = extend(r2, a, tmp_path)
+    assert folder.name == r2.hash and not (folder / "recipe.json").exists()
+    b = build(r2, tmp_path, workers=1)
+    assert b == folder and made == ["tiny3"]
+    # build() finds such a finished build by itself.
+    made.clear()
+    r3 = dataclasses.replace(r, sources=(SMALL, dataclasses.replace(added, name="tiny4", seed=10)))
+    c = build(r3, tmp_path, workers=1)
+    assert made == ["tiny4"] and (c / "train" / next((a / "train").glob("*.npz")).name).samefile(next((a / "train").glob("*.npz")))
+    # The shared source's shards are the old ones (hard links), the new one's are there too.
+    old = {p.name: p.stat().st_ino for p in (a / "train").glob("*.npz")}
+    assert old and {p.name: p.stat().st_ino for p in (b / "train").glob("*.npz")} == old
+    assert {s.source for s in load_split(b, "val")} == {"tiny3"}
+    # Building again makes nothing.
+    made.clear()
+    (b / "recipe.json").unlink()
+    build(r2, tmp_path, workers=1)
+    assert made == []
 
 
 def test_hevc_encoding_is_bit_exact() -> None:

@@ -20,7 +20,7 @@ from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
 from models.net import CorruptionNet, parameters_count
-from models.train import TrainConfig, dataset_loss, items_from_shards, train
+from models.train import Item, TrainConfig, _crop, dataset_loss, items_from_shards, mine_hard_negatives, train
 from models.weights import SHIPPED, ModelMeta, WeightsError, load, save
 
 TINY = Recipe(
@@ -72,6 +72,44 @@ def test_training_respects_its_time_cap(tiny) -> None:
     res = train(TrainConfig(epochs=500, batch=8, minutes=0.6, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1))
     assert res.meta.train_config["stopped_early"] and 1 <= res.meta.train_config["epochs_run"] < 500
     assert time.monotonic() - t0 < 0.6 * 60 + 10
+
+
+class _Spot(torch.nn.Module):
+    """A stand-in model whose block logits are the picture's own 8x8 cell means: the brightest cell is its
+    most suspicious block."""
+
+    in_channels = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x[:, :1].float(), 8)[:, 0] / 255.0
+
+
+def test_hard_negatives_are_the_clean_pictures_scored_highest_focused_on_their_worst_block() -> None:
+    items = []
+    for k in range(10):
+        plane = torch.zeros(2, 64, 96, dtype=torch.uint8)
+        plane[:, 8 * (k % 8): 8 * (k % 8) + 8, 8 * k: 8 * k + 8] = 25 * k  # one bright block, brighter each item
+        items.append(Item(plane, torch.zeros(8, 12, dtype=torch.uint8), 0))
+    items.append(Item(torch.full((2, 64, 96), 255, dtype=torch.uint8), torch.ones(8, 12, dtype=torch.uint8), 1))  # corrupt: never mined
+    hard = mine_hard_negatives(_Spot(), items, 0.3, torch.device("cpu"))
+    assert [h.focus for h in hard] == [(9 % 8, 9), (8 % 8, 8), (7, 7)]
+    assert all(h.label == 0 and h.plane is items[k].plane for h, k in zip(hard, (9, 8, 7), strict=True))
+    assert mine_hard_negatives(_Spot(), items, 0.0, torch.device("cpu")) == []
+    # Crops of a hard negative hold its worst block most of the time.
+    rng = np.random.default_rng(0)
+    big = torch.zeros(2, 360, 640, dtype=torch.uint8)
+    big[:, 320:328, 40:48] = 255  # block (40, 5)
+    focused = Item(big, torch.zeros(45, 80, dtype=torch.uint8), 0, focus=(40, 5))
+    hits = sum(bool((_crop(focused, 120, 160, rng)[0] > 128).any()) for _ in range(200))
+    plain = sum(bool((_crop(Item(big, focused.blocks, 0), 120, 160, rng)[0] > 128).any()) for _ in range(200))
+    assert hits >= 0.7 * 200 and plain < 0.3 * 200, (hits, plain)
+
+
+def test_training_with_hard_negatives_runs_its_whole_schedule(tiny) -> None:
+    root, _ = tiny
+    res = train(TrainConfig(epochs=2, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            hard_share=0.2))
+    assert res.meta.train_config["epochs_run"] == 2 and not res.meta.train_config["stopped_early"]
 
 
 def _meta(version: str = "t1") -> ModelMeta:
@@ -177,3 +215,18 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     r = run_cli("promote", same, "--current", current, "--recipe", recipe_file, "--data-root", root, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "current.previous.pt").read_bytes() == before
+
+
+def test_the_facade_training_config_extends_the_default_recipe() -> None:
+    import dataclasses
+
+    from engine.model_cli import _train_config
+
+    cfg = _train_config(Path(__file__).resolve().parents[1] / "configs" / "train_facades.yaml", {})
+    r = Recipe.from_json(cfg.recipe)
+    default = Recipe()
+    assert r.sources[: len(default.sources)] == default.sources
+    added = r.sources[len(default.sources):]
+    assert {s.style for s in added} == {"facade"} and {s.split for s in added} == {"train", "val"}
+    assert dataclasses.replace(r, sources=default.sources) == default  # so extend() can build only the added clips
+    assert cfg.init == "models/weights/corruption.pt" and cfg.hard_share == 0.0

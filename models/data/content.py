@@ -34,6 +34,7 @@ class SourceSpec:
     height: int = 720
     seconds: float = 8.0
     fps: int = 25
+    style: str = "mixed"  # generated content: "mixed" (textured scene) or "facade" (lit buildings at night)
 
 
 def _fractal(gen: torch.Generator, h: int, w: int, octaves: int = 6, beta: float = 1.0) -> torch.Tensor:
@@ -104,16 +105,80 @@ def _man_made(gen: torch.Generator, img: torch.Tensor) -> torch.Tensor:
     return img.clamp(0, 1)
 
 
+def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A camera's softness: separable Gaussian blur of a (3, h, w) picture."""
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
+    x = F.pad(img[None], (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, k, groups=3)
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    return F.conv2d(x, k.transpose(-1, -2), groups=3)[0]
+
+
+def _facade_canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """Lit buildings at night seen from the street (3, h, w) in 0..1: dark sky, towers narrowing upwards, and on
+    each a dense regular grid (window cells, mullions, balcony bands) with high contrast. Such facades are grids
+    of every period, phase and slant, and some line up with the codec's macroblock grid for a moment as the
+    camera moves: the clean pictures that look most like concealed blocks, so the model must see them as clean."""
+    rnd = lambda: float(torch.rand(1, generator=gen))  # noqa: E731
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    sky = torch.tensor([0.08 + 0.1 * rnd(), 0.05 + 0.08 * rnd(), 0.15 + 0.2 * rnd()]).view(3, 1, 1)
+    img = sky * (0.6 + 0.4 * yy / h) + 0.03 * _fractal(gen, h, w, octaves=4)
+    palette = torch.tensor([[0.55, 1.0, 0.85], [0.9, 0.95, 1.0], [1.0, 0.85, 0.5], [0.4, 0.8, 1.0], [0.75, 1.0, 0.6]])
+    for _ in range(int(torch.randint(7, 14, (1,), generator=gen))):
+        cx, half = rnd() * w, (0.05 + 0.14 * rnd()) * w
+        top = rnd() * 0.55 * h
+        narrow = 0.35 * rnd()  # keystone: looking up, a tower narrows towards its top
+        lean = (rnd() - 0.5) * 0.3
+        centre = cx + lean * (h - yy)
+        width = half * (1 - narrow * (h - yy) / h)
+        u = (xx - centre) / width  # -1..1 across the facade
+        inside = (u.abs() <= 1) & (yy >= top)
+        body = torch.tensor([0.04 + 0.2 * rnd() for _ in range(3)]).view(3, 1, 1)
+        cols = int(torch.randint(6, 40, (1,), generator=gen))
+        pv = 4.0 + 20.0 * rnd()  # row period in pixels
+        slant = (rnd() - 0.5) * 0.2
+        v = (yy - top) + slant * (xx - centre)
+        kind = int(torch.randint(0, 3, (1,), generator=gen))
+        if kind == 2:  # balcony bands: curved horizontal stripes
+            v = v + pv * 0.8 * torch.sin(u * (1 + 4 * rnd()) + 6.3 * rnd())
+        ci = torch.floor((u + 1) * cols / 2)
+        ri = torch.floor(v / pv)
+        fu, fv = 0.35 + 0.5 * rnd(), 0.3 + 0.55 * rnd()
+        if kind == 1:  # curtain wall: thin mullions, whole rows of glass
+            fu = 0.8 + 0.15 * rnd()
+        if kind == 2:
+            fu = 1.0
+        cell = ((u + 1) * cols / 2 - ci < fu) & (v / pv - ri < fv)
+        table = torch.rand(257, 263, generator=gen)
+        r_idx, c_idx = ri.long().remainder(257), ci.long().remainder(263)
+        lit_level = table[r_idx, c_idx]
+        lit = lit_level < 0.3 + 0.6 * rnd()
+        tint = palette[int(torch.randint(0, len(palette), (1,), generator=gen))].view(3, 1, 1)
+        glow = (0.35 + 0.65 * (lit_level / 0.9).clamp(0, 1)) * tint
+        windows = torch.where(cell & lit, glow, body * 1.6)
+        facade = torch.where(cell, windows, body + 0.02 * _fractal(gen, h, w, octaves=3))
+        img = torch.where(inside, facade, img)
+    return img.clamp(0, 1)
+
+
 def generated_frames(spec: SourceSpec) -> list[np.ndarray]:
     """A camera panning and zooming slowly over a textured canvas, with a few sprites moving across it and an
-    occasional cut to another part of the canvas: motion of every kind an encoder predicts."""
+    occasional cut to another part of the canvas: motion of every kind an encoder predicts. The canvas is a
+    textured scene with man-made structure (style "mixed") or lit towers at night (style "facade")."""
+    if spec.style not in ("mixed", "facade"):
+        raise ValueError(f"unknown content style {spec.style!r} (mixed or facade)")
     gen = torch.Generator().manual_seed(spec.seed)
     h, w = spec.height, spec.width
     ch, cw = int(h * 1.8) // 2 * 2, int(w * 1.8) // 2 * 2
-    # Build the canvas at a third of its size, then upsample: fractal noise at full size is slow on 2 cores.
-    canvas = F.interpolate(_canvas(gen, ch // 3, cw // 3)[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-    canvas = (canvas + 0.05 * _fractal(gen, ch, cw, octaves=7, beta=0.5)).clamp(0, 1)
-    canvas = _man_made(gen, canvas)
+    if spec.style == "facade":
+        canvas = _blur(_facade_canvas(gen, ch, cw), 0.5 + 0.6 * float(torch.rand(1, generator=gen))).clamp(0, 1)
+    else:
+        # Build the canvas at a third of its size, then upsample: fractal noise at full size is slow on 2 cores.
+        canvas = F.interpolate(_canvas(gen, ch // 3, cw // 3)[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+        canvas = (canvas + 0.05 * _fractal(gen, ch, cw, octaves=7, beta=0.5)).clamp(0, 1)
+        canvas = _man_made(gen, canvas)
     sprites = []
     for _ in range(3):
         sh, sw = int(h * (0.1 + 0.15 * float(torch.rand(1, generator=gen)))), int(w * (0.08 + 0.12 * float(torch.rand(1, generator=gen))))

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,11 @@ class Recipe:
     native_splits: tuple[str, ...] = ("val", "test")  # splits that also keep native luma (for peers that read it)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        for src in d["sources"]:  # the default style is left out, so recipes from before styles keep their hash
+            if src.get("style") == "mixed":
+                del src["style"]
+        return d
 
     @staticmethod
     def from_json(d: dict) -> Recipe:
@@ -322,21 +326,76 @@ def build(r: Recipe, root: Path | None = None, workers: int = 2, progress=None) 
     done = out / "recipe.json"
     if done.is_file():
         return out
+    if not out.exists():
+        donor = _donor(r, out.parent)
+        if donor is not None:
+            extend(r, donor, out.parent)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    if workers > 1:
+    # A source's shards depend only on the recipe's settings and that source (its random draws are keyed by
+    # name), so a source already built (marked under built/) is kept: an interrupted build resumes, and a recipe
+    # that only adds sources builds just those (after its folder is seeded with the old one's files).
+    marks = out / "built"
+    marks.mkdir(exist_ok=True)
+    todo = [s for s in r.sources if not (marks / s.name).is_file()]
+
+    def finished(s: SourceSpec) -> None:
+        (marks / s.name).write_text(json.dumps(asdict(s)) + "\n")
+        if progress:
+            progress(s.name)
+
+    if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(build_source, r, s, out) for s in r.sources]
-            for s, fut in zip(r.sources, futures, strict=True):
+            futures = [pool.submit(build_source, r, s, out) for s in todo]
+            for s, fut in zip(todo, futures, strict=True):
                 fut.result()
-                if progress:
-                    progress(s.name)
+                finished(s)
     else:
-        for s in r.sources:
+        for s in todo:
             build_source(r, s, out)
-            if progress:
-                progress(s.name)
+            finished(s)
     done.write_text(json.dumps({"hash": r.hash, "recipe": r.to_json()}, indent=1))
+    return out
+
+
+def _donor(r: Recipe, root: Path) -> Path | None:
+    """The finished build under `root` that shares the most sources with `r` and differs from it only in its
+    sources (None: none does)."""
+    best, shared = None, 0
+    for f in sorted(root.glob("*/recipe.json")) if root.is_dir() else []:
+        try:
+            old = Recipe.from_json(json.loads(f.read_text())["recipe"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        n = sum(s in old.sources for s in r.sources)
+        if n > shared and replace(old, sources=r.sources) == r:
+            best, shared = f.parent, n
+    return best
+
+
+def extend(r: Recipe, old: Path, root: Path | None = None) -> Path:
+    """Seeds the folder of recipe `r` with a finished build `old` whose recipe differs only in its sources: the
+    sources both share (same spec) are hard-linked and marked built, so build(r) makes only the new ones. Returns
+    the new folder. Refuses when any other setting differs (the shared sources would not be the same data)."""
+    old_r = Recipe.from_json(json.loads((old / "recipe.json").read_text())["recipe"])
+    if replace(old_r, sources=r.sources) != r:
+        raise ValueError(f"recipe {r.hash} differs from {old_r.hash} in more than its sources; build it afresh")
+    out = (root or data_root()) / r.hash
+    if (out / "recipe.json").is_file():
+        return out
+    shared = [s for s in r.sources if s in old_r.sources]
+    names = {s.name.replace(".", "_") for s in shared}
+    for f in old.rglob("*"):
+        rel = f.relative_to(old)
+        if not f.is_file() or rel.parts[0] in ("built", "recipe.json") or f.name.split("__")[0] not in names:
+            continue
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            os.link(f, dst)
+    (out / "built").mkdir(parents=True, exist_ok=True)
+    for s in shared:
+        (out / "built" / s.name).write_text(json.dumps(asdict(s)) + "\n")
     return out
 
 
