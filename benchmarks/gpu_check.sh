@@ -5,7 +5,7 @@
 # PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
 #   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
-#   BENCH_PROCS (1,4), TEST_TIMEOUT, BENCH_TIMEOUT, PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
+#   BENCH_PROCS (1,4), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -15,6 +15,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$SITE" "$RESULTS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
+STAGES=${STAGES:-clips tests corruption profile bench}
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 for a in "$WHEELS"/*.tar.xz "$WHEELS"/*/*.tar.xz; do
   [ -f "$a" ] && tar -xJf "$a" -C "$SITE"
@@ -24,28 +26,46 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "== install $(( $(date +%s) - t0 )) s"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.video,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv,noheader
 $PY -c "import torch, av, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'av', av.__version__)"
 
-echo "== clips"
 SECS=${BENCH_SECONDS:-10}
-$PY -c "
+has clips && echo "== clips" && $PY -c "
 from pathlib import Path; from engine.bench import make_clip
 for c in '${BENCH_CODECS:-h264,hevc}'.split(','):
     make_clip(Path('/tmp/framewatch-clips') / f'bench_{c}_1080p30_8M_${SECS%.*}s.mp4', c, float('$SECS'))
 " && echo "clips ready at $(( $(date +%s) - t0 )) s"
 export PROBE_CLIP=/tmp/framewatch-clips/bench_h264_1080p30_8M_${SECS%.*}s.mp4
 
-echo "== NVDEC probe"
-timeout 60 $PY benchmarks/nvdec_probe.py 2>&1 | cut -c1-700
+if [ "${PROBE:-1}" != 0 ]; then
+  echo "== NVDEC probe"
+  timeout 60 $PY benchmarks/nvdec_probe.py 2>&1 | cut -c1-700
+fi
 
-echo "== cuda tests"
-timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels_video.py \
-  tests/test_loudness.py tests/test_true_peak.py tests/test_clicks.py 2>&1 | tee "$RESULTS/cuda_tests.log" | tail -40
-echo "== tests done at $(( $(date +%s) - t0 )) s"
+if has tests; then
+  # -s lets a native library's last words (an abort inside the decoder) reach the log instead of pytest's
+  # capture file; TESTS_ISOLATED=1 runs each test in its own process, so such a crash loses that test alone.
+  echo "== cuda tests"
+  : > "$RESULTS/cuda_tests.log"
+  npass=0; nfail=0
+  collected=$($PY -m pytest --collect-only -q -m cuda -p no:cacheprovider tests/ 2>/dev/null | grep '::')
+  if [ -n "${TESTS_ISOLATED:-}" ]; then runs=$collected; else runs=$(echo "$collected" | cut -d: -f1 | sort -u | paste -sd,); fi
+  for id in $runs; do
+    timeout ${TEST_TIMEOUT:-120} $PY -m pytest -q -s -rs -vv -p no:cacheprovider --tb=short -m cuda ${id//,/ } > /tmp/framewatch-test.log 2>&1
+    rc=$?
+    if [ $rc = 0 ] && ! grep -q " passed" /tmp/framewatch-test.log; then line="SKIP $id ($(grep -o 'SKIPPED.*' /tmp/framewatch-test.log | head -1))"
+    elif [ $rc = 0 ]; then npass=$((npass + 1)); line="PASS $id"; else nfail=$((nfail + 1)); line="FAIL (rc $rc) $id"; fi
+    echo "$line" | tee -a "$RESULTS/cuda_tests.log"
+    [ -z "${TESTS_ISOLATED:-}" ] && grep -E "(PASSED|FAILED|ERROR)( |$)" /tmp/framewatch-test.log | tee -a "$RESULTS/cuda_tests.log"
+    if [ $rc != 0 ]; then { echo "---- $id"; grep -v -E "^  File \"/(usr|opt)/|^Extension modules" /tmp/framewatch-test.log | tail -80; echo "----"; } >> "$RESULTS/cuda_tests.log"; fi
+  done
+  if [ -n "${TESTS_ISOLATED:-}" ]; then summary="$npass passed, $nfail failed"
+  else summary=$(grep -E "[0-9]+ (passed|failed|skipped)" /tmp/framewatch-test.log | tail -1 | tr -d '='); fi
+  echo "cuda tests: $summary" | tee -a "$RESULTS/cuda_tests.log"
+  echo "== tests done at $(( $(date +%s) - t0 )) s"
+fi
 
-echo "== corruption CNN on the GPU (1080p analysis planes, fp16, batch 64)"
-timeout 60 $PY -c "
+has corruption && echo "== corruption CNN on the GPU (1080p analysis planes, fp16, batch 64)" && timeout 60 $PY -c "
 import json, sys; sys.path.insert(0, 'benchmarks')
 from corruption_vs_blockdetect import _model_gpu_fps
 from models.weights import SHIPPED, load
@@ -54,7 +74,7 @@ fps = _model_gpu_fps(m)
 print(f'corruption model {meta.version}: {fps:.0f} frames/s'); json.dump({'version': meta.version, 'gpu_frames_per_s_1080p': fps}, open('$RESULTS/corruption_gpu.json', 'w'))
 " 2>&1 | tail -3
 
-if [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
+if has profile && [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
   SPY=$( [ -x .whl/tools/py-spy ] && echo .whl/tools/py-spy || echo "$WHEELS/../tools/py-spy")
   echo "== GIL profile of end to end (h264, tier all, ${BENCH_STREAMS:-32} streams)"
   timeout 120 $SPY record --gil -r 250 --format raw -o "$RESULTS/profile_gil.txt" -- \
@@ -62,8 +82,7 @@ if [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-s
     --codecs h264 --tiers all --procs 1 --clip-dir /tmp/framewatch-clips --json "$RESULTS/profile_bench.json" 2>&1 | tail -8
 fi
 
-echo "== bench"
-timeout -s INT -k 20 ${BENCH_TIMEOUT:-270} $PY -m engine.cli bench --device cuda \
+has bench && echo "== bench" && timeout -s INT -k 20 ${BENCH_TIMEOUT:-270} $PY -m engine.cli bench --device cuda \
   --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
   --codecs "${BENCH_CODECS:-h264,hevc}" --tiers "${BENCH_TIERS:-all,skip_nonref,keyframes}" \
   --procs "${BENCH_PROCS:-1,4}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-128}" --clip-dir /tmp/framewatch-clips \

@@ -91,10 +91,28 @@ def _biquad(x: Tensor, x_hist: Tensor, y_hist: Tensor, b: tuple[float, ...], a: 
     # One filter row per (stream, channel) makes lfilter's internal FIR pass a depthwise convolution, which
     # is several times faster on the CPU than the single-filter form over a batch of rows.
     rows = v.shape[0] * v.shape[1]
-    y = taf.lfilter(
-        v.reshape(rows, t), a_coeffs.expand(rows, 3), b_coeffs.expand(rows, 3), clamp=False, batching=True
-    )
+    y = _lfilter(v.reshape(rows, t), a_coeffs.expand(rows, 3), b_coeffs.expand(rows, 3))
     return y.reshape(v.shape)
+
+
+def _lfilter(v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    if v.device.type != "cuda":
+        return taf.lfilter(v, a, b, clamp=False, batching=True)
+    # torchaudio launches its CUDA recursion kernel on the legacy default stream whatever stream is current
+    # (`iir_cu_kernel<<<blocks, threads>>>`), and torch's other streams do not wait for that one: on the
+    # engine's scoring stream the recursion raced the kernels around it (the GPU check read zeros and
+    # garbage loudness, and out-of-range click positions tripped a device assert). So the whole call runs
+    # on the default stream, ordered both ways with the current one.
+    current = torch.cuda.current_stream(v.device)
+    default = torch.cuda.default_stream(v.device)
+    if current == default:
+        return taf.lfilter(v, a, b, clamp=False, batching=True)
+    default.wait_stream(current)
+    with torch.cuda.stream(default):
+        y = taf.lfilter(v, a, b, clamp=False, batching=True)
+    current.wait_stream(default)
+    y.record_stream(current)  # allocated on the default stream, freed while the current one may use it
+    return y
 
 
 def _tail(hist: Tensor, s: Tensor) -> Tensor:

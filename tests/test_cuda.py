@@ -224,8 +224,11 @@ def test_audio_scoring_cpu_and_cuda_agree() -> None:
         results[device] = out
     for cpu_tick, gpu_tick in zip(results["cpu"], results["cuda"], strict=True):
         for a, b in zip(cpu_tick, gpu_tick, strict=True):
-            for name in ("peak", "mean_square", "clipped", "mean", "cross", "onset", "true_peak"):
+            for name in ("peak", "mean_square", "clipped", "mean", "cross", "true_peak"):
                 np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-7, err_msg=name)
+            # Onsets are differences of float32 log10 powers around -2: a rounding step there is 2.4e-7 (the
+            # first GPU check saw 1.2e-7 on a rise of 6.5e-4).
+            np.testing.assert_allclose(b.onset, a.onset, rtol=1e-5, atol=1e-6, err_msg="onset")
             np.testing.assert_allclose(b.window_power, a.window_power, rtol=1e-5, atol=1e-12)
             np.testing.assert_allclose(b.short_term, a.short_term, rtol=0, atol=1e-4)
             clear = a.impulse > 3

@@ -132,8 +132,13 @@ def _convert_run(
     ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
     with ctx:
         c = convert_surfaces(surfaces, height, full, keep_luma)
-    if stream is not None:
-        stream.synchronize()
+        done = torch.cuda.Event() if stream is not None else None
+        if done is not None:
+            done.record(stream)
+    if done is not None:
+        # The stream is shared by every source on the GPU: wait for this batch's work only, not for what
+        # other sources queued after it.
+        done.synchronize()
     width = int(surfaces[0].shape[-1])
     out = []
     for i in range(c.small.shape[0]):
