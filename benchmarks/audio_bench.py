@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -525,6 +526,10 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"{label:34} {c['kernels']:8.1f} {c['detectors']:8.1f} {c['total']:8.1f} {w['total']:8.1f} "
                   f"{_f(r['streams_per_core'], 12)} {_f(cost['ratios'][f'{key}_over_ffmpeg'], 9, 2)}")
         f = cost["ffmpeg"]
+        if "skipped" in f:
+            print(f"  ffmpeg peer left out: {f['skipped']}")
+    if cost and "skipped" not in cost["ffmpeg"]:
+        f = cost["ffmpeg"]
         print(f"{'ffmpeg ebur128+silencedet.+astats':34} {'':8} {'':8} {f['cpu_s_per_stream_hour']:8.1f} "
               f"{f['wall_s_per_stream_hour']:8.1f} {_f(f['streams_per_core'], 12)} {1:9.2f}")
         print(f"  ffmpeg without its start-up ({f['startup_cpu_s']:.3f} s CPU/process): "
@@ -576,8 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     n = args.streams if args.streams is not None else (4 if args.quick else 16)
     seconds = args.seconds if args.seconds is not None else (20.0 if args.quick else 60.0)
     runs = args.ffmpeg_runs if args.ffmpeg_runs is not None else min(n, 4)
-    if n < 1 or runs < 1 or args.threads < 1:
-        ap.error("--streams, --ffmpeg-runs and --threads must be >= 1")
+    if n < 1 or runs < 0 or args.threads < 1:
+        ap.error("--streams and --threads must be >= 1, --ffmpeg-runs >= 0")
+    # A GPU machine may have no FFmpeg CLI: the peer is then left out, said so in the JSON, not faked.
+    no_peer = "--ffmpeg-runs 0" if runs == 0 else None if shutil.which("ffmpeg") else "no ffmpeg CLI on this machine"
     if seconds <= FFMPEG_SHORT_S or abs(seconds * 10 - round(seconds * 10)) > 1e-9:
         ap.error(f"--seconds must be a multiple of 0.1 (whole 100 ms chunks) and more than {FFMPEG_SHORT_S:g}")
     try:
@@ -613,9 +620,14 @@ def main(argv: list[str] | None = None) -> int:
                 fw["clicks_on" if clicks else "clicks_off"] = r = framewatch_cost(prog, layout, n, seconds, shift, device, clicks)
                 log(f"  {r['cpu_s_per_stream_hour']['total']:.1f} CPU s / stream-hour "
                     f"(kernels {r['cpu_s_per_stream_hour']['kernels']:.1f}, detectors {r['cpu_s_per_stream_hour']['detectors']:.1f})")
-            log(f"ffmpeg: {runs} process(es) x {seconds:g} s ...")
-            ff = ffmpeg_cost(x, seconds, runs, tmp)
-            ff_cpu, ff_steady = ff["cpu_s_per_stream_hour"], ff["steady_cpu_s_per_stream_hour"]
+            if no_peer:
+                log(f"ffmpeg: left out ({no_peer})")
+                ff = {"skipped": no_peer}
+                ff_cpu = ff_steady = None
+            else:
+                log(f"ffmpeg: {runs} process(es) x {seconds:g} s ...")
+                ff = ffmpeg_cost(x, seconds, runs, tmp)
+                ff_cpu, ff_steady = ff["cpu_s_per_stream_hour"], ff["steady_cpu_s_per_stream_hour"]
             result["cost"] = {
                 "programme": info,
                 "stream_offset_s": shift / AUDIO_RATE,

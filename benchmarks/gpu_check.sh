@@ -5,7 +5,7 @@
 # PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
 #   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
-#   BENCH_PROCS (1,4), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
+#   BENCH_PROCS (1,4), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$SITE" "$RESULTS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-STAGES=${STAGES:-clips tests corruption profile bench}
+STAGES=${STAGES:-clips tests corruption audio profile bench}
 has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 for a in "$WHEELS"/*.tar.xz "$WHEELS"/*/*.tar.xz; do
@@ -73,6 +73,16 @@ m, meta = load(SHIPPED)
 fps = _model_gpu_fps(m)
 print(f'corruption model {meta.version}: {fps:.0f} frames/s'); json.dump({'version': meta.version, 'gpu_frames_per_s_1080p': fps}, open('$RESULTS/corruption_gpu.json', 'w'))
 " 2>&1 | tail -3
+
+if has audio; then
+  # Issue 5's GPU figure: audio scoring cost per stream-hour, the same batch on the CPU and on the GPU (no FFmpeg
+  # CLI there, so no peer; the sample soundtrack is not there either, so generated programme noise).
+  echo "== audio scoring cost (32 streams x 20 s; CPU then GPU)"
+  for d in cpu cuda; do
+    timeout 150 $PY benchmarks/audio_bench.py --device $d --streams 32 --seconds 20 --skip-sync --ffmpeg-runs 0 \
+      --out "$RESULTS/audio_bench_$d.json" 2>&1 | grep -E "^Audio cost|framewatch,|Error|audio_bench:"
+  done
+fi
 
 if has profile && [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
   SPY=$( [ -x .whl/tools/py-spy ] && echo .whl/tools/py-spy || echo "$WHEELS/../tools/py-spy")
