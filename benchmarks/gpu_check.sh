@@ -5,7 +5,7 @@
 # PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
 #   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
-#   BENCH_PROCS (1,4), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
+#   BENCH_PROCS (1,4), BENCH_DECODE_BATCH (8), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -95,6 +95,6 @@ fi
 has bench && echo "== bench" && timeout -s INT -k 20 ${BENCH_TIMEOUT:-270} $PY -m engine.cli bench --device cuda \
   --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
   --codecs "${BENCH_CODECS:-h264,hevc}" --tiers "${BENCH_TIERS:-all,skip_nonref,keyframes}" \
-  --procs "${BENCH_PROCS:-1,4}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-128}" --clip-dir /tmp/framewatch-clips \
+  --procs "${BENCH_PROCS:-1,4}" --decode-batch "${BENCH_DECODE_BATCH:-8}" --keyframe-streams "${BENCH_KEYFRAME_STREAMS:-128}" --clip-dir /tmp/framewatch-clips \
   --json "$RESULTS/gpu_bench.json" --calibration "$RESULTS/calibration.json" 2>&1 | tail -60
 echo "== total $(( $(date +%s) - t0 )) s"

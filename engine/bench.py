@@ -166,7 +166,7 @@ class Sampler:
 # -- decode-only ceilings
 
 
-def _ceiling_gpu(path: Path, streams: int, device: str, tier: str) -> tuple[int, float]:
+def _ceiling_gpu(path: Path, streams: int, device: str, tier: str, batch: int = 8) -> tuple[int, float]:
     """Frames decoded by `streams` concurrent sessions of the same backend the engine uses, with nothing done
     with the frames."""
     from engine.decode import nvdec
@@ -177,9 +177,9 @@ def _ceiling_gpu(path: Path, streams: int, device: str, tier: str) -> tuple[int,
     barrier = threading.Barrier(streams + 1)
 
     def threaded() -> None:
-        td = nvc.ThreadedDecoder(str(path), buffer_size=8, gpu_id=gpu, use_device_memory=True, decoder_cache_size=1)
+        td = nvc.ThreadedDecoder(str(path), buffer_size=batch, gpu_id=gpu, use_device_memory=True, decoder_cache_size=1)
         barrier.wait()
-        counts.append(nvdec.drain_count(td, 8))
+        counts.append(nvdec.drain_count(td, batch))
 
     def packets() -> None:
         import av
@@ -238,7 +238,7 @@ def _ceiling_cpu(path: Path, streams: int, tier: str) -> tuple[int, float]:
 # -- end to end
 
 
-def _engine_run(paths: list[str], device: str, tier: str, decoder: str) -> dict[str, Any]:
+def _engine_run(paths: list[str], device: str, tier: str, decoder: str, batch: int = 8) -> dict[str, Any]:
     """Every detector the tier allows, on `paths` as concurrent streams; runs in this process."""
     import torch
 
@@ -259,7 +259,8 @@ def _engine_run(paths: list[str], device: str, tier: str, decoder: str) -> dict[
     t0 = time.perf_counter()
     for i, p in enumerate(paths):
         engine.add_stream(StreamSpec(id=f"s{i}", url=p, detectors=detectors,
-                                     source=SourceOptions(pace="fast", decoder=decoder, tier=tier, audio=False)))
+                                     source=SourceOptions(pace="fast", decoder=decoder, tier=tier, audio=False,
+                                                          decode_batch=batch)))
     engine.run()
     wall = time.perf_counter() - t0
     rts = list(engine.streams.values())
@@ -278,26 +279,26 @@ def _engine_run(paths: list[str], device: str, tier: str, decoder: str) -> dict[
     }
 
 
-def _worker(paths: list[str], device: str, tier: str, decoder: str, barrier: Any, q: Any) -> None:
+def _worker(paths: list[str], device: str, tier: str, decoder: str, batch: int, barrier: Any, q: Any) -> None:
     import torch
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # context first, so start-up is not timed
     barrier.wait()
     t = time.time()
-    res = _engine_run(paths, device, tier, decoder)
+    res = _engine_run(paths, device, tier, decoder, batch)
     res["start"], res["end"] = t, time.time()
     q.put(res)
 
 
-def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: str) -> dict[str, Any]:
+def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: str, batch: int = 8) -> dict[str, Any]:
     paths = [str(path)] * streams
     if procs <= 1:
-        return _engine_run(paths, device, tier, decoder)
+        return _engine_run(paths, device, tier, decoder, batch)
     ctx = mp.get_context("spawn")
     barrier, q = ctx.Barrier(procs), ctx.Queue()
     shares = [paths[i::procs] for i in range(procs)]
-    ps = [ctx.Process(target=_worker, args=(s, device, tier, decoder, barrier, q)) for s in shares]
+    ps = [ctx.Process(target=_worker, args=(s, device, tier, decoder, batch, barrier, q)) for s in shares]
     for p in ps:
         p.start()
     out = [q.get(timeout=900) for _ in ps]
@@ -312,7 +313,8 @@ def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: 
     }
 
 
-def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", clip_seconds: float | None = None) -> BenchResult:
+def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", clip_seconds: float | None = None,
+             decode_batch: int = 8) -> BenchResult:
     gpu = None
     if device.startswith("cuda"):
         import torch
@@ -322,7 +324,7 @@ def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", cl
     res = BenchResult(case.codec, case.tier, case.streams, case.procs, backend)
     try:
         with Sampler(gpu) as s:
-            frames, wall = (_ceiling_gpu(path, case.streams, device, case.tier) if gpu is not None
+            frames, wall = (_ceiling_gpu(path, case.streams, device, case.tier, decode_batch) if gpu is not None
                             else _ceiling_cpu(path, case.streams, case.tier))
         res.frames_ceiling, res.seconds_ceiling = frames, round(wall, 3)
         res.ceiling_fps = round(frames / wall, 1)
@@ -333,7 +335,7 @@ def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", cl
     try:
         with Sampler(gpu) as s:
             base = s.memory_used()
-            e = _e2e(path, case.streams, case.procs, device, case.tier, decoder)
+            e = _e2e(path, case.streams, case.procs, device, case.tier, decoder, decode_batch)
         res.frames_e2e, res.seconds_e2e = e["frames"], round(e["wall"], 3)
         res.e2e_fps = round(e["frames"] / e["wall"], 1)
         media = e["media_seconds"]
@@ -384,9 +386,9 @@ def clip_duration(path: Path) -> float | None:
 
 def run(codecs: list[str], tiers: list[str], streams: int, procs: list[int], device: str, clip_dir: Path,
         clip_seconds: float, decoder: str = "auto", clips: dict[str, Path] | None = None,
-        output: Path | None = None, keyframe_streams: int | None = None) -> dict[str, Any]:
+        output: Path | None = None, keyframe_streams: int | None = None, decode_batch: int = 8) -> dict[str, Any]:
     """All cases; the report is rewritten after each one, so an interrupted run keeps what it measured."""
-    out: dict[str, Any] = {"environment": environment(device), "clips": {}, "results": []}
+    out: dict[str, Any] = {"environment": environment(device), "decode_batch": decode_batch, "clips": {}, "results": []}
     for codec in codecs:
         path = (clips or {}).get(codec) or make_clip(clip_dir / f"bench_{codec}_1080p30_8M_{int(clip_seconds)}s.mp4", codec, clip_seconds)
         seconds = clip_duration(path)
@@ -394,7 +396,7 @@ def run(codecs: list[str], tiers: list[str], streams: int, procs: list[int], dev
         for tier in tiers:
             n = keyframe_streams if (tier == "keyframes" and keyframe_streams) else streams
             for p in procs if tier != "skip_nonref" else procs[:1]:
-                r = run_case(BenchCase(codec, tier, n, p), path, device, decoder, seconds)
+                r = run_case(BenchCase(codec, tier, n, p), path, device, decoder, seconds, decode_batch)
                 out["results"].append(asdict(r))
                 log.info("%s", r)
                 if output is not None:

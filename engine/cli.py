@@ -450,6 +450,7 @@ def bench(
     procs: Annotated[str, typer.Option(help="worker processes for tier all, comma-separated, e.g. 1,4")] = "1",
     clip_seconds: Annotated[float, typer.Option(min=1, max=600, help="length of each generated 1080p30 clip")] = 10.0,
     keyframe_streams: Annotated[int | None, typer.Option(min=1, max=8192, help="streams for the keyframes tier (default: --streams)")] = None,
+    decode_batch: Annotated[int, typer.Option(min=1, max=64, help="pictures per threaded NVDEC batch (tier all)")] = 8,
     clip: Annotated[list[str] | None, typer.Option(help="use this clip instead: CODEC=PATH (repeatable)")] = None,
     clip_dir: Annotated[Path, typer.Option(help="where generated clips are cached")] = Path("benchmarks/.cache"),
     output: Annotated[Path, typer.Option("--json", help="write the JSON report here")] = Path("benchmarks/results/bench.json"),
@@ -480,7 +481,7 @@ def bench(
     interrupted = False
     try:
         report = b.run(want_codecs, want_tiers, streams, proc_list or [1], device, clip_dir, clip_seconds, clips=given,
-                       output=output, keyframe_streams=keyframe_streams)
+                       output=output, keyframe_streams=keyframe_streams, decode_batch=decode_batch)
         b.write(report, output)
     except KeyboardInterrupt:
         # Out of time (a wrapper's timeout sends SIGINT): show what was measured; the JSON has it already.

@@ -313,6 +313,15 @@ def test_bench_on_cpu_reports_ceiling_and_end_to_end(tmp_path: Path) -> None:
     assert rows[0][0] == "codec" and len(rows) == 3
 
 
+def test_decode_batch_reaches_the_threaded_nvdec_reader() -> None:
+    """`bench --decode-batch` and SourceOptions.decode_batch set the threaded reader's batch (its surface ring)."""
+    from engine.sources.nvdec_file import NvdecFileSource
+
+    assert NvdecFileSource("a.mp4", SourceOptions()).batch == 8
+    assert NvdecFileSource("a.mp4", SourceOptions(decode_batch=16)).batch == 16
+    assert NvdecFileSource("a.mp4", SourceOptions(decode_batch=0)).batch == 1
+
+
 def test_surfaces_of_coded_height_and_resolution_changes() -> None:
     """NVDEC may hand out 1088-line surfaces for 1080p pictures, and a new sequence header can change the
     size inside a batch: luma is cut at the display height, chroma found after the coded luma plane, and

@@ -46,7 +46,7 @@ class NvdecFileSource(Source):
     def __init__(self, url: str, options: SourceOptions) -> None:
         super().__init__(url, options)
         self.path = url[len("file://"):] if url.startswith("file://") else url
-        self.batch = 8
+        self.batch = max(1, int(options.decode_batch))
 
     def _probe(self) -> tuple[bool, bool, str | None]:
         """(has audio, full-range video, video codec) from the container, read once with PyAV."""
