@@ -129,6 +129,7 @@ def run(
         thumbnails=thumbs,
         review=ReviewStore(cfg.output.review) if cfg.output.review else None,
         torch_threads=cfg.engine.torch_threads,
+        shed_clicks=cfg.engine.shed_clicks,
         on_measure=measure,
         measure_every=cfg.output.measure_interval,
     )
@@ -213,6 +214,7 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
             devices = list(dict.fromkeys("cpu" if d in missing else d for d in devices))
     engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
                      "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
+                     "shed_clicks": cfg.engine.shed_clicks,
                      "review": ReviewStore(cfg.output.review) if cfg.output.review else None}
     pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails,
                           on_measure=measure, measure_every=cfg.output.measure_interval)

@@ -183,6 +183,10 @@ class EngineModel(_Strict):
     tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
     queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU threads for the scoring step (0: torch's default)")
+    shed_clicks: bool = Field(True, description=(
+        "pause the click analysis of live streams while the engine is behind them (3 ticks of 1.5 s or more, or "
+        "fewer adding up to 4.5 s), "
+        "until it has caught up for a minute; logged and counted (clicks_paused)"))
 
     @field_validator("device")
     @classmethod

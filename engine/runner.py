@@ -21,6 +21,7 @@ from engine.detectors import REGISTRY
 from engine.detectors.base import Detector, DetectorConfig, MetricRequest, StreamContext, TimestampNote
 from engine.events import Event
 from engine.media import AUDIO_WINDOW, AudioChunk, StreamCounters, StreamInfo, VideoFrame
+from engine.overload import LoadShedder
 from engine.review import ReviewStore
 from engine.scoring import AudioState, AudioWork, ScoringStep, VideoWork
 from engine.sources import Source, SourceError, SourceOptions, open_source
@@ -216,7 +217,7 @@ class StreamRuntime:
         # Timing news of the chunks taken in, handed to the audio detectors with the next scored piece.
         self._ts_notes: list[TimestampNote] = []
         clicks = spec.detectors.get("clicks")
-        self.audio.clicks = clicks is not None and clicks.enabled
+        self.audio.clicks = self.clicks_wanted = clicks is not None and clicks.enabled
         clip = spec.detectors.get("clipping")
         if clip is not None:
             self.audio.clip_level = float(getattr(clip, "level", 0.891))
@@ -379,8 +380,12 @@ class Engine:
         on_device_error: Callable[[BaseException], None] | None = None,
         on_measure: Callable[[dict[str, Any]], None] | None = None,
         measure_every: float = 1.0,
+        shed_clicks: bool = True,
+        load_shedder: LoadShedder | None = None,
     ) -> None:
         tune_allocator()
+        # Behind its live streams, the engine pauses their click analysis (engine.overload) until it catches up.
+        self.shedder = (load_shedder or LoadShedder()) if shed_clicks else None
         # Each stream's measurements go here every `measure_every` seconds of its media time.
         self.on_measure = on_measure
         self.measure_every = measure_every
@@ -426,6 +431,9 @@ class Engine:
                 raise ValueError(f"stream {spec.id!r} exists already")
             rt = StreamRuntime(spec, self)
             self.streams[spec.id] = rt
+            if self.shedder is not None and self.shedder.shed and rt.ctx.live and rt.clicks_wanted:
+                rt.audio.clicks = False
+                rt.counters.clicks_paused += 1
         rt.start()
         return rt
 
@@ -560,6 +568,8 @@ class Engine:
             return self._step(final)
 
     def _step(self, final: bool) -> bool:
+        t_start = time.monotonic()
+        live_work = False
         with self._lock:
             runtimes = list(self.streams.values())
         vworks: list[tuple[StreamRuntime, VideoWork]] = []
@@ -577,6 +587,7 @@ class Engine:
                 # of streams the per-stream work of an empty tick, not the frames, used the CPU.
                 continue
             touched.add(rt.id)
+            live_work = live_work or rt.ctx.live
             d = rt.queue.drain(self.batch_frames, self.batch_audio)
             if len(d.video) >= self.batch_frames or len(d.audio) >= self.batch_audio:
                 busy = True
@@ -636,8 +647,30 @@ class Engine:
                 self._measure(rt)
             if rt.eof and rt.held is None and rt.queue.pending() == 0:
                 self._finish(rt)
+        if self.shedder is not None and live_work and not final:
+            now = time.monotonic()
+            change = self.shedder.update(now - t_start, now)
+            if change is not None:
+                self._shed_clicks(change, now - t_start)
         self._finish_removals()
         return busy
+
+    def _shed_clicks(self, pause: bool, took: float) -> None:
+        with self._lock:
+            live = [rt for rt in self.streams.values() if rt.ctx.live and rt.clicks_wanted and not rt.finished]
+        for rt in live:
+            rt.audio.clicks = not pause
+            if pause:
+                rt.counters.clicks_paused += 1
+            else:
+                rt.audio.impulse = None  # the analysis restarts from here, not from where it paused
+        assert self.shedder is not None
+        if pause:
+            log.warning("engine behind its live streams (%d ticks of %.1f s or more, the last %.1f s): click analysis "
+                        "paused on %d live stream(s) until ticks are fast for %.0f s", self.shedder.slow_ticks,
+                        self.shedder.slow_tick, took, len(live), self.shedder.wait)
+        else:
+            log.warning("engine caught up: click analysis resumed on %d live stream(s)", len(live))
 
     def _measure(self, rt: StreamRuntime) -> None:
         t = max(rt.stats.media_end, rt.audio_end)

@@ -31,6 +31,7 @@ _COUNTERS = (
     ("reconnects", "Reconnections of a live input", "reconnects"),
     ("audio_gaps", "Forward jumps of the audio timestamps (missing audio)", "audio_gaps"),
     ("timestamp_resets", "Live timestamp discontinuities re-anchored on", "timestamp_resets"),
+    ("clicks_paused", "Times the click analysis paused because the engine fell behind its live streams", "clicks_paused"),
 )
 
 
@@ -61,6 +62,11 @@ class _EngineCollector(Collector):
         yield fps
         yield up
         yield loud
+        shedder = svc.engine.shedder
+        shed = GaugeMetricFamily("framewatch_load_shed", "1 while an analysis is paused because the engine is behind its "
+                                 "live streams", labels=["analysis"])
+        shed.add_metric(["clicks"], 1.0 if shedder is not None and shedder.shed else 0.0)
+        yield shed
         active = GaugeMetricFamily("framewatch_alerts_active", "Alerts firing now", labels=["stream", "type", "severity"])
         counts: dict[tuple[str, str, str], int] = {}
         for e in svc.active_alerts():

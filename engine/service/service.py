@@ -200,6 +200,7 @@ class Service:
             thumbnails=ThumbnailWriter(self.thumbs_dir),
             review=ReviewStore(cfg.output.review) if cfg.output.review else None,
             torch_threads=cfg.engine.torch_threads,
+            shed_clicks=cfg.engine.shed_clicks,
         )
         self._engine_thread: threading.Thread | None = None
         self._sampler: threading.Thread | None = None
