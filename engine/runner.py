@@ -649,28 +649,34 @@ class Engine:
                 self._finish(rt)
         if self.shedder is not None and live_work and not final:
             now = time.monotonic()
-            change = self.shedder.update(now - t_start, now)
+            # Under the streams lock, so that a stream added meanwhile sees the same decision (add_stream).
+            with self._lock:
+                change = self.shedder.update(now - t_start, now)
+                live = self._shed_clicks(change) if change is not None else []
             if change is not None:
-                self._shed_clicks(change, now - t_start)
+                self._say_shed(change, now - t_start, len(live))
         self._finish_removals()
         return busy
 
-    def _shed_clicks(self, pause: bool, took: float) -> None:
-        with self._lock:
-            live = [rt for rt in self.streams.values() if rt.ctx.live and rt.clicks_wanted and not rt.finished]
+    def _shed_clicks(self, pause: bool) -> list[StreamRuntime]:
+        live = [rt for rt in self.streams.values() if rt.ctx.live and rt.clicks_wanted and not rt.finished]
         for rt in live:
-            rt.audio.clicks = not pause
-            if pause:
+            if pause and rt.audio.clicks:
+                rt.audio.clicks = False
                 rt.counters.clicks_paused += 1
-            else:
+            elif not pause and not rt.audio.clicks:
+                rt.audio.clicks = True
                 rt.audio.impulse = None  # the analysis restarts from here, not from where it paused
+        return live
+
+    def _say_shed(self, pause: bool, took: float, n: int) -> None:
         assert self.shedder is not None
         if pause:
-            log.warning("engine behind its live streams (%d ticks of %.1f s or more, the last %.1f s): click analysis "
-                        "paused on %d live stream(s) until ticks are fast for %.0f s", self.shedder.slow_ticks,
-                        self.shedder.slow_tick, took, len(live), self.shedder.wait)
+            log.warning("engine behind its live streams (ticks of %.1f s or more, the last %.1f s): click analysis "
+                        "paused on %d live stream(s) until ticks are fast for %.0f s", self.shedder.slow_tick, took, n,
+                        self.shedder.wait)
         else:
-            log.warning("engine caught up: click analysis resumed on %d live stream(s)", len(live))
+            log.warning("engine caught up: click analysis resumed on %d live stream(s)", n)
 
     def _measure(self, rt: StreamRuntime) -> None:
         t = max(rt.stats.media_end, rt.audio_end)
