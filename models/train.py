@@ -240,6 +240,13 @@ def best_f1_threshold(probs: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     f1 = 2 * tp / (tp + fp + pos)
     # Only where the next score differs is a threshold between them possible.
     cut = np.flatnonzero(np.r_[p[1:] != p[:-1], True])
+    # Levels above 1 are transport evidence and -1 marks pictures not analysed (models.evaluate.hold_levels): the
+    # first fire and the second stay quiet whatever the threshold, so a cut at either is no threshold for the
+    # model. A barely trained model can score best by firing on evidence alone; its threshold is then the highest
+    # probability, not a number past every probability.
+    model_cuts = cut[(p[cut] >= 0.0) & (p[cut] <= 1.0)]
+    if model_cuts.size:
+        cut = model_cuts
     k = cut[int(np.argmax(f1[cut]))]
     return float(p[k]), float(f1[k])
 

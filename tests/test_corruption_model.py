@@ -20,7 +20,16 @@ from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
 from models.net import CorruptionNet, parameters_count
-from models.train import Item, TrainConfig, _crop, dataset_loss, items_from_shards, mine_hard_negatives, train
+from models.train import (
+    Item,
+    TrainConfig,
+    _crop,
+    best_f1_threshold,
+    dataset_loss,
+    items_from_shards,
+    mine_hard_negatives,
+    train,
+)
 from models.weights import SHIPPED, ModelMeta, WeightsError, load, save
 
 TINY = Recipe(
@@ -64,6 +73,17 @@ def test_one_epoch_improves_the_loss(tiny) -> None:
     assert after < 0.95 * before, (before, after)
     assert res.meta.recipe_hash == TINY.hash and 0.0 < res.meta.threshold < 1.0
     assert res.meta.train_config["epochs"] == 1
+
+
+def test_best_threshold_is_a_model_threshold_even_when_evidence_alone_scores_best() -> None:
+    """Transport evidence levels (float max after hold_levels) fire whatever the threshold; a cut among them is
+    no threshold (a one-epoch model once got 1.8e308 and CI failed on it). The cut is taken among probabilities."""
+    ev = np.finfo(np.float64).max
+    levels = np.array([ev, ev, 0.9, 0.8, 0.2, -1.0])
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    assert best_f1_threshold(levels, labels) == pytest.approx((0.2, 0.75))
+    assert best_f1_threshold(np.array([0.95, 0.9, 0.8, 0.2]), np.array([1, 1, 0, 0])) == pytest.approx((0.9, 1.0))
+    assert best_f1_threshold(np.array([ev, ev]), np.array([1, 0]))[0] == ev  # nothing else to cut at
 
 
 def test_training_respects_its_time_cap(tiny) -> None:
