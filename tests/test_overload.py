@@ -153,10 +153,16 @@ def test_engine_pauses_clicks_on_live_streams_only(caplog: pytest.LogCaptureFixt
 
 
 class _Scripted(LoadShedder):
-    """Pauses on the first tick with live media and comes back on the next: the engine's two transitions."""
+    """Pauses on the first tick with live media and comes back on the next, then stays: the engine's two
+    transitions, once."""
+
+    calls = 0
 
     def update(self, tick_seconds: float, now: float) -> bool | None:
-        self.shed = not self.shed
+        self.calls += 1
+        if self.calls > 2:
+            return None
+        self.shed = self.calls == 1
         return self.shed
 
 
