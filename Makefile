@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench corruption-bench train gpu-check lint clean audio-bench serve
+.PHONY: run test install dev samples bench corruption-bench train gpu-check gpu-wheels lint clean audio-bench serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ audio-bench: $(VENV)/.installed
 # On a GPU machine: cuda tests + GPU benchmark (WHEELS: folder of wheels or site-*.tar.xz to install first)
 gpu-check:
 	bash benchmarks/gpu_check.sh $(WHEELS)
+
+# Here, before a GPU check on a machine without a package registry: the wheels gpu-check installs, packed small
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh $(WHEELS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

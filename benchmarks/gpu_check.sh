@@ -4,6 +4,7 @@
 # installs what WHEEL_DIR holds (*.whl, or site-*.tar.xz archives of an installed site folder) for
 # PyAV / PyNvVideoCodec / pydantic, probes NVDEC, runs the `cuda` tests and `framewatch bench`, and prints
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
+# benchmarks/gpu_wheels.sh makes WHEEL_DIR (a 35 MB site archive and py-spy) where pip reaches the registry.
 #   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
 #   BENCH_PROCS (1,4), BENCH_DECODE_BATCH (8), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
@@ -84,8 +85,9 @@ if has audio; then
   done
 fi
 
-if has profile && [ -n "${PROFILE:-}" ] && [ -x "$WHEELS/../tools/py-spy" -o -x .whl/tools/py-spy ]; then
-  SPY=$( [ -x .whl/tools/py-spy ] && echo .whl/tools/py-spy || echo "$WHEELS/../tools/py-spy")
+SPY=
+for s in "$WHEELS/tools/py-spy" "$WHEELS/../tools/py-spy" .whl/tools/py-spy; do [ -x "$s" ] && SPY=$s && break; done
+if has profile && [ -n "${PROFILE:-}" ] && [ -n "$SPY" ]; then
   echo "== GIL profile of end to end (h264, tier all, ${BENCH_STREAMS:-32} streams)"
   timeout 120 $SPY record --gil -r 250 --format raw -o "$RESULTS/profile_gil.txt" -- \
     $PY -m engine.cli bench --device cuda --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
