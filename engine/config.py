@@ -185,8 +185,7 @@ class EngineModel(_Strict):
     torch_threads: int = Field(1, ge=0, le=256, description="CPU threads for the scoring step (0: torch's default)")
     shed_clicks: bool = Field(True, description=(
         "pause the click analysis of live streams while the engine is behind them (3 ticks of 1.5 s or more, or "
-        "fewer adding up to 4.5 s), "
-        "until it has caught up for a minute; logged and counted (clicks_paused)"))
+        "fewer adding up to 4.5 s) until it has caught up for a minute; logged and counted (clicks_paused)"))
 
     @field_validator("device")
     @classmethod

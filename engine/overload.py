@@ -18,9 +18,10 @@ class LoadShedder:
 
     A tick of `slow_tick` seconds or more means live media waited that long to be scored; `slow_ticks` of them
     in a row pause the analysis, or fewer when together they last `slow_ticks` x `slow_tick` (an engine far
-    behind makes ticks of ten seconds, and three of those would be half a minute of waiting). It comes back after `recover_after` seconds of ticks under a quarter of
-    `slow_tick`; if the engine has to pause it again within `flap_window` seconds of bringing it back, the wait
-    doubles (up to `recover_max`), so an engine at the edge does not flip every minute.
+    behind makes ticks of ten seconds, and three of those would be half a minute of waiting). It comes back after
+    `recover_after` seconds of ticks under a quarter of `slow_tick`; if the engine has to pause it again within
+    `flap_window` seconds of bringing it back, the wait doubles (up to `recover_max`), so an engine at the edge
+    does not flip every minute.
     """
 
     slow_tick: float = 1.5
