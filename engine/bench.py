@@ -50,7 +50,15 @@ class BenchResult:
     streams_at_30fps: float | None = None
     decoder_util_ceiling: float | None = None  # NVML decoder %, mean over the busy samples
     decoder_util_e2e: float | None = None
-    gpu_mem_per_stream_mb: float | None = None
+    gpu_mem_per_stream_mb: float | None = None  # everything the end-to-end run added, over its streams
+    # Where that memory goes (memory_breakdown): the decoder sessions alone (the ceiling run's figure), what
+    # each worker process holds before its first stream (CUDA context, libraries), and what the engine added
+    # per stream after that (sessions, the torch caching allocator's peak, kernels loaded on first use).
+    gpu_mem_decoder_per_stream_mb: float | None = None
+    gpu_mem_context_per_proc_mb: float | None = None
+    gpu_mem_marginal_per_stream_mb: float | None = None
+    torch_reserved_peak_mb: float | None = None  # the allocators' peaks, summed over the worker processes
+    torch_allocated_peak_mb: float | None = None
     cpu_cores_ceiling: float | None = None
     cpu_cores_e2e: float | None = None
     frames_ceiling: int = 0
@@ -163,6 +171,24 @@ class Sampler:
         return round(float(np.mean(core)), 1) if core else None
 
 
+def memory_breakdown(streams: int, procs: int, base: int | None, ready: int | None, peak: int | None,
+                     ceiling_base: int | None = None, ceiling_peak: int | None = None) -> dict[str, float | None]:
+    """GPU memory figures (MB) from NVML readings (bytes): `base` before the end-to-end run, `ready` once its
+    worker processes hold a CUDA context but no stream, `peak` the highest during it; the ceiling run's base and
+    peak hold decoder sessions only. A figure whose readings are missing is None, never a guess."""
+    mb = 2.0**20
+
+    def per(a: int | None, b: int | None, n: int) -> float | None:
+        return None if a is None or b is None or n <= 0 else round(max(0, b - a) / n / mb, 1)
+
+    return {
+        "gpu_mem_per_stream_mb": per(base, peak, streams),
+        "gpu_mem_decoder_per_stream_mb": per(ceiling_base, ceiling_peak, streams),
+        "gpu_mem_context_per_proc_mb": per(base, ready, procs),
+        "gpu_mem_marginal_per_stream_mb": per(ready, peak, streams),
+    }
+
+
 # -- decode-only ceilings
 
 
@@ -255,6 +281,8 @@ def _engine_run(paths: list[str], device: str, tier: str, decoder: str, batch: i
     # GPU frames keep only luma summaries, so longer queues and batches cost little memory and halve the
     # per-tick Python work per frame.
     gpu = device.startswith("cuda")
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     engine = Engine(sink, device=device, batch_frames=32 if gpu else 16, queue_frames=64 if gpu else 32, torch_threads=1)
     t0 = time.perf_counter()
     for i, p in enumerate(paths):
@@ -276,6 +304,8 @@ def _engine_run(paths: list[str], device: str, tier: str, decoder: str, batch: i
         "decoders": sorted({rt.info.decoder for rt in rts if rt.info is not None}),
         "errors": sorted({m for rt in rts for m in rt.errors})[:5],
         "device_note": engine.device_note,
+        "torch_reserved": torch.cuda.max_memory_reserved(engine.device) if engine.device.type == "cuda" else None,
+        "torch_allocated": torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None,
     }
 
 
@@ -284,6 +314,7 @@ def _worker(paths: list[str], device: str, tier: str, decoder: str, batch: int, 
 
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # context first, so start-up is not timed
+    barrier.wait()  # every worker holds its context: the parent reads the memory they hold before any stream
     barrier.wait()
     t = time.time()
     res = _engine_run(paths, device, tier, decoder, batch)
@@ -291,16 +322,29 @@ def _worker(paths: list[str], device: str, tier: str, decoder: str, batch: int, 
     q.put(res)
 
 
-def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: str, batch: int = 8) -> dict[str, Any]:
+def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: str, batch: int = 8,
+         ready: Any = None) -> dict[str, Any]:
+    """`ready()` is called once the processes that will run the streams hold their CUDA context, before any
+    stream starts (the memory reading that separates contexts from streams)."""
     paths = [str(path)] * streams
     if procs <= 1:
+        if device.startswith("cuda"):
+            import torch
+
+            torch.zeros(1, device=device)
+        if ready is not None:
+            ready()
         return _engine_run(paths, device, tier, decoder, batch)
     ctx = mp.get_context("spawn")
-    barrier, q = ctx.Barrier(procs), ctx.Queue()
+    barrier, q = ctx.Barrier(procs + 1), ctx.Queue()
     shares = [paths[i::procs] for i in range(procs)]
     ps = [ctx.Process(target=_worker, args=(s, device, tier, decoder, batch, barrier, q)) for s in shares]
     for p in ps:
         p.start()
+    barrier.wait()
+    if ready is not None:
+        ready()
+    barrier.wait()
     out = [q.get(timeout=900) for _ in ps]
     for p in ps:
         p.join()
@@ -310,6 +354,8 @@ def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: 
         "wall": wall, "events": sum(o["events"] for o in out), "fallbacks": sum(o["fallbacks"] for o in out),
         "decoders": sorted({d for o in out for d in o["decoders"]}), "errors": sorted({e for o in out for e in o["errors"]})[:5],
         "device_note": out[0]["device_note"],
+        "torch_reserved": sum(o["torch_reserved"] for o in out) if all(o["torch_reserved"] is not None for o in out) else None,
+        "torch_allocated": sum(o["torch_allocated"] for o in out) if all(o["torch_allocated"] is not None for o in out) else None,
     }
 
 
@@ -322,20 +368,25 @@ def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", cl
         gpu = torch.device(device).index or 0
     backend = "pyav" if gpu is None else ("nvdec-threaded" if case.tier == "all" else "nvdec")
     res = BenchResult(case.codec, case.tier, case.streams, case.procs, backend)
+    ceiling_base = ceiling_peak = None
     try:
         with Sampler(gpu) as s:
+            ceiling_base = s.memory_used()
             frames, wall = (_ceiling_gpu(path, case.streams, device, case.tier, decode_batch) if gpu is not None
                             else _ceiling_cpu(path, case.streams, case.tier))
         res.frames_ceiling, res.seconds_ceiling = frames, round(wall, 3)
         res.ceiling_fps = round(frames / wall, 1)
         res.decoder_util_ceiling = s.decoder_util()
         res.cpu_cores_ceiling = round(s.cpu_cores, 2)
+        ceiling_peak = max(s.mem) if s.mem else None
     except Exception as exc:
         res.errors.append(f"ceiling: {type(exc).__name__}: {exc}")
     try:
+        readings: dict[str, int | None] = {}
         with Sampler(gpu) as s:
             base = s.memory_used()
-            e = _e2e(path, case.streams, case.procs, device, case.tier, decoder, decode_batch)
+            e = _e2e(path, case.streams, case.procs, device, case.tier, decoder, decode_batch,
+                     ready=lambda: readings.__setitem__("ready", s.memory_used()))
         res.frames_e2e, res.seconds_e2e = e["frames"], round(e["wall"], 3)
         res.e2e_fps = round(e["frames"] / e["wall"], 1)
         media = e["media_seconds"]
@@ -350,8 +401,12 @@ def run_case(case: BenchCase, path: Path, device: str, decoder: str = "auto", cl
         res.errors.extend(e["errors"])
         if e["device_note"]:
             res.errors.append(e["device_note"])
-        if base is not None and s.mem:
-            res.gpu_mem_per_stream_mb = round((max(s.mem) - base) / case.streams / 2**20, 1)
+        for k, v in memory_breakdown(case.streams, case.procs, base, readings.get("ready"), max(s.mem) if s.mem else None,
+                                     ceiling_base, ceiling_peak).items():
+            setattr(res, k, v)
+        for k in ("torch_reserved", "torch_allocated"):
+            if e.get(k) is not None:
+                setattr(res, f"{k}_peak_mb", round(e[k] / 2**20, 1))
         if res.ceiling_fps:
             res.ratio = round(res.e2e_fps / res.ceiling_fps, 3)
     except Exception as exc:
@@ -421,7 +476,7 @@ def calibration(report: dict[str, Any]) -> dict[str, Any] | None:
 
 def table(report: dict[str, Any]) -> list[list[str]]:
     rows = [["codec", "tier", "streams", "procs", "ceiling fps", "e2e fps", "ratio", "dec % ceil/e2e", "streams@30",
-             "GPU MB/stream", "CPU cores", "errors"]]
+             "GPU MB/stream", "MB dec/ctx/marg", "CPU cores", "errors"]]
 
     def f(v: Any, nd: int = 1) -> str:
         return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
@@ -429,7 +484,10 @@ def table(report: dict[str, Any]) -> list[list[str]]:
     for r in report["results"]:
         rows.append([r["codec"], r["tier"], str(r["streams"]), str(r["procs"]), f(r["ceiling_fps"]), f(r["e2e_fps"]),
                      f(r["ratio"], 3), f"{f(r['decoder_util_ceiling'])}/{f(r['decoder_util_e2e'])}", f(r["streams_at_30fps"]),
-                     f(r["gpu_mem_per_stream_mb"]), f"{f(r['cpu_cores_ceiling'])}/{f(r['cpu_cores_e2e'])}",
+                     f(r["gpu_mem_per_stream_mb"]),
+                     f"{f(r.get('gpu_mem_decoder_per_stream_mb'), 0)}/{f(r.get('gpu_mem_context_per_proc_mb'), 0)}/"
+                     f"{f(r.get('gpu_mem_marginal_per_stream_mb'), 0)}",
+                     f"{f(r['cpu_cores_ceiling'])}/{f(r['cpu_cores_e2e'])}",
                      str(len(r["errors"]))])
     return rows
 

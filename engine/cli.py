@@ -187,16 +187,16 @@ def serve(
                     "(FRAMEWATCH_TOKEN, service.token in the config, or --token)")
     if not 0 <= port <= 65535:
         raise _fail(f"port {port} is not a TCP port")
-    if cfg.engine.workers > 1 or (cfg.engine.devices and len(cfg.engine.devices) > 1):
-        # Said, never silently ignored: the service runs one engine (see README: known limitations).
-        err.print(f"framewatch: warning: serve runs one engine on {(cfg.engine.devices or [cfg.engine.device])[0]}; engine.workers and "
-                  "engine.devices are used by `run` only", markup=False, highlight=False, soft_wrap=True)
+    if cfg.engine.workers > 1:
+        # Said, never silently ignored: the service runs its engines in one process (README: known limitations).
+        err.print("framewatch: warning: serve runs one engine per device in its own process; engine.workers is "
+                  "used by `run` only", markup=False, highlight=False, soft_wrap=True)
     try:
         service = Service(cfg, state_dir=state_dir, token=token)
     except Exception as exc:
         raise _fail(f"cannot open the service state in {state_dir or cfg.service.state_dir}: {exc}") from None
     err.print(f"framewatch {__version__}: serving on http://{host}:{port}/ (API /api, metrics /metrics), "
-              f"state in {service.state_dir}, device {service.engine.device}"
+              f"state in {service.state_dir}, device {service.engine.label()}"
               + (", bearer token required" if token else ""), markup=False, highlight=False)
     run_server(service, host, port, log_level=cfg.output.log_level)
 

@@ -168,6 +168,13 @@ class GpuPool:
     def placements(self) -> dict[str, Placement]:
         return dict(self.scheduler.snapshot().placements)
 
+    @property
+    def streams(self) -> dict[str, StreamRuntime]:
+        """The runtimes of the streams placed on an engine (running, or ended there), by id: what an engine's
+        `streams` is for one engine. Refused streams are not among them (`placements` says why)."""
+        with self._lock:
+            return {sid: m.runtime for sid, m in self._members.items() if m.engine is not None and m.runtime is not None}
+
     def runtime(self, stream_id: str) -> StreamRuntime | None:
         """The stream's current runtime (its last one when it is not running), None when it never ran."""
         with self._lock:

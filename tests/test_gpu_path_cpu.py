@@ -299,18 +299,22 @@ def test_bench_on_cpu_reports_ceiling_and_end_to_end(tmp_path: Path) -> None:
     from engine import bench
 
     clip = write_clip(tmp_path / "c.mp4", size=(320, 240), fps=FPS, seconds=2, codec="libx264", gop=25, bframes=2, audio=False)
-    report = bench.run(["h264"], ["all", "keyframes"], 2, [1], "cpu", tmp_path, 2.0, clips={"h264": clip},
+    # Two worker processes as well: they and the parent meet twice (contexts held, then go) without hanging.
+    report = bench.run(["h264"], ["all", "keyframes"], 2, [1, 2], "cpu", tmp_path, 2.0, clips={"h264": clip},
                        output=tmp_path / "r.json")
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["results"] == report["results"]
-    allr, key = report["results"]
+    allr, allr2, key, key2 = report["results"]
+    assert (allr["procs"], allr2["procs"], key2["procs"]) == (1, 2, 2)
+    assert allr2["frames_e2e"] == allr["frames_e2e"] and key2["frames_e2e"] == key["frames_e2e"] and not allr2["errors"]
+    assert allr["gpu_mem_per_stream_mb"] is None and allr["torch_reserved_peak_mb"] is None  # no GPU: no figure
     assert allr["frames_ceiling"] == allr["frames_e2e"] == 2 * 2 * FPS
     assert allr["ceiling_fps"] > 0 and allr["e2e_fps"] > 0 and allr["ratio"] == pytest.approx(allr["e2e_fps"] / allr["ceiling_fps"], abs=1e-3)
     assert key["frames_e2e"] == key["frames_ceiling"] == 2 * 2
     assert not allr["errors"] and not key["errors"]
     assert bench.calibration(report) is None  # no GPU measured
     rows = bench.table(report)
-    assert rows[0][0] == "codec" and len(rows) == 3
+    assert rows[0][0] == "codec" and len(rows) == 5
 
 
 def test_decode_batch_reaches_the_threaded_nvdec_reader() -> None:
@@ -373,3 +377,19 @@ def test_check_on_a_missing_gpu_says_so(bframe_clips: dict[str, Path]) -> None:
     assert report["device"] == "cpu" and "no CUDA device" in report["device_note"]
     assert "warning: device cuda requested but no CUDA device is available" in proc.stderr
     assert [e["type"] for e in report["events"]] == ["black"]
+
+
+def test_bench_memory_breakdown_separates_contexts_decoders_and_streams() -> None:
+    from engine.bench import memory_breakdown
+
+    mb = 2**20
+    # 2 processes of 1 GB context each, then 32 streams adding 120 MB each; decoders alone 80 MB a stream.
+    out = memory_breakdown(32, 2, base=500 * mb, ready=2548 * mb, peak=2548 * mb + 32 * 120 * mb,
+                           ceiling_base=500 * mb, ceiling_peak=500 * mb + 32 * 80 * mb)
+    assert out == {"gpu_mem_per_stream_mb": 184.0, "gpu_mem_decoder_per_stream_mb": 80.0,
+                   "gpu_mem_context_per_proc_mb": 1024.0, "gpu_mem_marginal_per_stream_mb": 120.0}
+    # No NVML (CPU bench): nothing is invented.
+    assert set(memory_breakdown(4, 1, None, None, None).values()) == {None}
+    # A reading missing in the middle leaves only the figures that do not need it.
+    out = memory_breakdown(4, 1, base=0, ready=None, peak=4 * mb)
+    assert out["gpu_mem_per_stream_mb"] == 1.0 and out["gpu_mem_marginal_per_stream_mb"] is None

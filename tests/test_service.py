@@ -344,3 +344,84 @@ def test_history_is_bounded_by_retention(client: TestClient) -> None:
     assert client.get(f"/api/alerts/{a['id']}").status_code == 404 and not thumb.exists()
     assert outside.exists()
     assert client.get(f"/api/alerts/{firing['id']}").json()["status"] == "firing"
+
+
+def test_several_devices_spread_streams_refuse_what_does_not_fit_and_admit_it_later(tmp_path: Path) -> None:
+    """`engine.devices` with several GPUs: one engine per device, the scheduler placing streams (GPUs simulated by
+    CPU engines with one-NVDEC-engine H100 models: each takes two 4K60 streams that need every frame)."""
+    from dataclasses import replace as dc_replace
+
+    from engine.scheduler import KNOWN_MODELS
+
+    small = dc_replace(KNOWN_MODELS["h100"], name="NVIDIA H100 (one engine)", nvdec_engines=1)
+    uhd = {"codec": "h264", "width": 3840, "height": 2160, "fps": 60}
+    names = ("a", "b", "c", "d")
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}", expect: {{codec: h264, width: 3840, height: 2160, fps: 60}}}}"""
+                         for i, n in enumerate(names)))
+    svc = Service(cfg, state_dir=tmp_path / "state", devices=["cpu", "cpu"], gpu_models=[small, small])
+    with TestClient(create_app(svc)) as client:
+        running = {n: wait_until(lambda n=n: (x := client.get(f"/api/streams/{n}").json())["state"] == "running" and x)
+                   for n in names}
+        # Two on each simulated GPU (least loaded first), named apart since both are "cpu".
+        devices = [s["device"] for s in running.values()]
+        assert sorted(devices) == ["cpu (gpu 0)", "cpu (gpu 0)", "cpu (gpu 1)", "cpu (gpu 1)"]
+        r = client.post("/api/streams", json={"id": "e", "url": SYN.format(name="e", seed=9), "expect": uhd})
+        assert r.status_code == 201, r.text
+        e = r.json()
+        assert (e["state"], e["level"], e["device"], e["frames"]) == ("refused", "alarm", None, 0)
+        assert "needs every frame" in e["errors"][0] and e["url"] == SYN.format(name="e", seed=9)
+        assert client.get("/api/streams/e").json()["config"]["expect"]["width"] == 3840
+        assert {s["id"]: s["state"] for s in client.get("/api/streams").json()}["e"] == "refused"
+        assert client.get("/readyz").status_code == 200  # refused for capacity: said per stream, service ready
+        assert 'framewatch_stream_up{state="refused",stream="e"} 0.0' in client.get("/metrics").text
+        assert client.post("/api/streams", json={"id": "e", "url": SYN.format(name="e", seed=9)}).status_code == 409
+        # Removing a running stream frees room on its GPU: the refused one starts there by itself.
+        assert client.delete("/api/streams/a").status_code == 204
+        e = wait_until(lambda: (x := client.get("/api/streams/e").json())["state"] == "running" and x)
+        assert e["device"] == running["a"]["device"] and e["tier"] == "all"
+        assert client.delete("/api/streams/e").status_code == 204
+        assert client.get("/api/streams/e").status_code == 404
+        assert sorted(s["id"] for s in client.get("/api/streams").json()) == ["b", "c", "d"]
+        assert client.get("/api/about").json()["device"] == "cpu (gpu 0), cpu (gpu 1)"
+
+
+def test_a_failed_device_moves_its_streams_and_the_service_stays_ready(tmp_path: Path) -> None:
+    from engine.scheduler import KNOWN_MODELS
+
+    h100 = KNOWN_MODELS["h100"]
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}"}}""" for i, n in enumerate(("a", "b"))))
+    svc = Service(cfg, state_dir=tmp_path / "state", devices=["cpu", "cpu"], gpu_models=[h100, h100])
+    with TestClient(create_app(svc)) as client:
+        before = {n: wait_until(lambda n=n: (x := client.get(f"/api/streams/{n}").json())["state"] == "running" and x)
+                  for n in ("a", "b")}
+        assert {s["device"] for s in before.values()} == {"cpu (gpu 0)", "cpu (gpu 1)"}
+        lost = next(n for n, s in before.items() if s["device"] == "cpu (gpu 1)")
+
+        def broken(works):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        svc.engine.engines[1].scoring.score_video = broken  # type: ignore[method-assign]
+        moved = wait_until(lambda: (x := client.get(f"/api/streams/{lost}").json())["device"] == "cpu (gpu 0)"
+                           and x["state"] == "running" and x["frames"] > 0 and x)
+        assert moved["tier"] == "all"
+        outage = wait_until(lambda: [a for a in client.get("/api/alerts").json()
+                                     if a["stream"] == lost and a["type"] == "no_signal" and a["status"] == "resolved"])
+        assert "GPU cpu (gpu 1) failed" in outage[0]["message"] and "moved to cpu (gpu 0)" in outage[0]["message"]
+        assert client.get("/readyz").status_code == 200  # one of two devices lost: degraded, still serving
+
+
+def test_devices_this_machine_lacks_are_said_and_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from engine.service.service import service_devices
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert service_devices(config()) == ["cpu"]
+    with caplog.at_level("WARNING"):
+        assert service_devices(config(extra="engine: {devices: [cuda:0, cuda:1]}")) == ["cpu"]
+        assert service_devices(config(extra="engine: {devices: [cpu, cuda:1]}")) == ["cpu"]
+    assert "devices cuda:0, cuda:1 not available on this machine (0 GPU(s)); their streams run on the CPU" in caplog.text
+    assert "devices cuda:1 not available on this machine (0 GPU(s)); the others take their streams" in caplog.text

@@ -140,11 +140,13 @@ def _convert_run(
         # other sources queued after it.
         done.synchronize()
     width = int(surfaces[0].shape[-1])
+    # One unbind per plane instead of an index per frame and plane: this runs in the source threads under the
+    # GIL for every decoded picture, and each tensor call from Python costs microseconds.
+    lumas = c.luma.unbind(0) if c.luma is not None else (None,) * len(surfaces)
     out = []
-    for i in range(c.small.shape[0]):
-        ch, s = c.chroma[i], c.small[i]
-        summary = LumaSummary(c.hist[i], c.rows[i], c.row_stride, height, width)
-        luma = c.luma[i] if c.luma is not None else None
+    for luma, s, ch, hist, rows in zip(lumas, c.small.unbind(0), c.chroma.unbind(0), c.hist.unbind(0), c.rows.unbind(0),
+                                       strict=True):
+        summary = LumaSummary(hist, rows, c.row_stride, height, width)
         out.append((luma, s, summary, lambda s=s, ch=ch: thumbnail_rgb(s.cpu().numpy(), ch.cpu().numpy(), full)))
     return out
 

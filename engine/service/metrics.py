@@ -59,13 +59,14 @@ class _EngineCollector(Collector):
             for window, v in (("momentary", m.momentary), ("short_term", m.short_term), ("integrated", m.integrated)):
                 if v is not None and math.isfinite(v):
                     loud.add_metric([sid, window], float(v))
+        for sid in svc.engine.refused():
+            up.add_metric([sid, "refused"], 0.0)  # no device had capacity: nothing watches it
         yield fps
         yield up
         yield loud
-        shedder = svc.engine.shedder
         shed = GaugeMetricFamily("framewatch_load_shed", "1 while an analysis is paused because the engine is behind its "
                                  "live streams", labels=["analysis"])
-        shed.add_metric(["clicks"], 1.0 if shedder is not None and shedder.shed else 0.0)
+        shed.add_metric(["clicks"], 1.0 if svc.engine.shed else 0.0)
         yield shed
         active = GaugeMetricFamily("framewatch_alerts_active", "Alerts firing now", labels=["stream", "type", "severity"])
         counts: dict[tuple[str, str, str], int] = {}
@@ -83,7 +84,7 @@ class _EngineCollector(Collector):
             yield from _webhook_metrics(sink)
         yield from _device_metrics(svc)
         info = InfoMetricFamily("framewatch_build", "framewatch build and runtime")
-        info.add_metric([], {"version": __version__, "torch": torch.__version__, "device": str(svc.engine.device),
+        info.add_metric([], {"version": __version__, "torch": torch.__version__, "device": svc.engine.label(),
                              "run": svc.run_id})
         yield info
 
@@ -109,31 +110,33 @@ def _webhook_metrics(sink: object) -> Iterator[Metric]:
 
 
 def _device_metrics(svc: Service) -> Iterator[Metric]:
-    dev = svc.engine.device
-    if dev.type != "cuda":
+    devs = list(dict.fromkeys(e.device for e in svc.engine.engines if e.device.type == "cuda"))
+    if not devs:
         return
     mem = GaugeMetricFamily("framewatch_device_memory_bytes", "GPU memory", labels=["device", "kind"])
-    try:
-        free, total = torch.cuda.mem_get_info(dev)
-        mem.add_metric([str(dev), "total"], float(total))
-        mem.add_metric([str(dev), "used"], float(total - free))
-        mem.add_metric([str(dev), "torch_allocated"], float(torch.cuda.memory_allocated(dev)))
-    except Exception:
-        return
-    yield mem
-    try:  # utilisation needs NVML (nvidia-ml-py, the gpu extra)
-        import pynvml
+    util = GaugeMetricFamily("framewatch_device_utilisation_ratio", "GPU busy fraction", labels=["device", "engine"])
+    for dev in devs:
+        try:
+            free, total = torch.cuda.mem_get_info(dev)
+            mem.add_metric([str(dev), "total"], float(total))
+            mem.add_metric([str(dev), "used"], float(total - free))
+            mem.add_metric([str(dev), "torch_allocated"], float(torch.cuda.memory_allocated(dev)))
+        except Exception:  # a lost device has no figures; the others still do
+            continue
+        try:  # utilisation needs NVML (nvidia-ml-py, the gpu extra)
+            import pynvml
 
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(dev.index or 0)
-        u = pynvml.nvmlDeviceGetUtilizationRates(h)
-        dec = pynvml.nvmlDeviceGetDecoderUtilization(h)[0]
-        g = GaugeMetricFamily("framewatch_device_utilisation_ratio", "GPU busy fraction", labels=["device", "engine"])
-        g.add_metric([str(dev), "sm"], u.gpu / 100)
-        g.add_metric([str(dev), "decoder"], dec / 100)
-        yield g
-    except Exception:
-        return
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(dev.index or 0)
+            u = pynvml.nvmlDeviceGetUtilizationRates(h)
+            dec = pynvml.nvmlDeviceGetDecoderUtilization(h)[0]
+            util.add_metric([str(dev), "sm"], u.gpu / 100)
+            util.add_metric([str(dev), "decoder"], dec / 100)
+        except Exception:
+            pass
+    yield mem
+    if util.samples:
+        yield util
 
 
 class ServiceMetrics:

@@ -164,9 +164,102 @@ _REASONS = {
 }
 
 
+class Engines:
+    """What the service's streams run on: one engine, or with several devices (`engine.devices`) a GpuPool, one
+    engine per device, whose scheduler places each stream and picks its decode tier within the GPUs' NVDEC and
+    memory budgets, refuses with a reason what does not fit (and starts it when capacity frees up), and moves
+    the streams of a GPU that fails to the others. The service sees the same surface either way."""
+
+    def __init__(self, sink: Any, devices: list[str], models: list | None = None, **engine_kwargs: Any) -> None:
+        self.pool: Any = None
+        if len(devices) > 1:
+            from engine.pool import GpuPool
+
+            self.pool = GpuPool(sink, devices, models=models, **engine_kwargs)
+            self.engines: list[Engine] = self.pool._all_engines()
+        else:
+            self.engines = [Engine(sink, device=devices[0], **engine_kwargs)]
+        self.device = self.engines[0].device
+        notes = dict.fromkeys(e.device_note for e in self.engines if e.device_note)
+        self.device_note = "; ".join(notes)
+
+    @property
+    def streams(self) -> dict[str, StreamRuntime]:
+        return self.engines[0].streams if self.pool is None else self.pool.streams
+
+    def refused(self) -> dict[str, str]:
+        """Streams the scheduler could not place anywhere, with its reason (never started, retried on changes)."""
+        if self.pool is None:
+            return {}
+        return {sid: p.reason for sid, p in self.pool.placements().items() if not p.admitted}
+
+    def add_stream(self, spec: StreamSpec) -> None:
+        if self.pool is None:
+            self.engines[0].add_stream(spec)
+        else:
+            self.pool.add_stream(spec)
+
+    def remove_stream(self, stream_id: str) -> None:
+        if self.pool is None:
+            self.engines[0].remove_stream(stream_id)
+            return
+        try:
+            self.pool.remove_stream(stream_id)
+        except KeyError:  # never placed (it could not start)
+            pass
+
+    def run(self) -> None:
+        if self.pool is None:
+            self.engines[0].run(until_done=False)
+        else:
+            self.pool.run(until_done=False)
+
+    def stop(self) -> None:
+        (self.pool or self.engines[0]).stop()
+
+    def label(self) -> str:
+        return ", ".join(self.pool.labels) if self.pool is not None else str(self.device)
+
+    def device_of(self, stream_id: str) -> str | None:
+        if self.pool is None:
+            return str(self.device)
+        engine = self.pool.engine_of(stream_id)
+        return None if engine is None else (str(engine.device) if len(set(self.pool.devices)) == len(self.pool.devices)
+                                            else self.pool.label(engine))
+
+    def lost(self) -> list[str]:
+        return [e.requested_device for e in self.engines if e.device_lost]
+
+    @property
+    def shed(self) -> bool:
+        return any(e.shedder is not None and e.shedder.shed for e in self.engines)
+
+
+def service_devices(cfg: FramewatchConfig) -> list[str]:
+    """The devices the service runs on: `engine.devices` (or `engine.device`), less the CUDA devices this
+    machine does not have, said in the log (monitoring on the CPU beats no monitoring, as `run` does)."""
+    devices = list(cfg.engine.devices or [cfg.engine.device])
+    wanted = [d for d in devices if d.startswith("cuda")]
+    if not wanted:
+        return devices
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [d for d in wanted if int(d.partition(":")[2] or 0) >= count]
+    if not missing:
+        return devices
+    log.warning("devices %s not available on this machine (%d GPU(s)); %s", ", ".join(missing), count,
+                "their streams run on the CPU" if len(missing) == len(devices) else "the others take their streams")
+    kept = [d for d in devices if d not in missing]
+    return kept or ["cpu"]
+
+
 class Service:
     def __init__(self, cfg: FramewatchConfig, *, state_dir: str | Path | None = None, token: str | None = None,
-                 external_url: str | None = None) -> None:
+                 external_url: str | None = None, devices: list[str] | None = None, gpu_models: list | None = None
+                 ) -> None:
+        """`devices` and `gpu_models` replace the config's devices and the detected GPU models (tests simulate
+        GPUs with CPU engines)."""
         self.cfg = cfg
         self.state_dir = Path(state_dir or cfg.service.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +284,10 @@ class Service:
         self.outputs = MultiSink()
         self.webhooks: list[Any] = []
         self._open_outputs()
-        self.engine = Engine(
+        self.engine = Engines(
             AlertHub(self, self.outputs),
-            device=(cfg.engine.devices or [cfg.engine.device])[0],
+            devices or service_devices(cfg),
+            gpu_models,
             batch_frames=cfg.engine.batch_frames,
             tick=cfg.engine.tick_ms / 1000,
             queue_frames=cfg.engine.queue_frames,
@@ -238,7 +332,7 @@ class Service:
 
     def _run_engine(self) -> None:
         try:
-            self.engine.run(until_done=False)
+            self.engine.run()
         except Exception as exc:  # readiness says so; the API stays up to tell the operator
             self.engine_error = f"engine stopped: {exc}"
             log.exception("engine failed")
@@ -304,12 +398,12 @@ class Service:
             raise StreamRequestError(f"cannot use this URL: {exc}", ("url",)) from None
         return model
 
-    def _start_stream(self, model: StreamModel) -> StreamRuntime:
+    def _start_stream(self, model: StreamModel) -> None:
         spec = _spec(self.cfg, model)
         self._ending.pop(model.id, None)
         self._tiles.pop(model.id, None)
         self._rates.pop(model.id, None)
-        return self.engine.add_stream(spec)
+        self.engine.add_stream(spec)
 
     def add_stream(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.stopping:
@@ -317,7 +411,7 @@ class Service:
         with self._api_lock:
             model = self._model(body)
             stored = self.store.stream(model.id)
-            if model.id in self.engine.streams or (stored is not None and not stored.deleted):
+            if model.id in self.engine.streams or model.id in self.engine.refused() or (stored is not None and not stored.deleted):
                 raise KeyError(model.id)
             self._start_stream(model)
             self.store.put_stream(model.id, _body(model))
@@ -346,7 +440,7 @@ class Service:
     def remove_stream(self, stream_id: str) -> None:
         with self._api_lock:
             stored = self.store.stream(stream_id)
-            if (stored is None or stored.deleted) and stream_id not in self.engine.streams:
+            if (stored is None or stored.deleted) and stream_id not in self.engine.streams and stream_id not in self.engine.refused():
                 raise LookupError(stream_id)
             self._ending[stream_id] = "removed"
             self.engine.remove_stream(stream_id)
@@ -361,7 +455,7 @@ class Service:
 
     def streams_status(self) -> list[dict[str, Any]]:
         out = []
-        for sid in list(self.engine.streams):
+        for sid in dict.fromkeys([*self.engine.streams, *self.engine.refused()]):
             try:
                 out.append(self.stream_status(sid))
             except LookupError:
@@ -371,7 +465,10 @@ class Service:
     def stream_status(self, stream_id: str) -> dict[str, Any]:
         rt = self.engine.streams.get(stream_id)
         if rt is None:
-            raise LookupError(stream_id)
+            refused = self.engine.refused().get(stream_id)
+            if refused is None:
+                raise LookupError(stream_id)
+            return self._refused_status(stream_id, refused)
         with self._active_lock:
             active = [e for e in self._active.values() if e.stream == stream_id]
         acked = self._acked_ids([e.id for e in active])
@@ -394,7 +491,7 @@ class Service:
             "profile": rt.spec.profile,
             "state": state,
             "level": level,
-            "device": str(self.engine.device),
+            "device": self.engine.device_of(stream_id),
             "decoder": info.decoder if info is not None else None,
             "decoder_note": info.decoder_note if info is not None else "",
             "tier": rt.tier,
@@ -416,6 +513,17 @@ class Service:
             "active_alerts": [{"id": e.id, "type": e.type, "severity": e.severity.value, "start": e.start,
                                "message": e.message, "acknowledged": e.id in acked} for e in active],
             "thumbnail": f"/api/streams/{rt.id}/thumbnail.jpg" if rt.last_frame is not None else None,
+        }
+
+    def _refused_status(self, stream_id: str, reason: str) -> dict[str, Any]:
+        """A stream no device has capacity for: nothing watches it, which is an alarm, with the scheduler's
+        reason as its error (it starts by itself when capacity frees up)."""
+        body = self.stream_config(stream_id) or {}
+        return {
+            "id": stream_id, "url": body.get("url"), "profile": body.get("profile", "default"), "state": "refused",
+            "level": "alarm", "device": None, "decoder": None, "decoder_note": "", "tier": None, "fps": 0.0,
+            "frames": 0, "media_time": 0.0, "errors": [reason], "error_count": 1, "reconnects": 0, "counters": None,
+            "info": None, "loudness": None, "av_sync": None, "active_alerts": [], "thumbnail": None,
         }
 
     def stream_config(self, stream_id: str) -> dict[str, Any] | None:
@@ -531,10 +639,15 @@ class Service:
             problems.append("service shutting down")
         if self._engine_thread is None or not self._engine_thread.is_alive():
             problems.append(self.engine_error or "engine not running")
-        if self.engine.device_lost:
-            problems.append(f"device {self.engine.requested_device} lost")
+        lost = self.engine.lost()
+        if lost and len(lost) == len(self.engine.engines):
+            # With several devices a lost one's streams move to the others: degraded (its alerts say so), ready.
+            problems.append(f"device {', '.join(lost)} lost")
+        refused = self.engine.refused()
         for sid in self.stream_ids() if not self.stopping else []:
             rt = self.engine.streams.get(sid)
+            if rt is None and sid in refused:
+                continue  # refused for capacity: its status says so; the service itself is ready
             if rt is None:
                 problems.append(f"stream {sid} not started")
             elif rt.thread is None and not rt.eof:
@@ -601,7 +714,7 @@ class Service:
             log.error("media times not stored: %s", exc)
 
     def about(self) -> dict[str, Any]:
-        return {"version": __version__, "run": self.run_id, "device": str(self.engine.device),
+        return {"version": __version__, "run": self.run_id, "device": self.engine.label(),
                 "device_note": self.engine.device_note}
 
 
