@@ -36,7 +36,7 @@ from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.review import ReviewStore
 from engine.runner import Engine, StreamRuntime, StreamSpec
-from engine.sources import SourceOptions
+from engine.sources import SourceOptions, is_live_url
 from engine.workers import ProcessWorkers, StreamReport, report_of
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="framewatch: real-time quality monitoring of audio/video streams.")
@@ -49,7 +49,8 @@ STYLE = {"critical": "bold red", "major": "red", "warning": "yellow", "info": "c
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"framewatch: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    for line in message.splitlines() or [""]:  # one line per problem, each said as an error
+        err.print(f"framewatch: error: {line}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -277,6 +278,7 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
             "frames": rt.stats.frames_scored, "decoder": info.decoder, "tier": rt.tier,
             "decoder_note": info.decoder_note or None, "packets_skipped": rt.counters.packets_skipped,
             "decode_errors": rt.counters.decode_errors, "corrupt_frames": rt.counters.corrupt_frames,
+            "timestamp_outliers": rt.counters.timestamp_outliers,
         }
     audio = None
     if info is not None and info.audio_codec:
@@ -292,6 +294,11 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
         audio["compliance"] = _compliance(rt, audio)
     duration = info.duration if info is not None and info.duration else rt.stats.media_end
     sync = next((d for d in rt.detectors if d.NAME == "av_sync"), None)
+    errors = list(rt.errors)
+    media = max(rt.stats.media_end, rt.audio_end)
+    if info is not None and info.duration and not info.live and media > 0 and info.duration - media > max(1.0, 0.05 * info.duration):
+        # The container promised more than could be decoded: a truncated or damaged file, not a clean one.
+        errors.append(f"media ends at {media:.2f} s of the {info.duration:.2f} s the container gives (truncated or damaged)")
     return {
         "av_sync": sync.summary() if sync is not None and video and audio else None,
         "file": path,
@@ -300,7 +307,7 @@ def _file_report(path: str, rt: StreamRuntime, events: list[Event]) -> dict[str,
         "audio": audio,
         "events": [e.to_dict() for e in resolved],
         "summary": summary,
-        "errors": rt.errors,
+        "errors": errors,
     }
 
 
@@ -341,8 +348,10 @@ def check(
     decoder: Annotated[str, typer.Option(help="auto (NVDEC on a GPU device), pyav or nvdec")] = "auto",
     tier: Annotated[str, typer.Option(help="all, skip_nonref or keyframes: which frames are decoded")] = "all",
     review: Annotated[Path | None, typer.Option(help="keep corruption alerts' pictures in this review store")] = None,
+    duration: Annotated[float, typer.Option(help="seconds to watch a live URL (udp://, srt://, http://…/x.ts, …); files are read to the end", min=0.5, max=86400.0)] = 10.0,
 ) -> None:
-    """Check files for faults. Exit code: 0 no fault, 1 faults found, 2 error (unreadable input, bad config)."""
+    """Check files (or live URLs, for --duration seconds) for faults. Exit code: 0 no fault, 1 faults found,
+    2 error (unreadable input, a live URL that gave no media, bad config)."""
     try:
         cfg = load_config(config) if config is not None else FramewatchConfig()
         if profile != "default" and profile not in cfg.profiles:
@@ -363,7 +372,9 @@ def check(
         memory = MemorySink()
         engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
                         review=ReviewStore(review) if review else None, torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
-        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace="fast", decoder=decoder, tier=tier)))
+        # A live URL is watched as it comes (arrivals decide no_signal) for --duration; files as fast as they decode.
+        pace = "auto" if is_live_url(path) else "fast"
+        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace=pace, decoder=decoder, tier=tier)))
         if show_progress:
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
                 task = bar.add_task(Path(path).name, total=100)
@@ -373,9 +384,16 @@ def check(
                     if total:
                         bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))
 
-                engine.run(on_tick=tick)
+                engine.run(on_tick=tick, deadline=time.monotonic() + duration if rt.ctx.live else None)
         else:
-            engine.run()
+            engine.run(deadline=time.monotonic() + duration if rt.ctx.live else None)
+        if rt.ctx.live and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
+            # A live input never ends by itself: after the watch, one that gave nothing is an error like an
+            # unreadable file, with the reason the last connection attempt gave.
+            rt.fail(f"no media within {duration:g} s" + (f" ({rt.last_disconnect})" if rt.last_disconnect else ""))
+        promised = rt.info.duration if rt.info is not None and not rt.ctx.live else None
+        if promised and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
+            rt.fail(f"nothing could be decoded of the {promised:.2f} s the container gives (truncated or damaged)")
         report = _file_report(path, rt, memory.events)
         report["device"] = str(engine.device)
         family = engine.scoring.families.get("corruption")
@@ -392,10 +410,10 @@ def check(
         if unreadable:
             err.print(f"framewatch: error: {path}: {rt.errors[0] if rt.errors else 'unreadable'}", markup=False, highlight=False, soft_wrap=True)
             worst = 2
-        elif rt.errors:
-            err.print(f"framewatch: warning: {path}: {rt.errors[0]}", markup=False, highlight=False, soft_wrap=True)
-        if report["events"] and worst < 2:
-            worst = max(worst, 1)
+        elif report["errors"]:
+            err.print(f"framewatch: warning: {path}: {report['errors'][0]}", markup=False, highlight=False, soft_wrap=True)
+        if (report["events"] or report["errors"]) and worst < 2:
+            worst = max(worst, 1)  # a damaged file is not a clean one, even where no detector fired
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")
             sys.stdout.flush()
@@ -410,10 +428,14 @@ def _print_file(report: dict[str, Any]) -> None:
     if v:
         parts.append(f"video {v['codec']} {v['width']}x{v['height']} {_fmt(v['fps'])} fps, {v['frames']} frames, {v['decode_errors']} decode errors")
     if a:
-        parts.append(f"audio {a['codec']} {a['channels']} ch, integrated {_fmt(a['integrated_lufs'], 1)} LUFS")
+        loud = f"integrated {a['integrated_lufs']:.1f} LUFS" if a["integrated_lufs"] is not None else "too short for integrated loudness"
+        parts.append(f"audio {a['codec']} {a['channels']} ch, {loud}")
     err.print("  ".join(parts))
     if not report["events"]:
-        err.print("  [green]no faults[/]")
+        if report["errors"]:
+            err.print(f"  [yellow]no detector fired, but the input is damaged: {report['errors'][0]}[/]")
+        else:
+            err.print("  [green]no faults[/]")
         return
     table = Table()
     for col in ("type", "severity", "start s", "end s", "duration s", "value", "threshold"):

@@ -138,6 +138,12 @@ class StreamModel(_Strict):
     def _url(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("url must not be empty")
+        from engine.sources import SourceError, open_source
+
+        try:  # what a source would refuse (scheme, synthetic parameters) is refused here; no I/O happens
+            open_source(v.strip(), SourceOptions(threaded=False))
+        except SourceError as exc:
+            raise ValueError(str(exc)) from None
         return v.strip()
 
     @field_validator("options")
@@ -351,6 +357,8 @@ def load_config(path: str | Path | None = None, text: str | None = None) -> Fram
         if path is None:
             raise ConfigError("no config given")
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file")
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file")
         try:
@@ -369,12 +377,24 @@ def load_config(path: str | Path | None = None, text: str | None = None) -> Fram
         cfg = FramewatchConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source)) from exc
-    # Resolve everything once so bad detector values are reported now, not when a stream starts.
-    resolve_detectors(cfg, "default", where=f"{source}")
-    for name in cfg.profiles:
-        resolve_detectors(cfg, name, where=f"{source}: profiles.{name}")
-    for s in cfg.streams:
-        resolve_detectors(cfg, s.profile, s.detectors, where=f"{source}: streams.{s.id}")
+    # Resolve everything once so bad detector values are reported now, not when a stream starts; a value
+    # wrong at the top level is said once, not again for every profile and stream that inherits it.
+    lines: list[str] = []
+    jobs = [(cfg_name, prof, over) for cfg_name, prof, over in
+            [(f"{source}", "default", None), *((f"{source}: profiles.{n}", n, None) for n in cfg.profiles),
+             *((f"{source}: streams.{s.id}", s.profile, s.detectors) for s in cfg.streams)]]
+    said: set[str] = set()
+    for where, prof, over in jobs:
+        try:
+            resolve_detectors(cfg, prof, over, where=where)
+        except ConfigError as exc:
+            for line in str(exc).splitlines():
+                what = line.removeprefix(where)
+                if what not in said:
+                    said.add(what)
+                    lines.append(line)
+    if lines:
+        raise ConfigError("\n".join(lines))
     return cfg
 
 
@@ -392,6 +412,7 @@ def resolve_detectors(
     layers = [cfg.detectors, prof.detectors if prof else None, stream_overrides]
     only = set(prof.only) if prof and prof.only else None
     out: dict[str, DetectorConfig] = {}
+    problems: list[str] = []  # one line per detector with a bad value, all of them at once
     for name, det in REGISTRY.items():
         merged: dict[str, Any] = {}
         for layer in layers:
@@ -404,7 +425,9 @@ def resolve_detectors(
         try:
             out[name] = det.Config(**merged)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where or 'config'}: detectors.{name}: {exc}") from exc
+            problems.append(f"{where or 'config'}: detectors.{name}: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return out
 
 

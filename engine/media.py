@@ -144,4 +144,5 @@ class StreamCounters:
     audio_gaps: int = 0  # audio timestamps jumped forward past the samples (missing audio)
     audio_overlaps: int = 0  # audio timestamps went back over samples already played
     timestamp_resets: int = 0  # live timestamp discontinuities (encoder restarts, wraps) re-anchored on
+    timestamp_outliers: int = 0  # lone garbage timestamps of a file (a damaged packet's), ignored
     clicks_paused: int = 0  # times the click analysis paused because the engine fell behind its live streams

@@ -281,6 +281,8 @@ class StreamRuntime:
                                "confidence": latest.get("confidence"), "timestamp_drift": s["timestamps"]["drift"]}
         return snap
 
+    last_disconnect = ""  # why the input was last lost or could not be opened (live inputs)
+
     def fail(self, message: str) -> None:
         line = f"stream {self.id}: {message}"
         self.errors.append(message)
@@ -760,10 +762,14 @@ class Engine:
     def _status(self, rt: StreamRuntime, kind: str, message: str, info: StreamInfo | None) -> None:
         if kind == "connected":
             rt.info = info or rt.info
+            # Whether pictures are due at all: a file whose video track stops early (or never decodes) is
+            # told apart from an audio-only one at its end (no_signal).
+            rt.ctx.extra["video_expected"] = bool(rt.info is not None and rt.info.video_codec and rt.spec.source.video)
             if rt.state == "starting":
                 rt.state = "running"
         elif kind == "disconnected":
             rt.state = "no_signal"
+            rt.last_disconnect = message
             log.warning("stream %s: %s", rt.id, message)
         elif kind == "error":
             rt.fail(message)
@@ -778,9 +784,13 @@ class Engine:
         rt.finished = True
         self.scoring.forget(rt.id)  # what the scoring families kept of it between ticks
         end = max(rt.stats.media_end, rt.audio_end)  # an audio-only stream has no frames to end on
+        # A picture fault open at the end lasts to the last picture, a sound fault to the last sample: the
+        # two may end apart (AAC padding, or a video track that stops early, which no_signal reports).
+        ends = {"video": rt.stats.media_end if rt.stats.frames_scored else end,
+                "audio": rt.audio_end if rt.stats.audio_seconds else end}
         for det in rt.detectors:
             try:
-                det.finish(end)
+                det.finish(ends.get(det.MEDIA, end))
             except Exception as exc:
                 rt.fail(f"detector {det.NAME} failed at end of input: {exc}")
         if rt.state != "error":

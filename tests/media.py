@@ -215,7 +215,9 @@ def write_clip(
                     continue
                 x = np.ascontiguousarray(audio_fn(a_done, b), dtype=np.float32)
                 assert x.shape == (channels, b - a_done), x.shape
-                frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=as_.codec_context.layout.name)
+                # Packed samples: PyAV's planar frames of 8 or more channels have one plane too many.
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.T).reshape(1, -1), format="flt",
+                                                   layout=as_.codec_context.layout.name)
                 frame.sample_rate = audio_rate
                 t_audio = a_done / audio_rate if audio_clock is None else audio_clock(a_done / audio_rate)
                 frame.pts = round((t_audio + start) * audio_rate)

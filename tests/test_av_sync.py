@@ -236,6 +236,16 @@ def test_audio_timestamp_drift(tmp_path: Path) -> None:
     assert summary["timestamps"]["max_drift"] == pytest.approx(-0.1, abs=0.003)
 
 
+def test_audio_only_timestamp_drift_is_measured_not_alerted(tmp_path: Path) -> None:
+    # The same drift with no picture: nothing for the sound to be out of step with, so no A/V event (a
+    # damaged audio-only file once raised "audio early"); the drift is still measured and reported.
+    clip = write_clip(tmp_path / "drift_audio_only.ts", seconds=10, codec=None, audio_codec="aac", audio_clock=lambda t: 1.01 * t)
+    run, summary = _run(clip)
+    assert run.frames == 0 and run.audio_seconds > 9.9
+    assert not run.of("av_sync"), run.table()
+    assert summary["timestamps"]["max_drift"] == pytest.approx(-0.1, abs=0.003)
+
+
 def test_a_real_audio_gap_is_counted_not_an_offset(tmp_path: Path) -> None:
     # 300 ms of audio missing (timestamps jump with no samples): the audio clock re-synchronises, so the
     # samples after the gap play where their timestamps say. A gap, not a sync fault.

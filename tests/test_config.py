@@ -248,3 +248,42 @@ def test_json_schema_is_json_and_names_detector_options():
         assert f'"{option}"' in text, option
     for name in ALL_DETECTORS:
         assert f'"{name}"' in text, name
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("detectors: {black: {onset: .nan}}", "<config>: detectors.black: onset must be a finite number, not nan"),
+    ("detectors: {freeze: {onset: .inf}}", "<config>: detectors.freeze: onset must be a finite number, not inf"),
+    ("detectors: {loudness: {target: -.inf}}", "<config>: detectors.loudness: target must be a finite number, not -inf"),
+    ("detectors: {no_signal: {onset: 0}}", "<config>: detectors.no_signal: onset must be at least 0.1 s, not 0.0"),
+    ("detectors: {corruption: {weights: /nonexistent/model.pt}}",
+     "<config>: detectors.corruption: weights file /nonexistent/model.pt not found"),
+    ('streams: [{id: a, url: "synthetic://a?size=320x180"}]',
+     "<config>: streams.0.url: synthetic size must be at least 64x64 with width a multiple of 16, height of 8"),
+    ('streams: [{id: a, url: "gopher://host/x"}]', "<config>: streams.0.url: unsupported URL scheme 'gopher' in 'gopher://host/x'"),
+    ('streams: [{id: a, url: "udp://999.1.1.1:5000"}]', "<config>: streams.0.url: bad IPv4 address '999.1.1.1' in 'udp://999.1.1.1:5000'"),
+    ('streams: [{id: a, url: "tcp://127.0.0.1:99999"}]',
+     "<config>: streams.0.url: bad port in 'tcp://127.0.0.1:99999': Port out of range 0-65535"),
+])
+def test_values_that_would_silently_break_detection_are_refused(text, line):
+    """NaN and infinity pass every range check and then switch a detector off; an onset of 0 makes no_signal
+    fire between every two pictures; a missing weights file or a URL no source takes failed only at run time."""
+    assert _error(text).splitlines() == [line]
+
+
+def test_every_bad_detector_value_is_its_own_line_said_once():
+    text = """
+    detectors: {black: {onset: -2}, silence: {onset: -1}, clipping: {min_run: -3}}
+    profiles: {news: {detectors: {freeze: {onset: .nan}}}}
+    streams: [{id: a, url: "synthetic://a", profile: news}]
+    """
+    assert _error(text).splitlines() == [
+        "<config>: detectors.black: onset and recovery must be >= 0 seconds",
+        "<config>: detectors.clipping: min_run must be >= 1, not -3",
+        "<config>: detectors.silence: onset and recovery must be >= 0 seconds",
+        "<config>: profiles.news: detectors.freeze: onset must be a finite number, not nan",
+    ]
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)

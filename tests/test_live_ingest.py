@@ -662,3 +662,42 @@ def test_queue_and_memory_stay_bounded(live_dir):
     assert rt.errors == []
     _assert_no_false_picture_alerts(live)
     _assert_time_runs_forward(live, "udp")
+
+
+@live
+def test_check_watches_a_live_url_for_its_duration():
+    """`framewatch check` on a live URL watches it for --duration seconds and reports like a file (it once
+    waited for an end that a live input never has); a URL that gives nothing is an error, with the reason."""
+    from media import Cli, json_lines
+
+    port = _free_port(socket.SOCK_DGRAM)
+    sender = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+                               "color=black:size=320x240:rate=25", "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=48000",
+                               "-t", "30", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac",
+                               "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        proc = Cli("check", "--json", "--duration", "5", f"udp://127.0.0.1:{port}", timeout=40).result()
+        took = time.monotonic() - t0
+    finally:
+        sender.kill()
+        sender.wait()
+    assert proc.returncode == 1, proc.stderr
+    (report,) = json_lines(proc.stdout)
+    assert report["errors"] == [] and report["video"]["frames"] > 50
+    assert [e["type"] for e in report["events"] if e["type"] == "black"] == ["black"]
+    assert took < 30  # 5 s watched, plus start-up
+
+    refused = Cli("check", "--json", "--duration", "1", "tcp://127.0.0.1:9", timeout=30).result()
+    assert refused.returncode == 2
+    (report,) = json_lines(refused.stdout)
+    assert report["errors"][0].startswith("no media within 1 s (cannot open: ") and "Connection refused" in report["errors"][0]
+    assert refused.stderr.splitlines() == [f"framewatch: error: tcp://127.0.0.1:9: {report['errors'][0]}"]
+
+
+def test_mpeg_ts_over_http_is_live_files_over_http_are_files():
+    from engine.sources import is_live_url
+
+    assert is_live_url("http://iptv.example/channel/1.ts") and is_live_url("https://cdn.example/live.m3u8")
+    assert not is_live_url("http://vod.example/movie.mp4") and not is_live_url("https://a.example/clip.mkv")

@@ -40,11 +40,41 @@ def test_timeline_file_repeated_and_backward_timestamps_stay_monotonic():
     assert out == [0.0, 0.04, 0.08, 0.12, 0.16, 0.2]
 
 
+def _map_settled(tl: Timeline, raws) -> tuple[list[float], list[int]]:
+    """Times as a file source hands them out: an item the timeline defers (the first timestamp beyond a jump)
+    takes its own time when the next one confirms the jump (MediaSource's settle), the cadence otherwise.
+    Also the indexes that were deferred."""
+    out, deferred, held = [], [], None
+    for i, r in enumerate(raws):
+        t = round(tl.map(r, DUR, 1000.0 + i * DUR), 6)
+        if held is not None:
+            out[held] = round(tl.confirmed, 6) if tl.confirmed is not None else out[held]
+            held = None
+        out.append(t)
+        if tl.deferring:
+            held = i
+            deferred.append(i)
+    return out, deferred
+
+
 def test_timeline_file_gaps_are_kept():
-    # a 10 s hole in a file is a fact about the media, even beyond the live re-anchoring jump
-    out = _map_all(Timeline(live=False), [0.0, 0.04, 10.04, 10.08, 2.0])
-    assert out[:4] == [0.0, 0.04, 10.04, 10.08]
+    # a 10 s hole in a file is a fact about the media, even beyond the live re-anchoring jump: its first
+    # timestamp waits for the next one, which agrees, and both keep their own times
+    tl = Timeline(live=False)
+    out, deferred = _map_settled(tl, [0.0, 0.04, 10.04, 10.08, 2.0])
+    assert out[:4] == [0.0, 0.04, 10.04, 10.08] and deferred == [2] and tl.outliers == 0
     assert out[4] == 10.12  # and a big jump back never runs time backwards
+
+
+def test_timeline_file_lone_garbage_timestamp_keeps_the_cadence():
+    # one picture's timestamp 18.6 h on (a damaged packet), the next ones back in the series: garbage
+    tl = Timeline(live=False)
+    out, deferred = _map_settled(tl, [0.0, 0.04, 67000.08, 0.12, 0.16])
+    assert out == [0.0, 0.04, 0.08, 0.12, 0.16] and deferred == [2] and tl.outliers == 1
+    # a live stream's jump is a reset, re-anchored at once (never deferred)
+    live = Timeline(live=True)
+    _map_settled(live, [0.0, 0.04, 67000.08, 67000.12])
+    assert live.resets == 1 and live.outliers == 0
 
 
 def test_timeline_unknown_timestamps_follow_the_cadence():

@@ -108,22 +108,54 @@ class PyAVVideoDecoder:
 
 
 class PyAVAudioDecoder:
-    """Any audio to float32 planar at 48 kHz, channel layout kept (mono stays mono, 5.1 stays 5.1)."""
+    """Any audio to float32 planar at 48 kHz, channel layout kept (mono stays mono, 5.1 stays 5.1).
+
+    The resampler gives packed samples, made planar here: PyAV's planar frames with 8 or more channels report
+    one plane too many, and reading them crashes the process (7.1 and 16-channel audio are ordinary in
+    broadcast). A stream whose sample rate, sample format or layout changes midway (a spliced programme, a
+    concatenated file) gets a new resampler to the same output, the old one drained first, so the analysis
+    goes on at the stream's layout instead of ending."""
 
     def __init__(self, stream: av.audio.stream.AudioStream) -> None:
         self.stream = stream
         self.errors = 0
+        self.format_changes = 0
         layout = stream.codec_context.layout
         self.layout = layout.name if layout is not None else "stereo"
-        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=AUDIO_RATE)
+        self._resampler: av.AudioResampler | None = None
+        self._input: tuple | None = None
+
+    @staticmethod
+    def _samples(r: av.AudioFrame) -> torch.Tensor:
+        channels = len(r.layout.channels)
+        flat = np.frombuffer(r.planes[0], np.float32)[: r.samples * channels]
+        return torch.from_numpy(np.ascontiguousarray(flat.reshape(r.samples, channels).T))  # (C, T) planar
+
+    def _drain(self) -> list[tuple[float | None, AudioChunk]]:
+        out = []
+        if self._resampler is not None:
+            try:
+                for r in self._resampler.resample(None):
+                    out.append((None, AudioChunk(pts=0.0, samples=self._samples(r), layout=self.layout)))
+            except (av.error.FFmpegError, ValueError):
+                pass
+        return out
 
     def _chunks(self, frames: list[av.AudioFrame]) -> list[tuple[float | None, AudioChunk]]:
-        out = []
+        out: list[tuple[float | None, AudioChunk]] = []
         for frame in frames:
             ts = float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
+            shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if shape != self._input:
+                if self._input is not None:
+                    self.format_changes += 1
+                    log.info("audio changed from %s %s %d Hz to %s %s %d Hz; resampled to %s as before",
+                             *self._input, *shape, self.layout)
+                    out.extend(self._drain())
+                self._input = shape
+                self._resampler = av.AudioResampler(format="flt", layout=self.layout, rate=AUDIO_RATE)
             for r in self._resampler.resample(frame):
-                samples = torch.from_numpy(r.to_ndarray().astype(np.float32, copy=False))  # (C, T) planar
-                out.append((ts, AudioChunk(pts=0.0, samples=samples, layout=self.layout)))
+                out.append((ts, AudioChunk(pts=0.0, samples=self._samples(r), layout=self.layout)))
                 ts = None  # only the first resampled piece carries the input's time
         return out
 
@@ -131,11 +163,4 @@ class PyAVAudioDecoder:
         return self._chunks(_decode(self, packet))
 
     def flush(self) -> list[tuple[float | None, AudioChunk]]:
-        out = self.decode(None)
-        try:
-            for r in self._resampler.resample(None):
-                samples = torch.from_numpy(r.to_ndarray().astype(np.float32, copy=False))
-                out.append((None, AudioChunk(pts=0.0, samples=samples, layout=self.layout)))
-        except (av.error.FFmpegError, ValueError):
-            pass
-        return out
+        return self.decode(None) + self._drain()

@@ -372,6 +372,8 @@ class AvSyncDetector(Detector):
             self.max_drift = float(worst)
         starts = np.concatenate(([self.ts_t if self.ts_t is not None else t[0]], t[:-1]))
         faulty = (drift < -self.config.early) | (drift > self.config.late)
+        if self.ctx.extra.get("video_expected") is False:
+            faulty[:] = False  # sound with no picture to be out of step with: measured, never an A/V alert
         if faulty.any() and not self.ts_hyst.active and self.ts_hyst.pending_start is None:
             self.ts_hyst.higher_is_worse = bool(drift[faulty][0] > 0)
         self.ts_hyst.update(starts, t, faulty, drift)

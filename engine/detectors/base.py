@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,6 +68,10 @@ class DetectorConfig:
     ignore: tuple[Region, ...] = ()
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # YAML's .nan and .inf pass every comparison below and then break detection
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, not {v}")
         if self.onset < 0 or self.recovery < 0:
             raise ValueError("onset and recovery must be >= 0 seconds")
 

@@ -5,6 +5,7 @@ the model's block map go to the review store for an operator's verdict."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -85,6 +86,9 @@ class CorruptionConfig(DetectorConfig):
         super().__post_init__()
         if self.rule is not None and self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)} or null, not {self.rule!r}")
+        if self.weights is not None and not os.path.isfile(self.weights):
+            # Said when the config is read, not by a stream that later runs without its model.
+            raise ValueError(f"weights file {self.weights} not found")
         positive("max_hold", self.max_hold)
         if self.threshold is not None:
             unit_interval("threshold", self.threshold)

@@ -20,6 +20,12 @@ class NoSignalConfig(DetectorConfig):
     recovery: float = 0.0
     severity: Severity = Severity.CRITICAL
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.onset < 0.1:
+            # Pictures are always some time apart: a shorter onset calls every one of those gaps an outage.
+            raise ValueError(f"onset must be at least 0.1 s, not {self.onset}")
+
 
 @register
 class NoSignalDetector(Detector):
@@ -96,3 +102,13 @@ class NoSignalDetector(Detector):
         if self.open is not None:
             self._emit(self.open.resolved(end_time if end_time is not None else self.open.start))
             self.open = None
+            return
+        if self.ctx.live or end_time is None or not self.ctx.extra.get("video_expected"):
+            return
+        # A file whose pictures stop while its sound goes on (a dead or truncated video track), or that has a
+        # video track with no picture at all: as long a gap as one between pictures.
+        last = self.last_end if self.last_end is not None else 0.0
+        if end_time - last >= self.config.onset:
+            event = self._make_event(last, end_time - last)
+            self._emit(event)
+            self._emit(event.resolved(end_time))

@@ -38,5 +38,25 @@ def open_source(url: str, options: SourceOptions | None = None, faults: list[dic
 
         return NvdecFileSource(url, options)
     if local or is_live_url(url) or scheme in ("http", "https"):
+        if not local:
+            _check_address(url)
         return MediaSource(url, options)
     raise SourceError(f"unsupported URL scheme {scheme!r} in {url!r}")
+
+
+def _check_address(url: str) -> None:
+    """A network URL whose port or IPv4 address cannot exist is refused now, not retried for ever."""
+    import ipaddress
+    import re
+
+    u = urlparse(url)
+    try:
+        u.port  # noqa: B018 (raises for a port out of range or not a number)
+    except ValueError as exc:
+        raise SourceError(f"bad port in {url!r}: {exc}") from None
+    host = u.hostname or ""
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise SourceError(f"bad IPv4 address {host!r} in {url!r}") from None

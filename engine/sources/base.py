@@ -84,6 +84,30 @@ class Timeline:
         # continue from here, however long the outage, so they are no timestamp reset.
         self.resume: float | None = None
         self.resets = 0  # live timestamp discontinuities re-anchored on
+        # A file's forward jump beyond JUMP is a gap only when the next timestamp (of either track) agrees:
+        # one garbage timestamp from a damaged packet would otherwise move everything after it hours on.
+        self.pending: float | None = None
+        self.outliers = 0  # timestamps of a file ignored as garbage
+        # For a source that can hold the item back (a file's pictures): `deferring` says the last item mapped
+        # is such a first timestamp beyond a jump, given the cadence time for now; `confirmed` then carries its
+        # own time once the next timestamp showed the jump to be real (None: it was garbage, cadence it is).
+        self.deferring = False
+        self.confirmed: float | None = None
+
+    def outlier(self, t: float, expected: float) -> bool:
+        """Whether a file's time `t`, where about `expected` was due, is a lone jump to be ignored: the first
+        timestamp beyond a jump is held as pending, and only a second one near it makes the jump real."""
+        self.confirmed = None
+        if self.live or t <= expected + self.JUMP:
+            self.pending = None
+            return False
+        if self.pending is not None and abs(t - self.pending) <= self.JUMP:
+            self.confirmed, self.pending = self.pending, None
+            self.outliers -= 1  # the first one was right after all
+            return False
+        self.pending = t
+        self.outliers += 1
+        return True
 
     def anchor(self, raw: float | None, duration: float, wall: float) -> None:
         """Set the origin from the first timestamp of the stream, or of a new connection, where time
@@ -111,6 +135,7 @@ class Timeline:
         return expected + gap
 
     def map(self, raw: float | None, duration: float, wall: float) -> float:
+        self.deferring = False
         self.anchor(raw, duration, wall)
         if raw is None:
             t = (self.last + duration) if self.last is not None else 0.0
@@ -126,6 +151,9 @@ class Timeline:
                         self.prev_origin = None
                 if self.discontinuous(t, expected):
                     t = self.continue_after(raw, expected, wall, duration)
+                elif self.outlier(t, expected):
+                    t = self.last + duration
+                    self.deferring = True
                 if t < self.last + 0.25 * duration:
                     # Out-of-order or repeated timestamps (guessed AVI times, pts = dts): keep cadence.
                     t = self.last + duration
@@ -169,6 +197,8 @@ class AudioClock:
                 # in the audio alone is a gap, not a reset.)
                 expected = max(self.next, tl.last) if tl.last is not None else self.next
                 t = tl.continue_after(raw, expected, wall, 0.0)
+            elif self.next is not None and tl.outlier(t, self.next):
+                t = None  # the sample count goes on
         jump = False
         self.jump_size = 0.0
         if self.next is None:

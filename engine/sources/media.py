@@ -13,7 +13,7 @@ import av
 
 from engine.batch import StreamQueue
 from engine.decode import PyAVAudioDecoder, Tier, TierFilter, video_decoder
-from engine.media import AUDIO_RATE, SourceStatus
+from engine.media import AUDIO_RATE, SourceStatus, VideoFrame
 from engine.sources.base import AudioClock, Source, SourceError, SourceOptions, Timeline
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ SENDER_PACED = {"udp", "rtp", "srt", "tcp", "rtmp", "rtmps", "rtsp", "rtsps"}
 def is_live_url(url: str) -> bool:
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
-        # Plain HTTP files are files; playlists and everything else over HTTP are treated as live.
+        # Plain HTTP files are files; playlists and everything else over HTTP are treated as live, MPEG-TS too:
+        # IPTV channels are served as endless http://host/channel.ts (VOD comes as MP4 or HLS).
         path = urlparse(url).path.lower()
-        return not any(path.endswith(ext) for ext in (".mp4", ".mkv", ".mov", ".ts", ".avi", ".mpg", ".wav"))
+        return not any(path.endswith(ext) for ext in (".mp4", ".mkv", ".mov", ".avi", ".mpg", ".wav"))
     return scheme in LIVE_SCHEMES
 
 
@@ -61,7 +62,8 @@ class MediaSource(Source):
 
     def _open(self) -> av.container.InputContainer:
         path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
-        if not self.live:
+        scheme = urlparse(self.url).scheme.lower()
+        if scheme in ("", "file") or len(scheme) == 1:  # a local path (a drive letter is no scheme)
             if not os.path.exists(path):
                 raise FileNotFoundError(2, "No such file", path)
             if os.path.isdir(path):
@@ -79,7 +81,10 @@ class MediaSource(Source):
                 opts["fifo_size"] = "1000000"
             else:
                 opts["rw_timeout"] = us
-        return av.open(path, options=opts, timeout=(self.options.open_timeout, self.options.read_timeout))
+        # Tags in another encoding than UTF-8 (Latin-1 titles are common) must not make a playable input
+        # unreadable: undecodable bytes become U+FFFD.
+        return av.open(path, options=opts, timeout=(self.options.open_timeout, self.options.read_timeout),
+                       metadata_errors="replace")
 
     def run(self, queue: StreamQueue, stop: threading.Event) -> None:
         timeline = Timeline(self.live)
@@ -203,11 +208,23 @@ class MediaSource(Source):
         # timeline as of then and do not count as arrivals: the signal was gone when they came out.
         fresh = [time.time()]
 
+        # A file's picture whose timestamp jumped far ahead waits for the next timestamp (of either track): a
+        # real gap puts it at its own time, a lone garbage timestamp leaves it at the cadence (Timeline.outlier).
+        deferred: list[tuple[VideoFrame, float | None]] = []
+
+        def settle() -> None:
+            if deferred:
+                frame, at = deferred.pop()
+                if timeline.confirmed is not None:
+                    frame.pts, timeline.confirmed = timeline.confirmed, None
+                queue.put_video(frame, at)
+
         def push_video(items, late: bool = False) -> None:
             for raw, frame in items:
                 now = fresh[0] if late else time.time()
                 fresh[0] = now
                 frame.pts = timeline.map(raw, frame.duration, now)
+                settle()
                 if tiers is not None:
                     # A frame of a sparse tier stands for the time since the previous decoded one.
                     if last_pts and frame.pts > last_pts[0]:
@@ -220,8 +237,12 @@ class MediaSource(Source):
                 frame.index = counters.video_frames
                 counters.video_frames += 1
                 counters.timestamp_resets = timeline.resets
+                counters.timestamp_outliers = timeline.outliers
                 if frame.corrupt:
                     counters.corrupt_frames += 1
+                if timeline.deferring:
+                    deferred.append((frame, None if late else now))
+                    continue
                 pace(frame.pts)
                 queue.put_video(frame, None if late else now)
 
@@ -230,6 +251,7 @@ class MediaSource(Source):
                 now = fresh[0] if late else time.time()
                 fresh[0] = now
                 chunk.pts, jumped = clock.map(raw, chunk.samples.shape[-1], now)
+                settle()
                 chunk.drift = clock.drift
                 if jumped:
                     chunk.jump = clock.jump_size
@@ -241,6 +263,7 @@ class MediaSource(Source):
                     chunk.reset = True
                     resets_seen[0] = timeline.resets
                     counters.timestamp_resets = timeline.resets
+                counters.timestamp_outliers = timeline.outliers
                 counters.audio_chunks += 1
                 queue.put_audio(chunk, None if late else now)
 
@@ -306,6 +329,7 @@ class MediaSource(Source):
         except av.error.InvalidDataError as exc:
             # A truncated or damaged file: what was readable has been analysed; say so and stop cleanly.
             counters.decode_errors += 1
+            settle()
             queue.put_status(SourceStatus("error", f"input damaged, stopped reading: {describe_error(exc)}", time.time()))
             return True
         if held:  # the input ended right after a stall
@@ -315,4 +339,5 @@ class MediaSource(Source):
             push_video(vdec.flush())
         if adec is not None:
             push_audio(adec.flush())
+        settle()  # a last jump nothing came after to confirm: garbage, left at the cadence
         return not self.live

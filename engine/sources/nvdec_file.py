@@ -52,7 +52,7 @@ class NvdecFileSource(Source):
         """(has audio, full-range video, video codec) from the container, read once with PyAV."""
         import av
 
-        with av.open(self.path) as c:
+        with av.open(self.path, metadata_errors="replace") as c:
             vs = c.streams.video[0] if c.streams.video else None
             full = vs is not None and (
                 int(getattr(vs.codec_context, "color_range", 0) or 0) == 2
