@@ -71,6 +71,10 @@ def test_timeline_file_lone_garbage_timestamp_keeps_the_cadence():
     tl = Timeline(live=False)
     out, deferred = _map_settled(tl, [0.0, 0.04, 67000.08, 0.12, 0.16])
     assert out == [0.0, 0.04, 0.08, 0.12, 0.16] and deferred == [2] and tl.outliers == 1
+    # a slide show (or a sparse tier) steps 10 s at a time: after its first step, nothing is a jump
+    slides = Timeline(live=False)
+    out, deferred = _map_settled(slides, [0.0, 10.0, 20.0, 30.0, 40.0])
+    assert out == [0.0, 10.0, 20.0, 30.0, 40.0] and deferred == [1] and slides.outliers == 0
     # a live stream's jump is a reset, re-anchored at once (never deferred)
     live = Timeline(live=True)
     _map_settled(live, [0.0, 0.04, 67000.08, 67000.12])

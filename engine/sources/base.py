@@ -93,15 +93,18 @@ class Timeline:
         # own time once the next timestamp showed the jump to be real (None: it was garbage, cadence it is).
         self.deferring = False
         self.confirmed: float | None = None
+        self.step = 0.0  # the last forward step between two pictures' times (files: what a jump is measured by)
 
-    def outlier(self, t: float, expected: float) -> bool:
-        """Whether a file's time `t`, where about `expected` was due, is a lone jump to be ignored: the first
-        timestamp beyond a jump is held as pending, and only a second one near it makes the jump real."""
+    def outlier(self, t: float, expected: float, step: float = 0.0) -> bool:
+        """Whether a file's time `t`, where about `expected` was due, is a lone jump to be ignored. A jump is
+        beyond JUMP and beyond four of the track's usual steps (`step`: a slide show or a sparse tier moves
+        in big steps). Its first timestamp is held as pending; the next jumping one confirms it unless it went
+        back to where the series was (then the first was garbage), and the next in-step one clears it."""
         self.confirmed = None
-        if self.live or t <= expected + self.JUMP:
+        if self.live or t <= expected + max(self.JUMP, 4.0 * step):
             self.pending = None
             return False
-        if self.pending is not None and abs(t - self.pending) <= self.JUMP:
+        if self.pending is not None and t >= self.pending - self.JUMP:
             self.confirmed, self.pending = self.pending, None
             self.outliers -= 1  # the first one was right after all
             return False
@@ -151,12 +154,14 @@ class Timeline:
                         self.prev_origin = None
                 if self.discontinuous(t, expected):
                     t = self.continue_after(raw, expected, wall, duration)
-                elif self.outlier(t, expected):
+                elif self.outlier(t, expected, self.step):
                     t = self.last + duration
                     self.deferring = True
                 if t < self.last + 0.25 * duration:
                     # Out-of-order or repeated timestamps (guessed AVI times, pts = dts): keep cadence.
                     t = self.last + duration
+                if not self.deferring:
+                    self.step = t - self.last
         self.last = t
         self.last_wall = wall
         return t
@@ -197,7 +202,7 @@ class AudioClock:
                 # in the audio alone is a gap, not a reset.)
                 expected = max(self.next, tl.last) if tl.last is not None else self.next
                 t = tl.continue_after(raw, expected, wall, 0.0)
-            elif self.next is not None and tl.outlier(t, self.next):
+            elif self.next is not None and tl.outlier(t, self.next, samples / self.rate):
                 t = None  # the sample count goes on
         jump = False
         self.jump_size = 0.0
