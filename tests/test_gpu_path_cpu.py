@@ -393,3 +393,49 @@ def test_bench_memory_breakdown_separates_contexts_decoders_and_streams() -> Non
     # A reading missing in the middle leaves only the figures that do not need it.
     out = memory_breakdown(4, 1, base=0, ready=None, peak=4 * mb)
     assert out["gpu_mem_per_stream_mb"] == 1.0 and out["gpu_mem_marginal_per_stream_mb"] is None
+
+
+def _clip_in(path: Path, codec: str, pix_fmt: str) -> Path:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 128, 64, pix_fmt
+        if codec == "libx265":
+            s.options = {"x265-params": "log-level=error"}
+        for i in range(5):
+            f = av.VideoFrame.from_ndarray(np.full((64, 128, 3), 40 * i, np.uint8), format="rgb24").reformat(format=pix_fmt)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+@pytest.mark.parametrize(("codec", "pix_fmt", "nvdec_path"), [
+    ("libx264", "yuv420p", True), ("libx265", "yuv420p10le", False), ("libx264", "yuv444p", False),
+    ("libx264", "yuv422p", False),
+])
+def test_pictures_nvdec_cannot_read_as_nv12_are_decoded_on_the_cpu_and_said(tmp_path: Path, codec: str, pix_fmt: str,
+                                                                           nvdec_path: bool) -> None:
+    """NVDEC gives 10-bit pictures as P016 and 4:2:2/4:4:4 in other layouts; read as 8-bit NV12 they would be
+    garbage. Such streams take the CPU decoder with the reason given (packet path and threaded file path)."""
+    import av
+
+    from engine.decode import video_decoder
+    from engine.decode.nvdec import NvdecUnavailable, format_problem
+    from engine.sources.nvdec_file import NvdecFileSource
+
+    path = _clip_in(tmp_path / f"{pix_fmt}.mkv", codec, pix_fmt)
+    with av.open(str(path)) as c:
+        vs = c.streams.video[0]
+        assert vs.codec_context.pix_fmt == pix_fmt
+        problem = format_problem(vs.codec_context)
+        assert (problem is None) == nvdec_path
+        dec, note = video_decoder(vs, "nvdec", device="cuda:0")
+        assert dec.backend == "pyav" and note.startswith("NVDEC unavailable, decoding on the CPU: ")
+        if not nvdec_path:
+            assert note.endswith(f"NVDEC frames are read as 8-bit 4:2:0 here, this stream is {pix_fmt}")
+    if not nvdec_path:
+        with pytest.raises(NvdecUnavailable, match=pix_fmt):
+            NvdecFileSource(str(path), SourceOptions(device="cuda:0"))._probe()

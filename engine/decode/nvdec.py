@@ -76,6 +76,21 @@ def gpu_index(device: str | torch.device) -> int:
     return d.index if d.index is not None else 0
 
 
+# Pixel formats whose NVDEC output is 8-bit NV12, the only surface the conversion reads. 10-bit streams come
+# out as P016 (16 bits a sample) and 4:2:2/4:4:4 ones in other layouts: read as NV12 they would give garbage
+# pictures, so they are decoded on the CPU instead, and said (the same fallback as no NVDEC at all).
+NV12_SOURCES = frozenset({"yuv420p", "yuvj420p", "nv12"})
+
+
+def format_problem(codec_context: Any) -> str | None:
+    """Why this stream's pictures cannot take the NVDEC path (None: they can, or the format is not known yet,
+    as before a live stream's first sequence header)."""
+    fmt = getattr(codec_context, "pix_fmt", None)
+    if not fmt or fmt in NV12_SOURCES:
+        return None
+    return f"NVDEC frames are read as 8-bit 4:2:0 here, this stream is {fmt}"
+
+
 def _codec(nvc: Any, name: str) -> Any:
     member = _CODECS.get(name)
     if member is None or not hasattr(nvc.cudaVideoCodec, member):
@@ -158,6 +173,9 @@ class NvdecVideoDecoder:
 
     def __init__(self, stream: Any, threads: int = 0, device: str = "cuda:0", low_latency: bool = False,
                  keep_luma: bool = False) -> None:
+        problem = format_problem(stream.codec_context)
+        if problem:
+            raise NvdecUnavailable(problem)
         nvc = load()
         self.name = stream.codec_context.name
         self.gpu = gpu_index(device)
@@ -193,6 +211,9 @@ class NvdecVideoDecoder:
         cc = stream.codec_context
         if cc.name != self.name:
             raise NvdecUnavailable(f"codec changed from {self.name} to {cc.name}")
+        problem = format_problem(cc)
+        if problem:  # a reconnect that brings 10-bit pictures: a CPU decoder takes over, said
+            raise NvdecUnavailable(problem)
         extradata = bytes(cc.extradata or b"")
         annexb = extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
         self.bsf = None

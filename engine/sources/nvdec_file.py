@@ -49,11 +49,17 @@ class NvdecFileSource(Source):
         self.batch = max(1, int(options.decode_batch))
 
     def _probe(self) -> tuple[bool, bool, str | None]:
-        """(has audio, full-range video, video codec) from the container, read once with PyAV."""
+        """(has audio, full-range video, video codec) from the container, read once with PyAV. NvdecUnavailable
+        for pictures the NVDEC path cannot read (10-bit, 4:2:2, 4:4:4)."""
         import av
+
+        from engine.decode.nvdec import NvdecUnavailable, format_problem
 
         with av.open(self.path, metadata_errors="replace") as c:
             vs = c.streams.video[0] if c.streams.video else None
+            problem = format_problem(vs.codec_context) if vs is not None else None
+            if problem:
+                raise NvdecUnavailable(problem)
             full = vs is not None and (
                 int(getattr(vs.codec_context, "color_range", 0) or 0) == 2
                 or (vs.codec_context.pix_fmt or "").startswith("yuvj")
@@ -66,8 +72,17 @@ class NvdecFileSource(Source):
                 self.info.audio_codec, self.info.audio_channels, self.info.audio_rate = a.name, a.channels, a.sample_rate
             return bool(c.streams.audio) and self.options.audio, full, vs.codec_context.name if vs else None
 
+    def _fallback(self, queue: StreamQueue, stop: threading.Event, exc: BaseException) -> None:
+        why = f"NVDEC unavailable, decoding on the CPU: {describe_error(exc)}"
+        queue.counters.decoder_fallbacks += 1
+        log.warning("%s: %s", self.url, why)
+        fallback = MediaSource(self.url, self.options)
+        fallback.info.decoder_note = why
+        self.info = fallback.info
+        return fallback.run(queue, stop)
+
     def run(self, queue: StreamQueue, stop: threading.Event) -> None:
-        from engine.decode.nvdec import ThreadedFileDecoder
+        from engine.decode.nvdec import NvdecUnavailable, ThreadedFileDecoder
 
         if not os.path.exists(self.path):
             queue.put_status(SourceStatus("error", f"no such file: {self.path}", time.time()))
@@ -75,6 +90,8 @@ class NvdecFileSource(Source):
             return
         try:
             has_audio, full, codec = self._probe()
+        except NvdecUnavailable as exc:  # pictures NVDEC's path cannot read (10-bit...): the CPU, said
+            return self._fallback(queue, stop, exc)
         except Exception as exc:  # unreadable: the CPU reader reports it in its own words
             log.debug("probe failed: %s", exc)
             return MediaSource(self.url, self.options).run(queue, stop)
@@ -82,13 +99,7 @@ class NvdecFileSource(Source):
             dec = ThreadedFileDecoder(self.path, self.options.device, self.batch, full,
                                       keep_luma=self.options.keep_luma)
         except Exception as exc:  # NvdecUnavailable or a session that fails to open: fall back, reported
-            why = f"NVDEC unavailable, decoding on the CPU: {describe_error(exc)}"
-            queue.counters.decoder_fallbacks += 1
-            log.warning("%s: %s", self.url, why)
-            fallback = MediaSource(self.url, self.options)
-            fallback.info.decoder_note = why
-            self.info = fallback.info
-            return fallback.run(queue, stop)
+            return self._fallback(queue, stop, exc)
         info = self.info
         info.decoder = dec.backend
         info.video_codec = codec or dec.codec
