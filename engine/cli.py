@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import fields, replace
 from enum import Enum
@@ -561,7 +563,21 @@ model_cli.register(app)
 
 
 def main() -> None:
-    app()
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # A source thread can still be blocked inside FFmpeg (a stalled network read with a long timeout) when
+    # everything has been said and stored: the interpreter's teardown under such a thread ends in a segfault.
+    # Leave without the teardown then; what matters (events, the store, the outbox) is closed already.
+    stuck = [t for t in threading.enumerate() if t.daemon and t.is_alive()]
+    if stuck:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

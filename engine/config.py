@@ -7,6 +7,7 @@ frozen config dataclass, so the schema grows by itself when a detector is added.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from dataclasses import MISSING, fields
@@ -114,6 +115,15 @@ class ExpectModel(_Strict):
     gop_seconds: float = Field(2.0, gt=0, le=60)
 
 
+# Source options' sensible ranges: a zero backoff spins a reconnect loop at full speed, NaN timeouts never
+# connect, a huge backoff overflows the clock.
+_OPTION_RANGES: dict[str, tuple[float, float, str]] = {
+    "open_timeout": (0.1, 3600.0, " s"), "read_timeout": (0.1, 3600.0, " s"),
+    "backoff_initial": (0.01, 3600.0, " s"), "backoff_max": (0.01, 86400.0, " s"),
+    "threads": (0, 256, ""), "decode_batch": (1, 64, ""),
+}
+
+
 class StreamModel(_Strict):
     id: str
     url: str
@@ -129,7 +139,7 @@ class StreamModel(_Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not _ID.match(v):
+        if not _ID.fullmatch(v):  # match() with $ lets a trailing newline through
             raise ValueError("stream id must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
@@ -172,7 +182,15 @@ class StreamModel(_Strict):
 
                 if value not in BACKEND_NAMES:
                     raise ValueError(f"source option decoder must be one of {', '.join(BACKEND_NAMES)}")
+            if key in _OPTION_RANGES:
+                lo, hi, unit = _OPTION_RANGES[key]
+                if not (math.isfinite(value) and lo <= value <= hi):  # NaN passes every comparison
+                    raise ValueError(f"source option {key} must be within {lo:g}..{hi:g}{unit}, not {value}")
             out[key] = want(value) if want in (int, float) else value
+        if out.get("backoff_max", SourceOptions.backoff_max) < out.get("backoff_initial", SourceOptions.backoff_initial):
+            raise ValueError("source option backoff_max must not be below backoff_initial")
+        if out.get("video") is False and out.get("audio") is False:
+            raise ValueError("source options video and audio cannot both be false: nothing would be monitored")
         return out
 
 
@@ -196,7 +214,7 @@ class EngineModel(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
             raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
         return v
 

@@ -459,7 +459,10 @@ class Engine:
         with self._lock:
             rt = self.streams.pop(stream_id, None)
         if rt is not None:
-            self._shutdown(rt)  # outside the tick lock: joining the I/O thread may take a while
+            # Outside the tick lock, and briefly: the queue is closed, so nothing the I/O thread still makes
+            # reaches anyone, and a thread stuck in a stalled network read (up to its read timeout) must not
+            # hold up the caller (an API request, another stream's change).
+            self._shutdown(rt, wait=0.5)
         item = (stream_id, rt, threading.Event())
         with self._lock:
             # From the engine thread itself (a device-failure handler moving streams away, inside a tick) the
@@ -500,11 +503,11 @@ class Engine:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def _shutdown(self, rt: StreamRuntime) -> None:
+    def _shutdown(self, rt: StreamRuntime, wait: float = 5.0) -> None:
         rt.stop.set()
         rt.queue.close()
         if rt.thread is not None:
-            rt.thread.join(timeout=5)
+            rt.thread.join(timeout=wait)
 
     def stop(self) -> None:
         self._stopping.set()

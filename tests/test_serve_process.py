@@ -227,3 +227,43 @@ streams:
     black = receiver.of("black")
     assert [a["status"] for a in black] == ["firing", "resolved"]
     assert black[1]["annotations"]["media_start"] == "1.0" and black[1]["annotations"]["media_end"] == "4.0"
+
+
+def test_sigterm_with_a_source_stalled_inside_ffmpeg_exits_cleanly(tmp_path: Path) -> None:
+    """An HTTP input that accepts and never answers, read with 30 s timeouts: its thread is inside FFmpeg when
+    the service stops. The process once died of a segfault there (status 139) in the interpreter's teardown."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: [accepted.append(hole.accept()[0]) for _ in range(16)], daemon=True).start()
+    port = free_tcp_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"""
+output: {{jsonl: {tmp_path / 'alerts.jsonl'}}}
+service: {{port: {port}, state_dir: {tmp_path / 'state'}, drain_timeout: 3}}
+streams:
+  - {{id: stalled, url: "http://127.0.0.1:{hole.getsockname()[1]}/live.ts", options: {{open_timeout: 30, read_timeout: 30}}}}
+  - {{id: fine, url: "{SYN.format(name='fine', seed=2)}"}}
+""")
+    p = start(cfg, port)
+    try:
+        jsonl = tmp_path / "alerts.jsonl"
+        wait_until(lambda: jsonl.exists() and '"no_signal"' in jsonl.read_text(), timeout=30)
+        assert accepted  # the source is connected and waiting inside FFmpeg
+        t0 = time.monotonic()
+        rc, out = stop(p)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        hole.close()
+        for c in accepted:
+            c.close()
+    assert rc == 0, out
+    assert took < 15, f"shutdown took {took:.1f} s"
+    events = [json.loads(x) for x in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    outage = [e for e in events if e["stream"] == "stalled" and e["type"] == "no_signal"]
+    assert [e["status"] for e in outage] == ["firing", "resolved"] and outage[1]["details"]["resolution"] == "shutdown"

@@ -299,7 +299,13 @@ def test_a_stream_that_cannot_start_does_not_stop_the_others(tmp_path: Path) -> 
     store.close()
     svc = Service(config(), state_dir=tmp_path)
     with TestClient(create_app(svc)) as c:
-        assert [s["id"] for s in c.get("/api/streams").json()] == ["fine"]
+        # Listed and shown with its reason (it once answered 404 here and 409 to a POST of the same id).
+        states = {s["id"]: s["state"] for s in c.get("/api/streams").json()}
+        assert sorted(states) == ["fine", "odd"] and states["odd"] == "error"
+        odd = c.get("/api/streams/odd").json()
+        assert odd["level"] == "alarm" and odd["errors"] == ["not started: unknown profile 'gone'; known: quiet"]
+        assert c.post("/api/streams", json={"id": "odd", "url": SYN.format(name="o", seed=1)}).status_code == 409
+        assert 'framewatch_stream_up{state="error",stream="odd"} 0.0' in c.get("/metrics").text
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["problems"] == ["stream odd not started"]
         # The operator fixes it through the API.
@@ -425,3 +431,94 @@ def test_devices_this_machine_lacks_are_said_and_left_out(caplog: pytest.LogCapt
         assert service_devices(config(extra="engine: {devices: [cpu, cuda:1]}")) == ["cpu"]
     assert "devices cuda:0, cuda:1 not available on this machine (0 GPU(s)); their streams run on the CPU" in caplog.text
     assert "devices cuda:1 not available on this machine (0 GPU(s)); the others take their streams" in caplog.text
+
+
+def test_a_second_service_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    """Two services on one state dir ran every stream twice and resolved each other's open alerts."""
+    first = Service(config(), state_dir=tmp_path / "state")
+    with pytest.raises(RuntimeError, match=r"another framewatch serve uses this state dir \(pid \d+\)"):
+        Service(config(), state_dir=tmp_path / "state")
+    first.stop()
+    Service(config(), state_dir=tmp_path / "state").stop()  # free again once the first has stopped
+
+
+def test_a_damaged_state_database_is_found_at_start(tmp_path: Path) -> None:
+    import sqlite3
+
+    state = tmp_path / "state"
+    svc = Service(config(f"""
+  - {{id: a, url: "{SYN.format(name='a', seed=1)}"}}"""), state_dir=state)
+    for i in range(300):  # enough rows for pages beyond the first few
+        svc.store.put_stream(f"s{i}", {"id": f"s{i}", "url": SYN.format(name=f"s{i}", seed=i), "profile": "x" * 200})
+    svc.stop()
+    db = state / "state.sqlite"
+    data = bytearray(db.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = b"\xa5" * 4096
+    db.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError, match="state.sqlite is damaged .*; move it away to start afresh"):
+        Service(config(), state_dir=state)
+
+
+def test_request_limits_and_bad_since(client: TestClient) -> None:
+    def chunks():
+        for _ in range(40):
+            yield b" " * 16384  # 640 kB, sent without a length
+    r = client.post("/api/streams", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    for since in ("inf", "1e300", "-1e300", "nan", "garbage"):
+        r = client.get(f"/api/alerts?since={since}")
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "since"], (since, r.text)
+
+
+def test_a_failed_store_write_changes_nothing(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store is written before the engine is touched: a write that fails leaves no stream running
+    unrecorded and no recorded stream stopped."""
+    import sqlite3
+
+    svc = client.service  # type: ignore[attr-defined]
+    wait_until(lambda: client.get("/api/streams/news").json()["state"] == "running")
+
+    def fail(*a, **k):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(svc.store, "put_stream", fail)
+    monkeypatch.setattr(svc.store, "delete_stream", fail)
+    with TestClient(create_app(svc, manage=False), raise_server_exceptions=False) as c:
+        assert c.post("/api/streams", json={"id": "new", "url": SYN.format(name="n", seed=5)}).status_code == 500
+        assert "new" not in svc.engine.streams and c.get("/api/streams/new").status_code == 404
+        assert c.delete("/api/streams/news").status_code == 500
+        assert c.get("/api/streams/news").json()["state"] == "running"
+
+
+def test_state_no_signal_and_acks_broadcast_once(client: TestClient) -> None:
+    svc = client.service  # type: ignore[attr-defined]
+    r = client.post("/api/streams", json={"id": "out", "url": SYN.format(name="out", seed=7),
+                                          "faults": [{"kind": "nosignal", "start": 0.5, "duration": 60}]})
+    assert r.status_code == 201
+    wait_until(lambda: client.get("/api/streams/out").json()["state"] == "no_signal")
+    assert 'framewatch_stream_up{state="no_signal",stream="out"} 0.0' in client.get("/metrics").text
+    alert = wait_until(lambda: [a for a in client.get("/api/alerts?stream=out").json() if a["type"] == "no_signal"])[0]
+    published = []
+    real = svc.broadcast.publish
+    svc.broadcast.publish = lambda kind, data: (published.append(kind), real(kind, data))
+    for _ in range(3):
+        assert client.post(f"/api/alerts/{alert['id']}/ack", json={"by": "op"}).status_code == 200
+    assert published.count("ack") == 1
+
+
+def test_removing_a_stalled_network_stream_does_not_wait_for_its_read_timeout(client: TestClient) -> None:
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(4)
+    try:
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}/live.ts"
+        r = client.post("/api/streams", json={"id": "stuck", "url": url, "options": {"open_timeout": 30, "read_timeout": 30}})
+        assert r.status_code == 201
+        time.sleep(1.0)  # its thread is inside FFmpeg, waiting
+        t0 = time.monotonic()
+        assert client.delete("/api/streams/stuck").status_code == 204
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        hole.close()

@@ -42,17 +42,44 @@ def _since(v: str | None) -> str | None:
     """An ISO 8601 time (or Unix seconds) as the store's ISO UTC text."""
     if v is None or v == "":
         return None
+    bad = HTTPException(422, detail=[{"loc": ["query", "since"], "type": "value_error",
+                                      "msg": "since must be an ISO 8601 time or Unix seconds"}])
     try:
         t = datetime.fromtimestamp(float(v), UTC)
+    except (OverflowError, OSError):  # inf, or seconds beyond the calendar
+        raise bad from None
     except ValueError:
         try:
             t = datetime.fromisoformat(v.replace("Z", "+00:00"))
         except ValueError:
-            raise HTTPException(422, detail=[{"loc": ["query", "since"], "type": "value_error",
-                                              "msg": "since must be an ISO 8601 time or Unix seconds"}]) from None
+            raise bad from None
         if t.tzinfo is None:
             t = t.replace(tzinfo=UTC)
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _BodyLimit:
+    """MAX_BODY for bodies sent without a length (chunked) too: they are counted as they are read, and the
+    request ends with 413 the moment they pass the limit, before the rest is taken in."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY:
+                    raise HTTPException(413, detail=f"request body larger than {MAX_BODY} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(service: Service, *, manage: bool = True) -> FastAPI:
@@ -73,6 +100,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
                   docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     app.state.service = service
     app.state.metrics = metrics
+    app.add_middleware(_BodyLimit)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -101,8 +129,11 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
     # -- health and metrics
+    # Liveness answers on the event loop itself: requests waiting for a worker thread (a burst of slow stream
+    # changes fills the pool) must not make a live process look dead and get it restarted. (Readiness reads
+    # the store, which may wait on its lock: it stays on the pool.)
     @app.get("/livez", include_in_schema=False)
-    def livez() -> dict[str, str]:
+    async def livez() -> dict[str, str]:
         return {"status": "alive"}
 
     @app.get("/readyz", include_in_schema=False)
@@ -117,7 +148,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
 
     # -- streams
     def _stream_id(stream_id: str) -> str:
-        if not _ID.match(stream_id):
+        if not _ID.fullmatch(stream_id):
             raise HTTPException(404, detail=f"no stream {stream_id!r}")
         return stream_id
 
@@ -194,7 +225,7 @@ def create_app(service: Service, *, manage: bool = True) -> FastAPI:
         return service.alerts(AlertQuery(stream=stream, type=type, status=status, since=_since(since), limit=limit))
 
     def _alert_id(alert_id: str) -> str:
-        if not _ALERT_ID.match(alert_id):
+        if not _ALERT_ID.fullmatch(alert_id):
             raise HTTPException(404, detail=f"no alert {alert_id!r}")
         return alert_id
 

@@ -54,13 +54,16 @@ class _EngineCollector(Collector):
         for sid, rt in streams:
             r = svc._rates.get(sid)
             fps.add_metric([sid], r.fps if r is not None else 0.0)
-            up.add_metric([sid, rt.state], 1.0 if rt.state == "running" else 0.0)
+            state = svc.display_state(rt)
+            up.add_metric([sid, state], 1.0 if state == "running" else 0.0)
             m = rt.audio.meter
             for window, v in (("momentary", m.momentary), ("short_term", m.short_term), ("integrated", m.integrated)):
                 if v is not None and math.isfinite(v):
                     loud.add_metric([sid, window], float(v))
         for sid in svc.engine.refused():
             up.add_metric([sid, "refused"], 0.0)  # no device had capacity: nothing watches it
+        for sid in list(svc._not_started):
+            up.add_metric([sid, "error"], 0.0)  # stored, but the config cannot run it
         yield fps
         yield up
         yield loud

@@ -263,6 +263,7 @@ class Service:
         self.cfg = cfg
         self.state_dir = Path(state_dir or cfg.service.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_state_dir(self.state_dir)
         self.token = token if token is not None else (cfg.service.token or os.environ.get("FRAMEWATCH_TOKEN") or None)
         self.external_url = (external_url if external_url is not None else cfg.service.external_url).rstrip("/")
         self.run_id = now_iso()
@@ -270,6 +271,7 @@ class Service:
         self.started = False
         self.broadcast = Broadcast()
         self._ending: dict[str, str] = {}  # stream id -> why its alerts are being resolved
+        self._not_started: dict[str, str] = {}  # stored streams the config could not start -> why
         self._active: dict[str, Event] = {}  # firing alerts by id
         self._active_lock = threading.Lock()
         self._rates: dict[str, _Rate] = {}
@@ -322,8 +324,10 @@ class Service:
             try:
                 self._start_stream(self._model(stored.body))
             except (StreamRequestError, ConfigError) as exc:
-                # A stream the current config cannot run (a profile since removed): said, and the rest runs.
+                # A stream the current config cannot run (a profile since removed): said, shown with its
+                # reason (a PATCH that fixes it starts it), and the rest runs.
                 log.error("stream %s: not started: %s", stored.id, exc)
+                self._not_started[stored.id] = f"not started: {exc}"
         self._engine_thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
         self._engine_thread.start()
         self._sampler = threading.Thread(target=self._sample_loop, name="sampler", daemon=True)
@@ -377,6 +381,7 @@ class Service:
                 except Exception as exc:
                     log.error("closing %s failed: %s", type(sink).__name__, exc)
         self.store.close()
+        self._lock_file.close()  # the state dir is free for the next service
 
     # -- streams
     def _model(self, body: dict[str, Any]) -> StreamModel:
@@ -413,8 +418,14 @@ class Service:
             stored = self.store.stream(model.id)
             if model.id in self.engine.streams or model.id in self.engine.refused() or (stored is not None and not stored.deleted):
                 raise KeyError(model.id)
-            self._start_stream(model)
+            _spec(self.cfg, model)  # refused before anything is stored
+            # Stored first: a store that cannot write fails the request with nothing running unrecorded.
             self.store.put_stream(model.id, _body(model))
+            try:
+                self._start_stream(model)
+            except BaseException:
+                self.store.delete_stream(model.id)
+                raise
         return self.stream_status(model.id)
 
     def update_stream(self, stream_id: str, patch: dict[str, Any]) -> dict[str, Any]:
@@ -431,10 +442,11 @@ class Service:
             body["id"] = stream_id
             model = self._model(body)
             _spec(self.cfg, model)  # refused before the running stream is stopped for it
+            self.store.put_stream(stream_id, _body(model))  # first: a failed write changes nothing
             self._ending[stream_id] = "changed"
             self.engine.remove_stream(stream_id)
+            self._not_started.pop(stream_id, None)
             self._start_stream(model)
-            self.store.put_stream(stream_id, _body(model))
         return self.stream_status(stream_id)
 
     def remove_stream(self, stream_id: str) -> None:
@@ -442,9 +454,10 @@ class Service:
             stored = self.store.stream(stream_id)
             if (stored is None or stored.deleted) and stream_id not in self.engine.streams and stream_id not in self.engine.refused():
                 raise LookupError(stream_id)
+            self.store.delete_stream(stream_id)  # first: a failed write leaves the stream as it was
             self._ending[stream_id] = "removed"
             self.engine.remove_stream(stream_id)
-            self.store.delete_stream(stream_id)
+            self._not_started.pop(stream_id, None)
             self._ending.pop(stream_id, None)
             self._tiles.pop(stream_id, None)
             self._rates.pop(stream_id, None)
@@ -455,7 +468,7 @@ class Service:
 
     def streams_status(self) -> list[dict[str, Any]]:
         out = []
-        for sid in dict.fromkeys([*self.engine.streams, *self.engine.refused()]):
+        for sid in dict.fromkeys([*self.engine.streams, *self.engine.refused(), *self._not_started]):
             try:
                 out.append(self.stream_status(sid))
             except LookupError:
@@ -465,18 +478,18 @@ class Service:
     def stream_status(self, stream_id: str) -> dict[str, Any]:
         rt = self.engine.streams.get(stream_id)
         if rt is None:
+            if stream_id in self._not_started:
+                return self._idle_status(stream_id, "error", self._not_started[stream_id])
             refused = self.engine.refused().get(stream_id)
             if refused is None:
                 raise LookupError(stream_id)
-            return self._refused_status(stream_id, refused)
+            return self._idle_status(stream_id, "refused", refused)
         with self._active_lock:
             active = [e for e in self._active.values() if e.stream == stream_id]
         acked = self._acked_ids([e.id for e in active])
         meter = rt.audio.meter
         info = rt.info
-        state = rt.state
-        if state == "running" and any(e.type == "no_signal" for e in active):
-            state = "no_signal"
+        state = self.display_state(rt, active)
         if state in ("error", "no_signal") or any(e.severity.value in ALARM_SEVERITIES for e in active):
             level = "alarm"
         elif active or state in ("starting", "ended"):
@@ -515,12 +528,23 @@ class Service:
             "thumbnail": f"/api/streams/{rt.id}/thumbnail.jpg" if rt.last_frame is not None else None,
         }
 
-    def _refused_status(self, stream_id: str, reason: str) -> dict[str, Any]:
-        """A stream no device has capacity for: nothing watches it, which is an alarm, with the scheduler's
-        reason as its error (it starts by itself when capacity frees up)."""
+    def display_state(self, rt: StreamRuntime, active: list[Event] | None = None) -> str:
+        """The stream's state as operators see it (API, page, metrics): a running stream with an open
+        no_signal alert (a source that stopped sending, a synthetic outage) is no_signal."""
+        if active is None:
+            with self._active_lock:
+                active = [e for e in self._active.values() if e.stream == rt.id]
+        if rt.state == "running" and any(e.type == "no_signal" for e in active):
+            return "no_signal"
+        return rt.state
+
+    def _idle_status(self, stream_id: str, state: str, reason: str) -> dict[str, Any]:
+        """A stream that is configured but not monitored: refused (no device has capacity; it starts by itself
+        when capacity frees up) or in error (the config cannot run it). Nothing watches it, which is an alarm,
+        with the reason as its error."""
         body = self.stream_config(stream_id) or {}
         return {
-            "id": stream_id, "url": body.get("url"), "profile": body.get("profile", "default"), "state": "refused",
+            "id": stream_id, "url": body.get("url"), "profile": body.get("profile", "default"), "state": state,
             "level": "alarm", "device": None, "decoder": None, "decoder_note": "", "tier": None, "fps": 0.0,
             "frames": 0, "media_time": 0.0, "errors": [reason], "error_count": 1, "reconnects": 0, "counters": None,
             "info": None, "loudness": None, "av_sync": None, "active_alerts": [], "thumbnail": None,
@@ -606,11 +630,12 @@ class Service:
         return out
 
     def ack(self, alert_id: str, by: str = "", comment: str = "") -> dict[str, Any]:
-        a = self.store.ack(alert_id, by, comment)
+        a, changed = self.store.ack(alert_id, by, comment)
         if a is None:
             raise LookupError(alert_id)
         view = self.alert_view(alert_id)
-        self.broadcast.publish("ack", view)
+        if changed:  # the page hears of an ack once, however many operators click at the same time
+            self.broadcast.publish("ack", view)
         return view or a
 
     def alert_thumbnail(self, alert_id: str) -> Path | None:
@@ -716,6 +741,26 @@ class Service:
     def about(self) -> dict[str, Any]:
         return {"version": __version__, "run": self.run_id, "device": self.engine.label(),
                 "device_note": self.engine.device_note}
+
+
+def _lock_state_dir(state_dir: Path) -> Any:
+    """An exclusive lock on the state dir for this process's life: a second service on the same dir would run
+    every stream twice and resolve the first one's open alerts as its own leftovers."""
+    import fcntl
+
+    f = open(state_dir / "serve.lock", "a+")  # noqa: SIM115 (held open until the service stops)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise RuntimeError(f"another framewatch serve uses this state dir{f' (pid {holder})' if holder else ''}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _spec(cfg: FramewatchConfig, model: StreamModel) -> StreamSpec:

@@ -78,6 +78,13 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            # A damaged file can open and still fail every other query: found now, at start, not by each
+            # request that touches the bad pages (quick_check reads every page, milliseconds for this store).
+            check = [str(r[0]) for r in self._db.execute("PRAGMA quick_check(3)").fetchall()]
+        if check != ["ok"]:
+            self._db.close()
+            what = "; ".join(x.strip() for c in check for x in c.splitlines() if x.strip())
+            raise sqlite3.DatabaseError(f"{self.path} is damaged ({what[:200]}); move it away to start afresh")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -198,14 +205,15 @@ class StateStore:
             rows = self._db.execute("SELECT event FROM alerts WHERE status = 'firing' ORDER BY fired_at").fetchall()
         return [event_from_json(r["event"]) for r in rows]
 
-    def ack(self, alert_id: str, by: str, comment: str) -> dict[str, Any] | None:
-        """Acknowledge an alert (once: a second ack keeps the first one's time and author)."""
+    def ack(self, alert_id: str, by: str, comment: str) -> tuple[dict[str, Any] | None, bool]:
+        """Acknowledge an alert (once: a second ack keeps the first one's time and author). Returns the alert
+        and whether this call acknowledged it."""
         from engine.events import now_iso
 
         with self._tx() as db:
-            db.execute("UPDATE alerts SET acked_at = ?, acked_by = ?, ack_comment = ? WHERE id = ? AND acked_at IS NULL",
-                       (now_iso(), by, comment, alert_id))
-        return self.alert(alert_id)
+            changed = db.execute("UPDATE alerts SET acked_at = ?, acked_by = ?, ack_comment = ? WHERE id = ? AND acked_at IS NULL",
+                                 (now_iso(), by, comment, alert_id)).rowcount
+        return self.alert(alert_id), changed > 0
 
     def purge(self, resolved_before: str) -> tuple[int, list[str]]:
         """Delete alerts resolved before an ISO UTC time; returns how many, and their thumbnail paths (for the

@@ -12,6 +12,7 @@ duration=0 runs until stopped.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,8 +69,8 @@ def parse_fault(text: str) -> Fault:
     kind = kind.strip().lower()
     if kind not in FAULT_KINDS:
         raise SourceError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")
-    if len(parts) not in (2, 3) or parts[0] < 0 or parts[1] <= 0:
-        raise SourceError(f"bad fault {text!r}: expected KIND@START:DURATION[:PARAM] with DURATION > 0")
+    if len(parts) not in (2, 3) or parts[0] < 0 or parts[1] <= 0 or not all(math.isfinite(x) and abs(x) < 1e9 for x in parts):
+        raise SourceError(f"bad fault {text!r}: expected KIND@START:DURATION[:PARAM], finite, with DURATION > 0")
     return Fault(kind, parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
 
@@ -98,10 +99,13 @@ def parse_spec(url: str, extra_faults: list[dict] | None = None) -> SyntheticSpe
         )
     except ValueError as exc:
         raise SourceError(f"bad synthetic URL {url!r}: {exc}") from exc
-    if spec.width < 64 or spec.height < 64 or spec.width % 16 or spec.height % 8:
-        raise SourceError("synthetic size must be at least 64x64 with width a multiple of 16, height of 8")
-    if not 1 <= spec.fps <= 240 or spec.duration < 0 or not 1 <= spec.channels <= 8:
+    if spec.width < 64 or spec.height < 64 or spec.width % 16 or spec.height % 8 or spec.width * spec.height > 7680 * 4320:
+        raise SourceError("synthetic size must be 64x64 to 8K (7680x4320 pixels) with width a multiple of 16, height of 8")
+    if not 1 <= spec.fps <= 240 or not 0 <= spec.duration < 1e9 or not 1 <= spec.channels <= 8:
         raise SourceError("synthetic fps must be 1..240, duration >= 0, channels 1..8")
+    # NaN passes every comparison and then silences the audio analysis: said here instead.
+    if not 1 <= spec.tone <= 23_000 or not -150 <= spec.level_db <= 0 or not -150 <= spec.noise_db <= 0 or spec.seed < 0:
+        raise SourceError("synthetic tone must be 1..23000 Hz, level and noise -150..0 dBFS, seed >= 0")
     faults = [parse_fault(f) for f in q.get("faults", "").split(",") if f.strip()]
     for f in extra_faults or []:
         faults.append(parse_fault(f"{f['kind']}@{f['start']}:{f['duration']}" + (f":{f['param']}" if f.get("param") is not None else "")))
