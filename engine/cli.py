@@ -75,12 +75,15 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="config YAML (default: the built-in demo)")] = None,
-    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds (> 0)")] = None,
     jsonl: Annotated[str | None, typer.Option(help="write events as JSON lines here ('-' = stdout)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no human-readable alert lines")] = False,
 ) -> None:
     """Monitor the streams of a config until they end, the duration passes, or Ctrl-C."""
     path = config or DEMO
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        # 0 and NaN would have meant "no limit", overriding the config's own, and a negative one nothing at all.
+        raise _fail(f"--duration must be a number of seconds above 0, not {duration}")
     try:
         cfg = load_config(path)
         specs = stream_specs(cfg)
@@ -155,8 +158,19 @@ def run(
             measure.close()
     if cfg.output.summary and not quiet:
         _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()], memory.events)
+    _outputs_failed(sinks, measure)
     if any(rt.state == "error" for rt in engine.streams.values()):
         raise typer.Exit(2)
+
+
+def _outputs_failed(sinks: MultiSink, measure: MeasurementLog | None) -> None:
+    """An alert or measurement an output could not take (a full disk) was logged when it happened; the run
+    does not end as a success either."""
+    lost = [f"{sinks.failures} event write(s) failed"] if sinks.failures else []
+    if measure is not None and measure.failures:
+        lost.append(f"{measure.failures} measurement line(s) not written")
+    if lost:
+        raise _fail("; ".join(lost) + " (see the errors above)")
 
 
 @app.command()
@@ -240,6 +254,7 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
     reports = list(pool.reports.values())
     if cfg.output.summary and not quiet:
         _summary(reports, memory.events, show_device=True)
+    _outputs_failed(sinks, measure)
     if any(r.state == "error" for r in reports):
         raise typer.Exit(2)
 
@@ -461,10 +476,14 @@ def config_validate(file: Annotated[Path, typer.Argument(help="config YAML")]) -
 def config_schema(output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None) -> None:
     """Export the config's JSON schema (for editors and CI checks)."""
     text = json.dumps(json_schema(), indent=2)
-    if output is None:
-        sys.stdout.write(text + "\n")
-    else:
-        output.write_text(text + "\n", encoding="utf-8")
+    try:
+        if output is None:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        else:
+            output.write_text(text + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"cannot write the schema to {output or 'stdout'}: {exc.strerror or exc}") from None
 
 
 @app.command()

@@ -160,7 +160,11 @@ def evaluate(
 
     weights = weights or _shipped()
     try:
+        from models.weights import load
+
+        load(weights)  # both files checked before minutes of scoring
         if against is not None:
+            load(against)
             res = ev.compare(weights, against, split, out_dir, _recipe(recipe), _root(data_root), device=device)
             rows = [(f"candidate {res['candidate']['version']}", res["candidate"]), (f"current {res['current']['version']}", res["current"])]
         else:
@@ -205,22 +209,38 @@ def promote(
     from models.weights import WeightsError, load
 
     current = current or _shipped()
+    if current.is_dir():
+        raise _fail(f"--current {current} is a directory, not a weights file")
+    if not current.parent.is_dir():
+        raise _fail(f"--current {current}: folder {current.parent} does not exist")
     try:
         load(candidate)
+        comparable = current.is_file()
+        if comparable:
+            try:
+                load(current)
+            except WeightsError as exc:
+                if not force:
+                    raise WeightsError(f"{exc}; --force replaces it without a comparison") from None
+                comparable = False  # a damaged current model is what --force is for
         res = (ev.compare(candidate, current, "test", Path("framewatch-out/eval"), _recipe(recipe), _root(data_root), device=device)
-               if current.is_file() else None)
+               if comparable else None)
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if res is not None and not res["better_or_equal"] and not force:
         raise _fail("refused: the candidate is worse than the current model (" + "; ".join(res["reasons"]) + ")", code=1)
-    if current.is_file():
-        backup = current.with_name(current.stem + ".previous" + current.suffix)
-        shutil.copy2(current, backup)
     tmp = current.with_suffix(current.suffix + ".tmp")
-    shutil.copy2(candidate, tmp)
-    tmp.replace(current)  # atomic: an engine re-reading the file never sees half of it
-    if candidate.with_suffix(".json").is_file():
-        shutil.copy2(candidate.with_suffix(".json"), current.with_suffix(".json"))
+    try:
+        if current.is_file():
+            backup = current.with_name(current.stem + ".previous" + current.suffix)
+            shutil.copy2(current, backup)
+        shutil.copy2(candidate, tmp)
+        tmp.replace(current)  # atomic: an engine re-reading the file never sees half of it
+        if candidate.with_suffix(".json").is_file():
+            shutil.copy2(candidate.with_suffix(".json"), current.with_suffix(".json"))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _fail(f"cannot install {candidate} as {current}: {exc.strerror or exc}") from None
     f1 = f" (F1 {res['candidate']['overall']['f1']:.4f} vs {res['current']['overall']['f1']:.4f})" if res else ""
     err.print(f"promoted {candidate} -> {current}{f1}", markup=False)
 
@@ -238,6 +258,8 @@ def label(
 
     store = ReviewStore(review)
     if list_:
+        if not review.is_dir():
+            raise _fail(f"no review store at {review}")
         t = Table(title=f"review store {review}")
         for c in ("alert", "stream", "start s", "probability", "model", "verdict"):
             t.add_column(c)
@@ -249,7 +271,8 @@ def label(
     pairs: list[tuple[str, bool]] = []
     if from_file is not None:
         try:
-            with from_file.open() as fh:
+            # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would stick to the first id.
+            with from_file.open(encoding="utf-8-sig") as fh:
                 for n, row in enumerate(csv.reader(fh), 1):
                     if not row or row[0].startswith("#"):
                         continue
@@ -258,6 +281,8 @@ def label(
                     pairs.append((row[0].strip(), row[1].strip().lower() == "true"))
         except OSError as exc:
             raise _fail(f"{from_file}: {exc}") from None
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise _fail(f"{from_file}: not a UTF-8 CSV file ({type(exc).__name__})") from None
     if alert_ids:
         if true == false:
             raise _fail("give exactly one of --true or --false")

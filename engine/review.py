@@ -86,8 +86,11 @@ class ReviewStore:
             raise ReviewError(f"no corruption alert {alert_id} in the review store {self.root}") from None
         except (OSError, ValueError) as exc:
             raise ReviewError(f"review record {alert_id} is unreadable: {exc}") from None
-        d["box"] = tuple(d["box"]) if d.get("box") else None
-        rec = ReviewRecord(**d)
+        try:  # a record edited by hand or written by another version: one line, not a traceback
+            d["box"] = tuple(d["box"]) if d.get("box") else None
+            rec = ReviewRecord(**d)
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ReviewError(f"review record {alert_id} is not a review record: {exc}") from None
         if load:
             with np.load(folder / "sample.npz") as z:
                 rec.plane = z["plane"]
@@ -99,7 +102,10 @@ class ReviewStore:
             rec = self.get(alert_id)
             rec.verdict = bool(verdict)
             rec.labelled_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            self._write(self._dir(alert_id), rec)
+            try:
+                self._write(self._dir(alert_id), rec)
+            except OSError as exc:  # a read-only store
+                raise ReviewError(f"cannot record the verdict for {alert_id}: {exc.strerror or exc}") from None
             return rec
 
     def ids(self) -> list[str]:

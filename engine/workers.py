@@ -65,6 +65,7 @@ def _event_from_dict(d: dict[str, Any]) -> Event:
 def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: list, out: Any, stop: Any,
                  deadline: float | None, thumbnails: str | None) -> None:
     """A worker process: one Engine on `device` for `specs`; events and progress go to `out`."""
+    _follow_parent()
     from engine.alerts import CallbackSink, ThumbnailWriter
     from engine.runner import Engine
 
@@ -109,6 +110,33 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: 
         if device_failed:
             send("device_error", device_failed[0])
         send("done", [asdict(report_of(rt, str(engine.device))) for rt in engine.streams.values()])
+
+
+def _follow_parent() -> None:
+    """The parent decides when a worker stops: SIGTERM and Ctrl-C sent to the whole process group (GNU
+    timeout, systemctl stop, a terminal) are left to it, so the worker finishes its streams and resolves its
+    alerts when told instead of dying with them open. A worker whose parent is killed outright (SIGKILL, the
+    OOM killer) goes with it: nobody is left to receive its events."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the watch thread's parent check below still ends it
+        pass
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
 
 
 @dataclass
@@ -239,6 +267,19 @@ class ProcessWorkers:
                 if w.process is not None and w.process.is_alive():
                     w.process.terminate()
             self._drain(0.0)
+            self._close_open("monitoring stopped before its worker resolved it")
+
+    def _close_open(self, why: str) -> None:
+        """At the end of the run, whatever is still open (a worker that died or was ended during the shutdown,
+        a worker outage nothing resumed, a stream given up) is resolved with the reason: every alert that
+        fired ends, exactly once."""
+        for stream, opened in list(self._open.items()):
+            for e in list(opened.values()):
+                self.sink.emit(e.resolved(max(e.start, self._media.get(stream, e.start)), ended=why))
+            opened.clear()
+        for stream, outage in list(self._outage.items()):
+            self.sink.emit(outage.resolved(outage.start, ended=why))
+            del self._outage[stream]
 
     def stop(self) -> None:
         self._stop.value = 1

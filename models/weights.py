@@ -5,6 +5,8 @@ a JSON twin beside it is for people."""
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,30 @@ class ModelMeta:
         return asdict(self)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _check_meta(meta: ModelMeta) -> None:
+    """What the detector relies on in the metadata: a threshold that is a probability, a known rule, a share
+    of blocks. A file that passes the shapes but not these would fail every stream that uses it, later."""
+    from engine.detectors.corruption import RULES
+
+    for name in ("threshold", "frame_blocks"):
+        v = getattr(meta, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, not {v!r}")
+    if meta.threshold < 0.0:  # above 1 is a model that never flags (tests use one), below 0 flags everything
+        raise ValueError(f"threshold must not be negative, not {meta.threshold}")
+    if not 0.0 < meta.frame_blocks <= 1.0:
+        raise ValueError(f"frame_blocks must be within (0, 1], not {meta.frame_blocks}")
+    if meta.decision not in RULES:
+        raise ValueError(f"decision must be one of {', '.join(RULES)}, not {meta.decision!r}")
+    if meta.in_channels not in (1, 2) or not isinstance(meta.width, int) or not 4 <= meta.width <= 512:
+        raise ValueError(f"in_channels 1 or 2 and width 4..512 expected, not {meta.in_channels} and {meta.width!r}")
+
+
 def save(model: CorruptionNet, meta: ModelMeta, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,19 +88,25 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Corrupti
     what is wrong with which file."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} not found")
+        raise WeightsError(f"weights file {path} not found" if not path.is_dir() else f"weights file {path} is a directory")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"weights file {path} is empty")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings about the file are not the user's business
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise WeightsError(f"weights file {path} cannot be read: {str(exc).splitlines()[0][:160]}") from None
+        raise WeightsError(f"weights file {path} cannot be read: not a torch weights file, or damaged "
+                           f"({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise WeightsError(f"weights file {path} is not a framewatch corruption model (format {FORMAT} expected)")
     try:
         meta = ModelMeta(**blob["meta"])
+        _check_meta(meta)
         model = CorruptionNet(width=int(meta.width), in_channels=int(meta.in_channels))
         model.load_state_dict(blob["state_dict"])
     except (TypeError, KeyError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"weights file {path} does not match the model: {str(exc).splitlines()[0][:160]}") from None
+        raise WeightsError(f"weights file {path} does not match the model: {_first_line(exc)}") from None
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise WeightsError(f"weights file {path} holds non-finite weights")
     return model.to(device).eval(), meta

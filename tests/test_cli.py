@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from media import Cli, MovingPattern, json_lines, with_black
+
+REPO = Path(__file__).resolve().parent.parent
 
 FPS = 25
 REPORT_KEYS = {"file", "duration", "video", "audio", "av_sync", "events", "summary", "errors", "device"}
@@ -196,3 +199,50 @@ def test_run_writes_firing_and_resolved_events(cli, files):
     assert "resolved t1 black" in proc.stderr
     assert not (files["dir"] / "framewatch-out").exists()
 
+
+
+def test_cli_edges_found_by_an_adversarial_pass(tmp_path):
+    """Each of these once ended in a traceback, a silent no-op or a misleading success."""
+    syn = "synthetic://a?size=128x72&fps=10&duration=5"
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(f'output: {{jsonl: null}}\nstreams: [{{id: a, url: "{syn}", faults: [{{kind: black, start: 0.5, duration: 3}}]}}]\n')
+    for bad in ("0", "-5", "nan"):
+        r = Cli("run", cfg, "--duration", bad, "-q").result()
+        assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: --duration must be a number of seconds above 0, not {float(bad)}"
+    r = Cli("config", "schema", "-o", tmp_path / "missing" / "s.json").result()
+    assert r.returncode == 2 and r.stderr.startswith("framewatch: error: cannot write the schema to ") and "Traceback" not in r.stderr
+    # A measurements target that stops taking lines: the alerts still go out, the run does not end as a success.
+    full = tmp_path / "full.yaml"
+    full.write_text(cfg.read_text().replace("output: {jsonl: null}", f"output: {{jsonl: {tmp_path / 'ev.jsonl'}, measurements: /dev/full}}"))
+    r = Cli("run", full, "-q").result()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("framewatch: error: ") and "measurement line(s) not written" in r.stderr
+    events = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert [(e["type"], e["status"]) for e in events] == [("black", "firing"), ("black", "resolved")]
+
+
+def test_label_and_promote_edges(tmp_path):
+    store = tmp_path / "review"
+    r = Cli("label", "--list", "--review", store).result()
+    assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: no review store at {store}"
+    (store / "abc1").mkdir(parents=True)
+    (store / "abc1" / "record.json").write_text('{"alert_id": "abc1", "surprise": 1}')
+    r = Cli("label", "--list", "--review", store).result()
+    assert r.returncode == 0 and "Traceback" not in r.stderr  # the bad record is skipped, said in the log
+    r = Cli("label", "abc1", "--true", "--review", store).result()
+    assert r.returncode == 2 and "is not a review record" in r.stderr and "Traceback" not in r.stderr
+    bom = tmp_path / "verdicts.csv"
+    bom.write_bytes("\ufeffzz99,true\n".encode("utf-8"))  # as a spreadsheet saves it
+    r = Cli("label", "--file", bom, "--review", store).result()
+    assert "no corruption alert zz99" in r.stderr and "\\ufeff" not in r.stderr
+    utf16 = tmp_path / "u16.csv"
+    utf16.write_bytes("zz99,true\n".encode("utf-16"))
+    r = Cli("label", "--file", utf16, "--review", store).result()
+    assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: {utf16}: not a UTF-8 CSV file (UnicodeDecodeError)"
+    shipped = REPO / "models" / "weights" / "corruption.pt"
+    r = Cli("promote", shipped, "--current", tmp_path).result()
+    assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: --current {tmp_path} is a directory, not a weights file"
+    r = Cli("promote", shipped, "--current", tmp_path / "nowhere" / "w.pt").result()
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = Cli("eval", shipped, "--against", tmp_path / "missing.pt", timeout=60).result()
+    assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: weights file {tmp_path / 'missing.pt'} not found"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -158,6 +159,21 @@ def test_weights_round_trip_and_clear_errors(tmp_path) -> None:
         load(bad)
     with pytest.raises(WeightsError, match="not found"):
         load(tmp_path / "missing.pt")
+    # Found by an adversarial pass: an empty file (what a copy over the watched file passes through) gave an
+    # IndexError, and metadata that fits the shapes but not the detector loaded "fine" and then failed every
+    # stream that used it.
+    bad.write_bytes(b"")
+    with pytest.raises(WeightsError, match="is empty"):
+        load(bad)
+    for key, value, words in (("threshold", "abc", "threshold must be a finite number, not 'abc'"),
+                              ("threshold", float("nan"), "threshold must be a finite number, not nan"),
+                              ("threshold", -0.5, "threshold must not be negative"),
+                              ("decision", "bogus", "decision must be one of frame, hold, hold+evidence, not 'bogus'")):
+        blob = torch.load(path, weights_only=True)
+        blob["meta"][key] = value
+        torch.save(blob, bad)
+        with pytest.raises(WeightsError, match=f"does not match the model: {re.escape(words)}"):
+            load(bad)
 
 
 def test_engine_keeps_its_model_when_a_bad_file_replaces_it(tmp_path, caplog) -> None:

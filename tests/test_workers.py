@@ -123,3 +123,62 @@ def test_bad_worker_settings_are_refused() -> None:
     pool.add_streams(_specs()[:1])
     with pytest.raises(ValueError, match="exists already"):
         pool.add_streams(_specs()[:1])
+
+
+def _paired(events) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for e in events:
+        out.setdefault(e["id"] if isinstance(e, dict) else e.id, []).append(
+            e["status"] if isinstance(e, dict) else e.status.value)
+    return out
+
+
+def test_sigterm_to_the_whole_process_group_resolves_every_alert(tmp_path) -> None:
+    """GNU timeout, systemctl stop and a terminal signal the whole group: the workers used to die with their
+    alerts open (3 fired, 0 resolved). They leave the stopping to the parent now."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "w2.yaml"
+    url = "synthetic://{n}?size=128x72&fps=10&duration=0&seed={i}"
+    cfg.write_text("engine: {workers: 2}\nstreams:\n" + "".join(
+        f'  - {{id: {n}, url: "{url.format(n=n, i=i)}", faults: [{{kind: {k}, start: 1, duration: 60}}]}}\n'
+        for i, (n, k) in enumerate([("a", "black"), ("b", "silence"), ("c", "freeze")])))
+    jsonl = tmp_path / "events.jsonl"
+    p = subprocess.Popen([sys.executable, "-c", "from engine.cli import main; main()", "run", str(cfg), "--jsonl", str(jsonl),
+                          "--duration", "60", "-q"], start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not jsonl.exists() or jsonl.read_text().count('"firing"') < 3):
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    events = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    pairs = _paired(events)
+    assert sum(1 for v in pairs.values() if v[0] == "firing") >= 3, events
+    assert all(v == ["firing", "resolved"] for v in pairs.values()), pairs
+    assert p.returncode == 0, out
+    assert "Traceback" not in out
+
+
+def test_a_worker_killed_during_the_shutdown_leaves_nothing_open() -> None:
+    sink = MemorySink()
+    pool = ProcessWorkers(sink, ["cpu"], per_device=2)
+    pool.add_streams(_specs(pace="realtime", duration=30))
+    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 90})
+    runner.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(e.type == "black" for e in sink.events):
+        time.sleep(0.05)
+    victim = pool._workers[pool._where["a"]]
+    pool.stop()
+    os.kill(victim.process.pid, signal.SIGKILL)  # before it could finish its streams
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    pairs = _paired(sink.events)
+    assert pairs and all(v == ["firing", "resolved"] for v in pairs.values()), pairs
