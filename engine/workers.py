@@ -265,7 +265,8 @@ class ProcessWorkers:
                 self._check_processes(restart=False)
             for w in self._workers:
                 if w.process is not None and w.process.is_alive():
-                    w.process.terminate()
+                    w.process.kill()  # workers ignore SIGTERM (left to the parent): after 10 s, the hard way
+                    w.process.join(timeout=5)
             self._drain(0.0)
             self._close_open("monitoring stopped before its worker resolved it")
 
