@@ -341,10 +341,11 @@ def _e2e(path: Path, streams: int, procs: int, device: str, tier: str, decoder: 
     ps = [ctx.Process(target=_worker, args=(s, device, tier, decoder, batch, barrier, q)) for s in shares]
     for p in ps:
         p.start()
-    barrier.wait()
+    # With a deadline: a worker that dies before it gets here must fail this case, not hang the benchmark.
+    barrier.wait(timeout=600)
     if ready is not None:
         ready()
-    barrier.wait()
+    barrier.wait(timeout=600)
     out = [q.get(timeout=900) for _ in ps]
     for p in ps:
         p.join()

@@ -234,7 +234,7 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
                      "shed_clicks": cfg.engine.shed_clicks,
                      "review": ReviewStore(cfg.output.review) if cfg.output.review else None}
     pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails,
-                          on_measure=measure, measure_every=cfg.output.measure_interval)
+                          on_measure=measure, measure_every=cfg.output.measure_interval, log_level=cfg.output.log_level)
     pool.add_streams(specs)
     if not quiet:
         err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, {cfg.engine.workers} worker "

@@ -63,9 +63,14 @@ def _event_from_dict(d: dict[str, Any]) -> Event:
 
 
 def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: list, out: Any, stop: Any,
-                 deadline: float | None, thumbnails: str | None) -> None:
+                 deadline: float | None, thumbnails: str | None, log_level: str | None = None) -> None:
     """A worker process: one Engine on `device` for `specs`; events and progress go to `out`."""
     _follow_parent()
+    if log_level:  # a spawned process starts with Python's logging defaults: the run's level and format
+        import sys
+
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING),
+                            format="framewatch: %(levelname)s: %(message)s", stream=sys.stderr)
     from engine.alerts import CallbackSink, ThumbnailWriter
     from engine.runner import Engine
 
@@ -153,7 +158,8 @@ class ProcessWorkers:
     """Streams spread over worker processes, `per_device` per device; see the module docstring."""
 
     def __init__(self, sink: EventSink, devices: list[str], per_device: int = 1, engine_kwargs: dict | None = None,
-                 thumbnails: str | None = None, on_measure: Any = None, measure_every: float = 1.0) -> None:
+                 thumbnails: str | None = None, on_measure: Any = None, measure_every: float = 1.0,
+                 log_level: str | None = None) -> None:
         if not devices or per_device < 1:
             raise ValueError("ProcessWorkers needs at least one device and one worker per device")
         self.sink = sink
@@ -161,6 +167,7 @@ class ProcessWorkers:
         self.per_device = per_device
         self.engine_kwargs = dict(engine_kwargs or {})
         self.thumbnails = thumbnails
+        self.log_level = log_level
         # Measurements come back from the workers like events and go to this callable in the parent.
         self.on_measure = on_measure
         if on_measure is not None:
@@ -239,7 +246,7 @@ class ProcessWorkers:
         w.process = self._ctx.Process(
             target=_worker_main, name=f"framewatch-worker-{w.index}",
             args=(w.index, w.device, self.engine_kwargs, w.specs, self._out, self._stop, self._deadline,
-                  self.thumbnails),
+                  self.thumbnails, self.log_level),
             daemon=True,
         )
         w.process.start()
