@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -182,8 +181,6 @@ def serve(
     token: Annotated[str | None, typer.Option(help="bearer token the API requires; prefer FRAMEWATCH_TOKEN in the environment")] = None,
 ) -> None:
     """Run as a service: stream API, alert history and acks, /metrics, webhook delivery and the mosaic page at /."""
-    import os
-
     from engine.config import FramewatchConfig
     from engine.service import Service
     from engine.service.app import is_loopback
@@ -221,14 +218,14 @@ def serve(
 def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: MemorySink, devices: list[str],
                  path: Path, duration: float | None, quiet: bool, measure: Any = None) -> None:
     """`run` with several engine processes (engine.workers per device, engine.devices)."""
-    if any(d.startswith("cuda") for d in devices):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        missing = [d for d in devices if d.startswith("cuda") and (int(d.partition(":")[2] or 0) >= count)]
-        if missing:
-            # Monitoring on the CPU beats no monitoring; the operator is told which devices are missing.
-            err.print(f"framewatch: warning: {', '.join(missing)} not available ({count} CUDA device(s)); "
-                      "those workers run on the CPU", markup=False, highlight=False, soft_wrap=True)
-            devices = list(dict.fromkeys("cpu" if d in missing else d for d in devices))
+    from engine.pool import missing_cuda
+
+    missing, count = missing_cuda(devices)
+    if missing:
+        # Monitoring on the CPU beats no monitoring; the operator is told which devices are missing.
+        err.print(f"framewatch: warning: {', '.join(missing)} not available ({count} CUDA device(s)); "
+                  "those workers run on the CPU", markup=False, highlight=False, soft_wrap=True)
+        devices = list(dict.fromkeys("cpu" if d in missing else d for d in devices))
     engine_kwargs = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
                      "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
                      "shed_clicks": cfg.engine.shed_clicks,

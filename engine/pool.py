@@ -53,6 +53,12 @@ def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> Stre
     return d
 
 
+def missing_cuda(devices: list[str]) -> tuple[list[str], int]:
+    """The CUDA devices of `devices` this machine does not have, and how many it has."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [d for d in devices if d.startswith("cuda") and int(d.partition(":")[2] or 0) >= count], count
+
+
 def _detect_models(devices: list[str]) -> list[GpuModel]:
     out: list[GpuModel] = []
     for name in devices:

@@ -238,14 +238,10 @@ class Engines:
 def service_devices(cfg: FramewatchConfig) -> list[str]:
     """The devices the service runs on: `engine.devices` (or `engine.device`), less the CUDA devices this
     machine does not have, said in the log (monitoring on the CPU beats no monitoring, as `run` does)."""
-    devices = list(cfg.engine.devices or [cfg.engine.device])
-    wanted = [d for d in devices if d.startswith("cuda")]
-    if not wanted:
-        return devices
-    import torch
+    from engine.pool import missing_cuda
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = [d for d in wanted if int(d.partition(":")[2] or 0) >= count]
+    devices = list(cfg.engine.devices or [cfg.engine.device])
+    missing, count = missing_cuda(devices)
     if not missing:
         return devices
     log.warning("devices %s not available on this machine (%d GPU(s)); %s", ", ".join(missing), count,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 from engine.sources.base import Source, SourceError, SourceOptions, Timeline
-from engine.sources.media import MediaSource, is_live_url
+from engine.sources.media import MediaSource, is_live_url, is_local_url
 from engine.sources.synthetic import SyntheticSource
 
 __all__ = ["MediaSource", "Source", "SourceError", "SourceOptions", "SyntheticSource", "Timeline", "is_live_url", "open_source"]
@@ -32,7 +32,7 @@ def open_source(url: str, options: SourceOptions | None = None, faults: list[dic
         return SyntheticSource(url, options, faults)
     if faults:
         raise SourceError("faults can only be scheduled on synthetic:// sources")
-    local = scheme in ("", "file") or len(scheme) == 1
+    local = is_local_url(url)
     if local and _threaded_nvdec(options):
         from engine.sources.nvdec_file import NvdecFileSource
 

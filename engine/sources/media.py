@@ -26,6 +26,12 @@ LIVE_SCHEMES = {"udp", "rtp", "srt", "rtmp", "rtmps", "rtsp", "rtsps", "tcp", "h
 SENDER_PACED = {"udp", "rtp", "srt", "tcp", "rtmp", "rtmps", "rtsp", "rtsps"}
 
 
+def is_local_url(url: str) -> bool:
+    """A path on this machine: no scheme, file://, or a Windows drive letter (which urlparse takes for one)."""
+    scheme = urlparse(url).scheme.lower()
+    return scheme in ("", "file") or len(scheme) == 1
+
+
 def is_live_url(url: str) -> bool:
     scheme = urlparse(url).scheme.lower()
     if scheme in ("http", "https"):
@@ -62,8 +68,7 @@ class MediaSource(Source):
 
     def _open(self) -> av.container.InputContainer:
         path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
-        scheme = urlparse(self.url).scheme.lower()
-        if scheme in ("", "file") or len(scheme) == 1:  # a local path (a drive letter is no scheme)
+        if is_local_url(self.url):
             if not os.path.exists(path):
                 raise FileNotFoundError(2, "No such file", path)
             if os.path.isdir(path):
