@@ -124,6 +124,7 @@ def run(
             if measure is not None:
                 measure.close()
         return
+    specs, refused = _admit_cpu(cfg, specs, [cfg.engine.device], 1)
     thumbs = ThumbnailWriter(cfg.output.thumbnails) if cfg.output.thumbnails else None
     engine = Engine(
         sinks,
@@ -156,10 +157,29 @@ def run(
         if measure is not None:
             measure.close()
     if cfg.output.summary and not quiet:
-        _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()], memory.events)
+        _summary([report_of(rt, str(engine.device)) for rt in engine.streams.values()]
+                 + [StreamReport(sid, state="refused", errors=[why]) for sid, why in refused.items()], memory.events)
     _outputs_failed(sinks, measure)
     if any(rt.state == "error" for rt in engine.streams.values()):
         raise typer.Exit(2)
+
+
+def _admit_cpu(cfg: Any, specs: list[StreamSpec], devices: list[str], processes: int
+               ) -> tuple[list[StreamSpec], dict[str, str]]:
+    """With `engine.cpu_cores` and the CPU as the only device, the streams that fit (at the tier they fit in)
+    and the refused ones with the reason; otherwise every stream. Each worker process has a scoring thread of
+    its own, and the plan counts them all."""
+    if cfg.engine.cpu_cores is None or devices != ["cpu"]:
+        return specs, {}
+    from engine.pool import cpu_model, plan_cpu
+
+    cpu = cpu_model(cfg.engine.cpu_cores, processes=processes)
+    assert cpu is not None
+    admitted, refused = plan_cpu(specs, cpu, cfg.engine.headroom)
+    if not admitted:
+        raise _fail(f"no stream fits in {cpu.cores:g} CPU cores (engine.cpu_cores): "
+                    + "; ".join(f"{k}: {v}" for k, v in refused.items()))
+    return admitted, refused
 
 
 def _outputs_failed(sinks: MultiSink, measure: MeasurementLog | None) -> None:
@@ -230,9 +250,12 @@ def _run_workers(cfg: Any, specs: list[StreamSpec], sinks: MultiSink, memory: Me
                      "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
                      "shed_clicks": cfg.engine.shed_clicks,
                      "review": ReviewStore(cfg.output.review) if cfg.output.review else None}
+    specs, refused = _admit_cpu(cfg, specs, devices, cfg.engine.workers)
     pool = ProcessWorkers(sinks, devices, cfg.engine.workers, engine_kwargs, cfg.output.thumbnails,
                           on_measure=measure, measure_every=cfg.output.measure_interval, log_level=cfg.output.log_level)
-    pool.add_streams(specs)
+    pool.add_streams(specs, headroom=cfg.engine.headroom)
+    for sid, why in refused.items():
+        pool.reports[sid] = StreamReport(sid, state="refused", errors=[why])
     if not quiet:
         err.print(f"framewatch {__version__}: {len(specs)} stream(s) from {path}, {cfg.engine.workers} worker "
                   f"process(es) on each of {', '.join(devices)}")

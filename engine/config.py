@@ -207,6 +207,12 @@ class EngineModel(_Strict):
     tick_ms: float = Field(20, gt=0, le=1000, description="longest wait between ticks when idle")
     queue_frames: int = Field(64, ge=2, le=4096, description="frames buffered per stream before dropping (live) or waiting (files)")
     torch_threads: int = Field(1, ge=0, le=256, description="CPU threads for the scoring step (0: torch's default)")
+    cpu_cores: float | Literal["auto"] | None = Field(None, description=(
+        "admission control on the CPU: the cores streams read in real time may take (auto: this machine's); a "
+        "stream that does not fit is admitted in a cheaper tier or refused with the reason. With GPU devices: "
+        "spare cores that decode streams the GPUs cannot take (hybrid). Unset: no limit (overload thins pictures)"))
+    headroom: float = Field(0.15, ge=0.0, le=0.9, description=(
+        "fraction of each GPU's decoders and memory, and of cpu_cores, the scheduler keeps free"))
     shed_clicks: bool = Field(True, description=(
         "pause the click analysis of live streams while the engine is behind them (3 ticks of 1.5 s or more, or "
         "fewer adding up to 4.5 s) until it has caught up for a minute; logged and counted (clicks_paused)"))
@@ -216,6 +222,13 @@ class EngineModel(_Strict):
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
             raise ValueError("device must be 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _cpu_cores(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not (math.isfinite(v) and 0 < v <= 4096):
+            raise ValueError("cpu_cores must be 'auto' or a number of cores above 0 (at most 4096)")
         return v
 
     @field_validator("devices")

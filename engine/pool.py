@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import torch
 
@@ -23,7 +24,16 @@ from engine.alerts import EventSink
 from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
-from engine.scheduler import GpuModel, Placement, Scheduler, StreamDemand, Target, Tier, model_for_device
+from engine.scheduler import (
+    CpuModel,
+    GpuModel,
+    Placement,
+    Scheduler,
+    StreamDemand,
+    Target,
+    Tier,
+    model_for_device,
+)
 
 log = logging.getLogger("framewatch")
 
@@ -45,12 +55,73 @@ def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> Stre
         d = replace(d, allowed_tiers=(Tier(spec.source.tier),))
     if d.id != spec.id:
         raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
+    clicks = spec.detectors.get("clicks")
+    d = replace(d, audio=bool(spec.source.audio), clicks=bool(clicks is not None and clicks.enabled),
+                paced=is_paced(spec))
     every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)
     if every and not d.needs_every_frame:
         names = ", ".join(f"'{n}'" for n in every)
         why = f"detector {names} needs every frame" if len(every) == 1 else f"detectors {names} need every frame"
         d = replace(d, needs_every_frame=True, every_frame_reason=why)
     return d
+
+
+def is_paced(spec: StreamSpec) -> bool:
+    """Whether the stream is read in real time (live, or told to), so it takes CPU time at its rate for as long
+    as it runs; a file read as fast as it can be is not."""
+    from engine.sources.media import is_live_url
+
+    pace = spec.source.pace
+    if urlparse(spec.url).scheme.lower() == "synthetic":  # generated at its rate unless told "fast"
+        if pace == "auto":
+            pace = parse_qs(urlparse(spec.url).query).get("pace", ["auto"])[-1]
+        return pace != "fast"
+    return pace == "realtime" or (pace == "auto" and is_live_url(spec.url))
+
+
+def cpu_demand(spec: StreamSpec) -> StreamDemand:
+    """`default_demand` for a CPU engine: a synthetic stream's own size and rate when nothing is expected of it
+    (what it generates is as dear as decoding H.264 of that size, roughly)."""
+    if spec.expect is None and urlparse(spec.url).scheme.lower() == "synthetic":
+        from engine.sources.synthetic import parse_spec
+
+        try:
+            s = parse_spec(spec.url, spec.faults)
+            return default_demand(spec, StreamDemand(spec.id, "h264", s.width, s.height, s.fps))
+        except Exception:  # the source itself says what is wrong with it, when it starts
+            pass
+    return default_demand(spec)
+
+
+def cpu_model(cores: float | str | None, processes: int = 1) -> CpuModel | None:
+    """The CPU budget of `engine.cpu_cores` (None: no admission control): 'auto' is the cores this process may
+    run on; `processes` engine processes have a scoring thread each."""
+    if cores is None:
+        return None
+    if cores == "auto":
+        import os
+
+        cores = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return CpuModel(cores=float(cores), scoring_threads=max(1, processes))
+
+
+def plan_cpu(specs: list[StreamSpec], cpu: CpuModel, headroom: float = 0.15) -> tuple[list[StreamSpec], dict[str, str]]:
+    """Admission for a run on the CPU, decided at its start: the streams to start (each at the tier the plan
+    gives it, every stream admitted before any is decoded in full) and those refused, with the reason. Each
+    decision is logged."""
+    plan = Scheduler([], headroom=headroom, cpu=cpu).plan([cpu_demand(s) for s in specs])
+    admitted: list[StreamSpec] = []
+    refused: dict[str, str] = {}
+    for spec in specs:
+        p = plan.placements[spec.id]
+        if not p.admitted:
+            refused[spec.id] = p.reason
+            log.warning("stream %s not started: %s", spec.id, p.reason)
+            continue
+        assert p.tier is not None
+        admitted.append(replace(spec, source=replace(spec.source, tier=p.tier.value)))
+        (log.warning if p.downgraded else log.info)("stream %s: %s", spec.id, p.reason)
+    return admitted, refused
 
 
 def missing_cuda(devices: list[str]) -> tuple[list[str], int]:
@@ -106,8 +177,9 @@ class GpuPool:
     """One `Engine` per device, each run by a worker thread, with a `Scheduler` deciding where streams go.
 
     `devices` are device strings ("cuda:0", "cuda:1"; tests simulate GPUs with "cpu"); `models` the GPU model
-    of each for the scheduler (default: detected from the CUDA device). With `cpu_decode_fps` > 0 an extra
-    CPU engine takes the streams the scheduler places on spare CPU decode capacity. `engine_kwargs` go to
+    of each for the scheduler (default: detected from the CUDA device). With `cpu` (a `CpuModel`; or the older
+    `cpu_decode_fps` > 0) an extra CPU engine takes the streams the scheduler places on spare CPU capacity; with
+    no devices at all that engine is the pool, and the scheduler its admission control. `engine_kwargs` go to
     every engine. All methods are thread-safe.
     """
 
@@ -118,14 +190,17 @@ class GpuPool:
         models: list[GpuModel] | None = None,
         headroom: float = 0.15,
         cpu_decode_fps: float = 0.0,
+        cpu: CpuModel | None = None,
         **engine_kwargs: Any,
     ) -> None:
         self.devices = [str(d) for d in devices]
         models = list(models) if models is not None else _detect_models(self.devices)
         if len(models) != len(self.devices):
             raise ValueError(f"{len(models)} GPU models given for {len(self.devices)} devices")
+        if not self.devices and cpu is None and cpu_decode_fps <= 0:
+            raise ValueError("a pool needs a device or CPU capacity")
         self.sink = _LockedSink(sink)
-        self.scheduler = Scheduler(models, headroom=headroom, cpu_decode_fps=cpu_decode_fps)
+        self.scheduler = Scheduler(models, headroom=headroom, cpu_decode_fps=cpu_decode_fps, cpu=cpu)
         # Simulated GPUs share one device string; the index keeps them apart in messages.
         unique = len(set(self.devices)) == len(self.devices)
         self.labels = [d if unique else f"{d} (gpu {i})" for i, d in enumerate(self.devices)]
@@ -133,7 +208,7 @@ class GpuPool:
             Engine(self.sink, device=d, on_device_error=partial(self._device_failed, i), **engine_kwargs)
             for i, d in enumerate(self.devices)
         ]
-        self.cpu_engine = Engine(self.sink, device="cpu", **engine_kwargs) if cpu_decode_fps > 0 else None
+        self.cpu_engine = Engine(self.sink, device="cpu", **engine_kwargs) if self.scheduler.cpu is not None else None
         # Reentrant: an engine's on_status callback (engine_kwargs) may call back into the pool.
         self._lock = threading.RLock()
         self._members: dict[str, _Member] = {}
@@ -198,7 +273,7 @@ class GpuPool:
         if engine is None:
             return "nowhere"
         if engine is self.cpu_engine:
-            return "cpu (hybrid decode)"
+            return "cpu (hybrid decode)" if self.engines else "cpu"
         return self.labels[self.engines.index(engine)]
 
     # -- running

@@ -246,3 +246,21 @@ def test_label_and_promote_edges(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = Cli("eval", shipped, "--against", tmp_path / "missing.pt", timeout=60).result()
     assert r.returncode == 2 and r.stderr.strip() == f"framewatch: error: weights file {tmp_path / 'missing.pt'} not found"
+
+
+def test_run_admits_live_streams_within_cpu_cores(tmp_path):
+    """engine.cpu_cores: the streams that fit run, the others are reported refused with the reason (a 128x72
+    stream at 10 fps with every default detector costs 0.087 cores; 0.25 cores less 15 % head room take two)."""
+    streams = "".join(f'\n  - {{id: {n}, url: "synthetic://{n}?size=128x72&fps=10&duration=2&seed={i}"}}'
+                      for i, n in enumerate("abc"))
+    cfg = tmp_path / "cpu.yaml"
+    cfg.write_text(f"engine: {{cpu_cores: 0.25}}\noutput: {{jsonl: null, summary: true}}\nstreams:{streams}\n")
+    r = Cli("run", cfg).result()
+    assert r.returncode == 0, r.stderr
+    assert ("stream c not started: refused: the CPU has 0.038 of 0.212 cores free and the stream needs 0.087 at "
+            "full rate") in r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stderr.splitlines() if line.count("│") > 5}
+    assert "ended" in rows["a"] and "ended" in rows["b"] and "refused" in rows["c"], r.stderr
+    cfg.write_text(f"engine: {{cpu_cores: 0.05}}\noutput: {{jsonl: null}}\nstreams:{streams}\n")
+    r = Cli("run", cfg, "-q").result()
+    assert r.returncode == 2 and "framewatch: error: no stream fits in 0.05 CPU cores (engine.cpu_cores): a: refused: " in r.stderr

@@ -297,3 +297,22 @@ def test_every_bad_detector_value_is_its_own_line_said_once():
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(ConfigError, match="is a directory, not a config file"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", ".nan", ".inf", "lots", "5000"])
+def test_cpu_cores_must_be_auto_or_a_positive_number(value):
+    with pytest.raises(ConfigError) as info:
+        load_config(text=f"engine: {{cpu_cores: {value}}}\n")
+    assert "cpu_cores" in str(info.value)
+
+
+def test_cpu_cores_auto_is_this_machines_cores():
+    import os
+
+    from engine.pool import cpu_model
+
+    cfg = load_config(text="engine: {cpu_cores: auto, headroom: 0.2}\n")
+    assert cfg.engine.cpu_cores == "auto" and cfg.engine.headroom == 0.2
+    assert cpu_model(cfg.engine.cpu_cores).cores == len(os.sched_getaffinity(0))
+    assert cpu_model(load_config(text="engine: {cpu_cores: 1.5}\n").engine.cpu_cores, processes=3).scoring_threads == 3
+    assert cpu_model(load_config(text="{}\n").engine.cpu_cores) is None

@@ -15,6 +15,7 @@ import pytest
 from engine.scheduler import (
     KNOWN_MODELS,
     Calibration,
+    CpuModel,
     GpuModel,
     Plan,
     Scheduler,
@@ -29,6 +30,7 @@ from engine.scheduler import (
     match_model,
     stream_memory_mb,
 )
+from engine.scheduler.capacity import DECODE_MS_1080P_H264
 
 H100 = KNOWN_MODELS["h100"]
 H200 = KNOWN_MODELS["h200"]
@@ -74,7 +76,7 @@ def assert_within_budgets(sched: Scheduler, plan: Plan) -> None:
         assert g.streams == len(on)
         assert g.load_units == pytest.approx(sum(p.cost for p in on))
         assert g.memory_mb == pytest.approx(sum(p.memory_mb for p in on))
-    assert plan.cpu_load_fps <= plan.cpu_capacity_fps + 1e-9
+    assert plan.cpu_load_cores <= plan.cpu_budget_cores + 1e-9
 
 
 # --- GPU models ---------------------------------------------------------------------------------------------
@@ -288,14 +290,14 @@ def test_av1_on_h100_goes_to_cpu_when_it_has_room() -> None:
     sched = Scheduler([H100], cpu_decode_fps=100)
     p = sched.add(StreamDemand("cam-av1", "av1", 1920, 1080, 30))
     assert p.target is Target.CPU and p.tier is Tier.ALL and p.gpu is None
-    assert p.cost == pytest.approx(30 * 2.0)
+    assert p.cost == pytest.approx(30 * 2.0 * DECODE_MS_1080P_H264 / 1000)  # cores
     assert "AV1 decoder" in p.reason and p.reason.startswith("cpu: decoded on CPU threads at full rate")
     # The next one only fits on the CPU in a cheaper tier; one that needs every frame is refused.
     q = sched.add(StreamDemand("cam2", "av1", 1920, 1080, 30))
     assert q.target is Target.CPU and q.tier is Tier.SKIP_NONREF
     r = sched.add(StreamDemand("cam3", "av1", 1920, 1080, 30, needs_every_frame=True))
-    assert r.target is Target.REFUSED and "AV1" in r.reason and "CPU decode has" in r.reason
-    assert sched.snapshot().cpu_load_fps <= 100
+    assert r.target is Target.REFUSED and "AV1" in r.reason and "the CPU has" in r.reason
+    assert sched.snapshot().cpu_load_cores <= sched.snapshot().cpu_budget_cores + 1e-9
 
 
 def test_hybrid_cpu_takes_full_rate_before_gpu_downgrades() -> None:
@@ -499,3 +501,84 @@ def test_bad_calibration_file(tmp_path: Path, content: str | None, message: str)
         load_calibration(path)
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"calibration file {path}: ")
+
+
+# --- CPU engines: admission control in cores ------------------------------------------------------------------
+
+
+def _cpu_stream(i: int, **kw) -> StreamDemand:
+    return StreamDemand(f"c{i:02d}", kw.pop("codec", "h264"), kw.pop("width", 1920), kw.pop("height", 1080),
+                        kw.pop("fps", 30.0), **kw)
+
+
+def test_cpu_model_costs_pictures_decoding_and_audio() -> None:
+    cpu = CpuModel(cores=2)
+    s = _cpu_stream(0, clicks=True)
+    # 30 pictures of (9.2 ms decoding + 1.0 ms the rest) and audio with clicks (19 + 58 ms) a second.
+    assert cpu.cost(s, Tier.ALL) == pytest.approx((30 * 10.2 + 77) / 1000)
+    assert cpu.scoring_cost(s, Tier.ALL) == pytest.approx((30 * 0.8 + 77) / 1000)
+    assert cpu.cost(s, Tier.KEYFRAMES) == pytest.approx((0.5 * 10.2 + 77) / 1000)
+    hevc = replace(s, codec="hevc", clicks=False, audio=False)
+    assert cpu.cost(hevc, Tier.ALL) == pytest.approx(30 * (9.2 * 1.5 + 1.0) / 1000)
+    assert cpu.cost(replace(s, paced=False), Tier.ALL) == 0.0  # a file read as fast as it goes: not budgeted
+    with pytest.raises(ValueError, match="cores"):
+        CpuModel(cores=0)
+    with pytest.raises(ValueError, match="cores"):
+        CpuModel(cores=float("nan"))
+
+
+def test_cpu_engine_admits_every_stream_before_decoding_some_in_full() -> None:
+    cpu = CpuModel(cores=2)
+    sched = Scheduler([], cpu=cpu)
+    streams = [_cpu_stream(i, clicks=True) for i in range(10)]
+    plan = sched.plan(streams)
+    s = plan.summary()
+    assert s["refused"] == 0 and s["on_cpu"] == 10 and s["on_gpu"] == 0, s
+    full = [p for p in plan.placements.values() if p.tier is Tier.ALL]
+    assert 1 <= len(full) < 10 and s["downgraded"] == 10 - len(full)
+    assert plan.cpu_budget_cores == pytest.approx(1.7) and plan.cpu_load_cores <= plan.cpu_budget_cores + 1e-9
+    assert plan.cpu_scoring_cores <= plan.cpu_scoring_budget_cores + 1e-9
+    for p in full:
+        assert p.reason.startswith("cpu: fits at full rate; CPU at ") and "of 1.70 cores" in p.reason, p.reason
+    low = next(p for p in plan.placements.values() if p.downgraded)
+    assert low.reason.startswith(f"cpu: admitted in {low.tier.value} tier: ") and "cores" in low.reason, low.reason
+
+
+def test_cpu_engine_refuses_what_needs_every_frame_with_the_reason() -> None:
+    sched = Scheduler([], cpu=CpuModel(cores=1))
+    every = [_cpu_stream(i, needs_every_frame=True, every_frame_reason="detector 'freeze' needs every frame")
+             for i in range(4)]
+    ps = [sched.add(s) for s in every]
+    # 0.306 cores each (no audio analysis asked for here: audio defaults on, clicks off: +19 ms) of 0.85.
+    assert [p.target for p in ps] == [Target.CPU, Target.CPU, Target.REFUSED, Target.REFUSED]
+    r = ps[2]
+    assert r.reason == (
+        "refused: the CPU has 0.200 of 0.850 cores free and the stream needs 0.325 at full rate "
+        "(all is its cheapest allowed tier: detector 'freeze' needs every frame)"), r.reason
+    # Freed capacity admits the first refused stream, without touching the others.
+    changes = sched.remove("c00")
+    assert [(p.stream_id, p.target) for p in changes] == [("c02", Target.CPU)]
+    assert changes[0].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")
+
+
+def test_cpu_engine_scoring_thread_binds_on_a_big_machine() -> None:
+    # 64 cores, one engine process: its scoring thread runs every stream's kernels and fills up first.
+    streams = [_cpu_stream(i, clicks=True, needs_every_frame=True) for i in range(20)]
+    plan = Scheduler([], cpu=CpuModel(cores=64)).plan(streams)
+    on = plan.summary()["on_cpu"]
+    assert on == int(0.85 / ((30 * 0.8 + 77) / 1000)) == 8
+    assert plan.cpu_load_cores < 0.1 * plan.cpu_budget_cores
+    refused = plan.refused()[0]
+    assert "the CPU engine's scoring thread has" in refused.reason and "cores free" in refused.reason
+    # Four engine processes, four scoring threads.
+    plan4 = Scheduler([], cpu=CpuModel(cores=64, scoring_threads=4)).plan(streams)
+    assert plan4.summary()["on_cpu"] == 20
+
+
+def test_cpu_engine_upgrades_in_place_when_capacity_frees() -> None:
+    sched = Scheduler([], cpu=CpuModel(cores=1))
+    ps = [sched.add(_cpu_stream(i, audio=False)) for i in range(3)]
+    assert [p.tier for p in ps] == [Tier.ALL, Tier.ALL, Tier.SKIP_NONREF]
+    changes = sched.remove("c00")
+    assert [(p.stream_id, p.tier) for p in changes] == [("c02", Tier.ALL)]
+    assert changes[0].reason.startswith("cpu: upgraded in place from the skip_nonref tier to full rate")

@@ -392,6 +392,61 @@ def test_several_devices_spread_streams_refuse_what_does_not_fit_and_admit_it_la
         assert client.get("/api/about").json()["device"] == "cpu (gpu 0), cpu (gpu 1)"
 
 
+def test_cpu_cores_admits_streams_within_the_cpu_and_says_why_not(tmp_path: Path) -> None:
+    """`engine.cpu_cores` on a CPU service: live streams are admitted within the cores (a 128x72 stream at 10
+    fps with every default detector costs 0.087 cores: 10 pictures of 1.04 ms and 77 ms of audio analysis a
+    second), at a cheaper tier when that fits, else refused with the reason; freed cores admit them later."""
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}"}}""" for i, n in enumerate(("a", "b", "c"))),
+                 extra="engine: {cpu_cores: 0.25}")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        for n in ("a", "b"):
+            wait_until(lambda n=n: client.get(f"/api/streams/{n}").json()["state"] == "running")
+        c = client.get("/api/streams/c").json()
+        assert (c["state"], c["level"], c["frames"]) == ("refused", "alarm", 0)
+        assert c["errors"][0] == (
+            "refused: the CPU has 0.038 of 0.212 cores free and the stream needs 0.087 at full rate (all is its "
+            "cheapest allowed tier: detector 'glitch' needs every frame)"), c["errors"][0]
+        # One that may go cheaper (only black and no_signal) and says it is 1080p30: keyframes only.
+        r = client.post("/api/streams", json={"id": "d", "url": SYN.format(name="d", seed=7), "profile": "quiet",
+                                              "expect": {"width": 1920, "height": 1080, "fps": 30}})
+        assert r.status_code == 201, r.text
+        d = wait_until(lambda: (x := client.get("/api/streams/d").json())["state"] == "running" and x)
+        assert d["tier"] == "keyframes"
+        assert client.get("/api/about").json()["device"] == "cpu"
+        assert client.get("/readyz").status_code == 200
+        # Freed cores go to the refused stream first; the downgraded one stays where it is.
+        assert client.delete("/api/streams/a").status_code == 204
+        c = wait_until(lambda: (x := client.get("/api/streams/c").json())["state"] == "running" and x)
+        assert c["tier"] == "all" and c["device"] == "cpu"
+        assert client.get("/api/streams/d").json()["tier"] == "keyframes"
+
+
+def test_cpu_cores_beside_gpus_decodes_what_they_cannot_take(tmp_path: Path) -> None:
+    """With GPU devices, `engine.cpu_cores` is hybrid decode: a stream no GPU has room for runs on the CPU
+    engine (4K60 needing every frame: 60 pictures of 37.8 ms plus audio, 2.35 cores of the 3.4 of 4 cores)."""
+    from dataclasses import replace as dc_replace
+
+    from engine.scheduler import KNOWN_MODELS
+
+    small = dc_replace(KNOWN_MODELS["h100"], name="NVIDIA H100 (one engine)", nvdec_engines=1)
+    uhd = "{codec: h264, width: 3840, height: 2160, fps: 60}"
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}", expect: {uhd}}}""" for i, n in enumerate("abcde")),
+                 extra="engine: {cpu_cores: 4}")
+    svc = Service(cfg, state_dir=tmp_path / "state", devices=["cpu"], gpu_models=[small])
+    with TestClient(create_app(svc)) as client:
+        states = {n: wait_until(lambda n=n: (x := client.get(f"/api/streams/{n}").json())["state"] in ("running", "refused") and x)
+                  for n in "abcde"}
+        where = sorted((s["state"], s["device"]) for s in states.values())
+        # Two on the one-engine GPU (simulated: "cpu"), one on the CPU engine, two refused (no room anywhere).
+        assert where == [("refused", None), ("refused", None), ("running", "cpu"), ("running", "cpu"),
+                         ("running", "cpu (hybrid decode)")], where
+        refused = next(s for s in states.values() if s["state"] == "refused")
+        assert "the CPU has" in refused["errors"][0] and "cores free" in refused["errors"][0]
+
+
 def test_a_failed_device_moves_its_streams_and_the_service_stays_ready(tmp_path: Path) -> None:
     from engine.scheduler import KNOWN_MODELS
 

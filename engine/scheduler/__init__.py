@@ -1,5 +1,5 @@
-"""Stream scheduler: packs monitored streams onto GPUs by NVDEC decode budget, with cheaper decode tiers,
-hybrid CPU decode and plain-language reasons for every decision. Pure CPU logic; no CUDA needed."""
+"""Stream scheduler: packs monitored streams onto GPUs by NVDEC decode budget (and CPU engines by cores), with
+cheaper decode tiers, hybrid CPU decode and plain-language reasons for every decision. Pure CPU logic; no CUDA needed."""
 
 from engine.scheduler.capacity import (
     KNOWN_MODELS,
@@ -7,6 +7,7 @@ from engine.scheduler.capacity import (
     TIER_ORDER,
     TURING_PER_ENGINE_FPS,
     Calibration,
+    CpuModel,
     GpuModel,
     StreamDemand,
     Tier,
@@ -28,6 +29,7 @@ __all__ = [
     "TIER_ORDER",
     "TURING_PER_ENGINE_FPS",
     "Calibration",
+    "CpuModel",
     "GpuLoad",
     "GpuModel",
     "Placement",

@@ -261,6 +261,9 @@ class StreamDemand:
     exactly that share, and 0 (unknown, or an all-reference stream) takes the tier out of the choices.
     `needs_every_frame` is set when an enabled detector (freeze, glitch) needs every frame, which leaves only
     the full-rate tier; `every_frame_reason` says which, for the user ("detector 'freeze' needs every frame").
+    For a CPU engine: `audio` (the stream's audio is analysed), `clicks` (with the click analysis), and `paced`
+    (read in real time: a live stream; a file read as fast as it can be takes what is left, so it costs
+    nothing there).
     """
 
     id: str
@@ -273,6 +276,9 @@ class StreamDemand:
     needs_every_frame: bool = False
     allowed_tiers: tuple[Tier, ...] = TIER_ORDER
     every_frame_reason: str = ""
+    audio: bool = True
+    clicks: bool = False
+    paced: bool = True
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -354,6 +360,95 @@ def stream_memory_mb(stream: StreamDemand, tier: Tier) -> float:
 def cpu_cost(stream: StreamDemand, tier: Tier, codec_factor: Mapping[str, float] = CPU_CODEC_FACTOR) -> float:
     """CPU decode work in 1080p-H.264-equivalent frames/s. Unknown codecs count double, to be safe."""
     return stream.decoded_fps(tier) * stream.scale * codec_factor.get(stream.codec, 2.0)
+
+
+# --- CPU engines --------------------------------------------------------------------------------------------
+
+DECODE_MS_1080P_H264 = 9.2
+"""CPU ms (one core) to decode one 1080p H.264 picture at a broadcast rate: FFmpeg decode-only of an 8 Mbit/s
+1080p30 clip on the 2-core development VM (`benchmarks/results/cpu_vs_ffmpeg.json`, 9.16 ms CPU per frame).
+Lower bit rates decode faster (the same VM: about 4 ms at 1.5 Mbit/s), so this errs on the safe side."""
+PICTURE_MS = 1.0
+"""CPU ms per decoded picture besides decoding, whatever its size (source thread, conversion to the analysis
+planes, the detectors): `benchmarks/engine_cpu.py` on the same VM (4 streams, 1.5 Mbit/s, audio's share taken
+out) spends 1.03 ms a picture at 384x216 and 4.8 ms at 1920x1080, i.e. about 0.9 ms plus 3.8 ms of decoding per
+1080p picture at that low rate."""
+SCORING_MS_PER_PICTURE = 0.8
+"""Of that, the engine's scoring thread's share (`engine_cpu.py`: 0.69 ms at 384x216, 0.72 at 1280x720, 0.88 at
+1920x1080, audio included): one thread per engine process scores every stream, so its sum is a budget of its
+own."""
+AUDIO_MS_PER_S = 19.0
+"""CPU ms per second of a stream's audio with every default audio detector but clicks (`audio_bench.py`: 68.5 CPU
+s per stream-hour), all of it on the scoring thread."""
+CLICKS_MS_PER_S = 58.0
+"""What the click analysis adds (`audio_bench.py`: 275.7 against 68.5 CPU s per stream-hour)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CpuModel:
+    """What a CPU engine can carry, in cores, and what a stream costs it.
+
+    Two budgets: every core the engine may use (`cores`), and its scoring threads (`scoring_threads`, one per
+    engine process), which run the batched kernels of every stream one after the other. On two cores the first
+    binds; on a large machine the second does, long before the cores are busy (which is what more worker
+    processes are for). A stream costs, per decoded picture, its decoding (by pixels and codec) and a fixed share
+    for everything else, plus its audio analysis per second. The figures are the development VM's
+    (see the constants above); `decode_ms_1080p` and the others can be set from a measurement of the
+    actual machine.
+    """
+
+    cores: float
+    scoring_threads: int = 1
+    decode_ms_1080p: float = DECODE_MS_1080P_H264
+    picture_ms: float = PICTURE_MS
+    scoring_ms_per_picture: float = SCORING_MS_PER_PICTURE
+    audio_ms_per_s: float = AUDIO_MS_PER_S
+    clicks_ms_per_s: float = CLICKS_MS_PER_S
+    codec_factor: Mapping[str, float] = field(default_factory=lambda: CPU_CODEC_FACTOR, hash=False)
+
+    def __post_init__(self) -> None:
+        if not (self.cores > 0 and self.cores < float("inf")):
+            raise ValueError(f"CPU cores must be a positive number, got {self.cores}")
+        if self.scoring_threads < 1:
+            raise ValueError(f"scoring_threads must be >= 1, got {self.scoring_threads}")
+        for name in ("decode_ms_1080p", "picture_ms", "scoring_ms_per_picture", "audio_ms_per_s", "clicks_ms_per_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and v < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+
+    @classmethod
+    def decode_only(cls, fps_1080p: float) -> CpuModel:
+        """Spare CPU decode capacity stated as 1080p H.264 frames/s (the hybrid decode of a GPU pool): decoding
+        alone is charged, in cores of `DECODE_MS_1080P_H264`, with no scoring-thread budget."""
+        return cls(cores=fps_1080p * DECODE_MS_1080P_H264 / 1000.0, picture_ms=0.0, scoring_ms_per_picture=0.0,
+                   audio_ms_per_s=0.0, clicks_ms_per_s=0.0)
+
+    def budget(self, headroom: float) -> float:
+        """Cores the streams may take, head room kept free."""
+        return self.cores * (1.0 - headroom)
+
+    def scoring_budget(self, headroom: float) -> float:
+        """Scoring-thread time the streams may take, in cores."""
+        return self.scoring_threads * (1.0 - headroom)
+
+    def _audio_ms(self, stream: StreamDemand) -> float:
+        if not stream.audio:
+            return 0.0
+        return self.audio_ms_per_s + (self.clicks_ms_per_s if stream.clicks else 0.0)
+
+    def cost(self, stream: StreamDemand, tier: Tier) -> float:
+        """Cores the stream takes at `tier` in all (0 for a stream not read in real time). Unknown codecs count
+        double, to be safe."""
+        if not stream.paced:
+            return 0.0
+        per_picture = self.decode_ms_1080p * stream.scale * self.codec_factor.get(stream.codec, 2.0) + self.picture_ms
+        return (stream.decoded_fps(tier) * per_picture + self._audio_ms(stream)) / 1000.0
+
+    def scoring_cost(self, stream: StreamDemand, tier: Tier) -> float:
+        """Of `cost`, what the scoring thread spends on the stream, in cores."""
+        if not stream.paced:
+            return 0.0
+        return (stream.decoded_fps(tier) * self.scoring_ms_per_picture + self._audio_ms(stream)) / 1000.0
 
 
 # --- calibration --------------------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
 from engine.scheduler.capacity import (
     CPU_CODEC_FACTOR,
     TIER_ORDER,
     TURING_PER_ENGINE_FPS,
+    CpuModel,
     GpuModel,
     StreamDemand,
     Tier,
@@ -49,7 +50,7 @@ class Target(StrEnum):
 class Placement:
     """One decision about one stream.
 
-    `cost` is in the target's unit: engine units on a GPU, 1080p-H.264-equivalent frames/s on the CPU, and
+    `cost` is in the target's unit: engine units on a GPU, cores on the CPU (`CpuModel.cost`), and
     for a refused stream the engine units it would need at its cheapest tier (0 when no GPU decodes its
     codec). `memory_mb` is charged to the GPU only when the target is a GPU.
     """
@@ -110,8 +111,10 @@ class Plan:
 
     placements: Mapping[str, Placement]
     gpus: tuple[GpuLoad, ...]
-    cpu_load_fps: float
-    cpu_capacity_fps: float
+    cpu_load_cores: float = 0.0
+    cpu_budget_cores: float = 0.0
+    cpu_scoring_cores: float = 0.0
+    cpu_scoring_budget_cores: float = 0.0
 
     @property
     def gpu_load(self) -> list[float]:
@@ -168,8 +171,15 @@ class Plan:
                 }
                 for g in self.gpus
             ],
-            "cpu": {"load_fps": round(self.cpu_load_fps, 2), "capacity_fps": round(self.cpu_capacity_fps, 2)},
+            "cpu": {"load_cores": round(self.cpu_load_cores, 3), "budget_cores": round(self.cpu_budget_cores, 3),
+                    "scoring_cores": round(self.cpu_scoring_cores, 3),
+                    "scoring_budget_cores": round(self.cpu_scoring_budget_cores, 3)},
         }
+
+
+def _cores(x: float) -> str:
+    # Fractions of a core need three decimals: a 128x72 stream costs 0.087.
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
 def _units(x: float, other: float) -> str:
@@ -188,24 +198,37 @@ class _Reserve:
     flex_units: float = 0.0
     flex_memory_mb: float = 0.0
     flex_streams: int = 0
+    # Cores owed to the streams no GPU can take (a CPU-only engine: all of them).
+    cpu: float = 0.0
+    flex_cpu: float = 0.0
+    cpu_streams: int = 0
+    flex_cpu_streams: int = 0
 
-    def take(self, units: float, memory_mb: float, flexible: bool) -> None:
+    def take(self, units: float, memory_mb: float, flexible: bool, cpu: float = 0.0) -> None:
         self.units -= units
         self.memory_mb -= memory_mb
         self.streams -= 1
+        if cpu:
+            self.cpu -= cpu
+            self.cpu_streams -= 1
         if flexible:
             self.flex_units -= units
             self.flex_memory_mb -= memory_mb
             self.flex_streams -= 1
+            if cpu:
+                self.flex_cpu -= cpu
+                self.flex_cpu_streams -= 1
 
 
 class Scheduler:
     """Places streams on GPUs (and spare CPU decode capacity) within NVDEC and memory budgets.
 
-    `headroom` is the fraction of each GPU's engines and memory kept free. `cpu_decode_fps` is spare CPU
-    decode capacity in 1080p-H.264-equivalent frames/s (0: no hybrid decode); `cpu_codec_factor` weighs codecs
-    on the CPU (HEVC 1.5 × H.264 by default). All methods are thread-safe and deterministic: ties go to the
-    lower GPU index, and streams of equal cost are taken in id order.
+    `headroom` is the fraction of each GPU's engines and memory kept free, and of the CPU's cores. `cpu` is
+    what a CPU engine may take (a `CpuModel`: cores and scoring threads, costs in cores; None: nothing goes to
+    the CPU). With no GPUs at all it is the admission control of a CPU engine; beside GPUs it is hybrid decode.
+    `cpu_decode_fps` is the older way to state hybrid capacity, as 1080p-H.264 frames/s of decoding alone
+    (`CpuModel.decode_only`, codecs weighed by `cpu_codec_factor`). All methods are thread-safe and
+    deterministic: ties go to the lower GPU index, and streams of equal cost are taken in id order.
     """
 
     def __init__(
@@ -214,15 +237,24 @@ class Scheduler:
         headroom: float = 0.15,
         cpu_decode_fps: float = 0.0,
         cpu_codec_factor: Mapping[str, float] = CPU_CODEC_FACTOR,
+        cpu: CpuModel | None = None,
     ) -> None:
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-        if cpu_decode_fps < 0:
+        if not cpu_decode_fps >= 0:
             raise ValueError(f"cpu_decode_fps must be >= 0, got {cpu_decode_fps}")
+        if cpu is not None and cpu_decode_fps > 0:
+            raise ValueError("give cpu or cpu_decode_fps, not both")
         self.gpus: tuple[GpuModel, ...] = tuple(gpus)
         self.headroom = headroom
-        self.cpu_decode_fps = float(cpu_decode_fps)
         self._cpu_factor = dict(cpu_codec_factor)
+        if cpu is None and cpu_decode_fps > 0:
+            # Stated as spare already: no head room comes off it.
+            cpu = CpuModel.decode_only(cpu_decode_fps)
+            cpu = replace(cpu, cores=cpu.cores / (1.0 - headroom), codec_factor=self._cpu_factor)
+        self.cpu = cpu
+        self._cpu_budget = cpu.budget(headroom) if cpu else 0.0
+        self._cpu_scoring_budget = cpu.scoring_budget(headroom) if cpu else 0.0
         self._budget = [g.engine_budget(headroom) for g in self.gpus]
         self._mem_budget = [g.memory_budget_mb(headroom) for g in self.gpus]
         self._lock = threading.RLock()
@@ -238,6 +270,7 @@ class Scheduler:
         self._load = [0.0] * len(self.gpus)
         self._mem = [0.0] * len(self.gpus)
         self._cpu_load = 0.0
+        self._cpu_scoring = 0.0
 
     def _commit(self, s: StreamDemand, p: Placement) -> Placement:
         self._streams[s.id] = s
@@ -248,7 +281,9 @@ class Scheduler:
             self._load[p.gpu] += p.cost
             self._mem[p.gpu] += p.memory_mb
         elif p.target is Target.CPU:
+            assert p.tier is not None and self.cpu is not None
             self._cpu_load += p.cost
+            self._cpu_scoring += self.cpu.scoring_cost(s, p.tier)
         return p
 
     def _release(self, stream_id: str) -> Placement:
@@ -260,8 +295,15 @@ class Scheduler:
             self._load[p.gpu] = sum(self._placements[i].cost for i in self._members[p.gpu])
             self._mem[p.gpu] = sum(self._placements[i].memory_mb for i in self._members[p.gpu])
         elif p.target is Target.CPU:
-            self._cpu_load = max(0.0, self._cpu_load - p.cost)
+            self._cpu_load, self._cpu_scoring = self._cpu_sums()
         return p
+
+    def _cpu_sums(self) -> tuple[float, float]:
+        # Summed afresh, like the GPUs' load.
+        assert self.cpu is not None or not any(p.target is Target.CPU for p in self._placements.values())
+        on_cpu = [(self._streams[sid], p) for sid, p in self._placements.items() if p.target is Target.CPU]
+        return (sum(p.cost for _, p in on_cpu),
+                sum(self.cpu.scoring_cost(s, p.tier) for s, p in on_cpu if self.cpu and p.tier))
 
     def _usable(self) -> list[int]:
         return [i for i in range(len(self.gpus)) if i not in self._failed]
@@ -279,7 +321,25 @@ class Scheduler:
         )
 
     def _cpu_free(self) -> float:
-        return max(0.0, self.cpu_decode_fps - self._cpu_load)
+        return max(0.0, self._cpu_budget - self._cpu_load)
+
+    def _cpu_need(self, s: StreamDemand, tier: Tier) -> tuple[float, float]:
+        assert self.cpu is not None
+        return self.cpu.cost(s, tier), self.cpu.scoring_cost(s, tier)
+
+    def _cpu_fits(self, s: StreamDemand, tier: Tier) -> bool:
+        if self.cpu is None:
+            return False
+        need, scoring = self._cpu_need(s, tier)
+        return (self._cpu_load + need <= self._cpu_budget + _EPS
+                and self._cpu_scoring + scoring <= self._cpu_scoring_budget + _EPS)
+
+    def _cpu_load_text(self, extra: float, extra_scoring: float) -> str:
+        text = f"CPU at {100 * (self._cpu_load + extra) / self._cpu_budget:.1f}% of {_cores(self._cpu_budget)} cores"
+        if self._cpu_scoring_budget > 0:
+            share = 100 * (self._cpu_scoring + extra_scoring) / self._cpu_scoring_budget
+            text += f", scoring thread at {share:.1f}% of {_cores(self._cpu_scoring_budget)}"
+        return text
 
     def _sort_key(self, s: StreamDemand) -> tuple[float, str]:
         return (-self._full_cost(s), s.id)
@@ -290,6 +350,8 @@ class Scheduler:
         costs = [engine_cost(s, Tier.ALL, g) for g in self.gpus if g.supports(s.codec)]
         if costs:
             return min(costs)
+        if not self.gpus and self.cpu is not None:
+            return self.cpu.cost(s, Tier.ALL)
         return cpu_cost(s, Tier.ALL, self._cpu_factor) / TURING_PER_ENGINE_FPS["h264"]
 
     # --- explaining ----------------------------------------------------------------------------------------
@@ -309,16 +371,19 @@ class Scheduler:
         return f"{what} cannot be decoded on any GPU here ({', '.join(names)} {verb} no {what} decoder)"
 
     def _cpu_phrase(self, s: StreamDemand, tier: Tier) -> str:
-        if self.cpu_decode_fps <= 0:
+        if self.cpu is None:
             return "CPU decode has no spare capacity"
-        need = cpu_cost(s, tier, self._cpu_factor)
+        need, scoring = self._cpu_need(s, tier)
+        # The budget that runs out first is the one worth naming.
+        if self._cpu_load + need <= self._cpu_budget + _EPS and self._cpu_scoring_budget > 0:
+            free = max(0.0, self._cpu_scoring_budget - self._cpu_scoring)
+            return (f"the CPU engine's scoring thread has {_cores(free)} of {_cores(self._cpu_scoring_budget)} cores "
+                    f"free and the stream needs {_cores(scoring)} at {tier_words(tier)}")
         free = self._cpu_free()
         if free <= _EPS:
-            return f"CPU decode is full ({self.cpu_decode_fps:.0f} 1080p-H.264 frames/s in use)"
-        return (
-            f"CPU decode has {free:.0f} of {self.cpu_decode_fps:.0f} 1080p-H.264 frames/s free "
-            f"and needs {need:.0f} at {tier_words(tier)}"
-        )
+            return f"the CPU is full ({_cores(self._cpu_budget)} cores in use)"
+        return (f"the CPU has {_cores(free)} of {_cores(self._cpu_budget)} cores free and the stream needs "
+                f"{_cores(need)} at {tier_words(tier)}")
 
     def _gpu_shortfall(self, s: StreamDemand, tier: Tier) -> tuple[str, float]:
         """What no GPU had free for the stream at `tier` (to follow "no GPU had", before "free at <tier>"),
@@ -351,12 +416,31 @@ class Scheduler:
 
     # --- deciding ------------------------------------------------------------------------------------------
 
-    def _min_need(self, s: StreamDemand) -> tuple[float, float]:
-        """Engine units and memory the stream needs at its cheapest tier on the cheapest GPU (0 when no GPU
-        decodes its codec, so it reserves nothing)."""
+    def _min_need(self, s: StreamDemand) -> tuple[float, float, float]:
+        """Engine units and memory the stream needs at its cheapest tier on the cheapest GPU, and the cores it
+        needs there on the CPU when no GPU decodes its codec (where it needs nothing, it reserves nothing)."""
         tier = s.candidate_tiers()[-1]
         costs = [engine_cost(s, tier, self.gpus[i]) for i in self._usable() if self.gpus[i].supports(s.codec)]
-        return (min(costs), stream_memory_mb(s, tier)) if costs else (0.0, 0.0)
+        if costs:
+            return min(costs), stream_memory_mb(s, tier), 0.0
+        return 0.0, 0.0, (self.cpu.cost(s, tier) if self.cpu is not None else 0.0)
+
+    def _cpu_reserve_breach(self, s: StreamDemand, tier: Tier, cost: float, reserve: _Reserve | None) -> str | None:
+        """`_reserve_breach` for the CPU: the cores a placement there must leave the streams only the CPU can
+        take (a CPU-only engine: every stream), so that all are monitored before some are decoded in full."""
+        if reserve is None:
+            return None
+        tiers = s.candidate_tiers()
+        if tier is not tiers[-1]:
+            cores, count, who = reserve.cpu, reserve.cpu_streams, ""
+        elif len(tiers) == 1:
+            cores, count, who = reserve.flex_cpu, reserve.flex_cpu_streams, " that can run in a cheaper tier"
+        else:
+            return None
+        if count <= 0 or self._cpu_free() - cost >= cores - _EPS:
+            return None
+        return (f"would not leave the {_cores(cores)} cores that the {count} streams still to be placed{who} need "
+                "at their cheapest tier")
 
     def _reserve_breach(
         self, s: StreamDemand, tier: Tier, cost: float, mem: float, reserve: _Reserve | None
@@ -410,6 +494,8 @@ class Scheduler:
         notes: list[str] = [codec_gap] if codec_gap else []
         held: list[str] = []  # tiers that fitted but would have eaten the reserve
         held_note = ""
+        cpu_short: list[str] = []  # what the CPU lacked, tier by tier
+        cpu_noted = False
         for tier in tiers:
             mem = stream_memory_mb(s, tier)
             best: tuple[float, int, float] | None = None
@@ -433,17 +519,28 @@ class Scheduler:
                 held_note = f"{' or '.join(held)} {breach}"
             elif not codec_gap:
                 short.append((self._gpu_shortfall(s, tier)[0], tier))
-            need_cpu = cpu_cost(s, tier, self._cpu_factor)
-            if self.cpu_decode_fps > 0 and need_cpu <= self._cpu_free() + _EPS:
-                pct = 100 * (self._cpu_load + need_cpu) / self.cpu_decode_fps
-                reason = (
-                    f"{prefix}cpu: decoded on CPU threads at {tier_words(tier)}: "
-                    f"{self._why(short, notes, held_note)}; "
-                    f"CPU decode at {pct:.1f}% of spare capacity"
-                )
-                return Placement(s.id, Target.CPU, None, tier, need_cpu, mem, reason)
-            if self.cpu_decode_fps > 0 and not any(n.startswith("CPU decode") for n in notes):
-                notes.append(self._cpu_phrase(s, tier))
+            if self.cpu is None:
+                continue
+            if self._cpu_fits(s, tier):
+                need_cpu, scoring = self._cpu_need(s, tier)
+                breach = self._cpu_reserve_breach(s, tier, need_cpu, reserve)
+                if breach is None:
+                    load = self._cpu_load_text(need_cpu, scoring)
+                    if not self.gpus:  # a CPU engine: no GPU to compare with
+                        how = ("fits at full rate" if tier is Tier.ALL else
+                               f"admitted in {tier.value} tier: {'; '.join(cpu_short + ([held_note] if held_note else []))}")
+                        reason = f"{prefix}cpu: {how}; {load}"
+                    else:
+                        reason = (f"{prefix}cpu: decoded on CPU threads at {tier_words(tier)}: "
+                                  f"{self._why(short, notes, held_note)}; {load}")
+                    return Placement(s.id, Target.CPU, None, tier, need_cpu, mem, reason)
+                held.append(f"{tier_words(tier)} on the CPU ({_cores(need_cpu)} cores)")
+                held_note = f"{' or '.join(held)} {breach}"
+            else:
+                cpu_short.append(self._cpu_phrase(s, tier))
+                if not cpu_noted:
+                    notes.append(cpu_short[-1])
+                    cpu_noted = True
         return self._refusal(s, codec_gap, prefix)
 
     @staticmethod
@@ -466,6 +563,11 @@ class Scheduler:
         tier = s.candidate_tiers()[-1]
         mem = stream_memory_mb(s, tier)
         cpu = self._cpu_phrase(s, tier)
+        if not self.gpus and self.cpu is not None:
+            why = s.cheapest_tier_why()
+            tier_text = f" ({tier.value} is its cheapest allowed tier: {why})" if why else ""
+            need = self.cpu.cost(s, tier)
+            return Placement(s.id, Target.REFUSED, None, None, need, 0.0, f"{prefix}refused: {cpu}{tier_text}")
         if codec_gap:
             return Placement(
                 s.id, Target.REFUSED, None, None, 0.0, mem, f"{prefix}refused: {codec_gap} and {cpu}"
@@ -488,16 +590,20 @@ class Scheduler:
         needs = [self._min_need(s) for s in order]
         flexible = [len(s.candidate_tiers()) > 1 for s in order]
         reserve = _Reserve(
-            units=sum(u for u, _ in needs),
-            memory_mb=sum(m for _, m in needs),
+            units=sum(u for u, _, _ in needs),
+            memory_mb=sum(m for _, m, _ in needs),
             streams=len(order),
-            flex_units=sum(u for (u, _), f in zip(needs, flexible, strict=True) if f),
-            flex_memory_mb=sum(m for (_, m), f in zip(needs, flexible, strict=True) if f),
+            flex_units=sum(u for (u, _, _), f in zip(needs, flexible, strict=True) if f),
+            flex_memory_mb=sum(m for (_, m, _), f in zip(needs, flexible, strict=True) if f),
             flex_streams=sum(flexible),
+            cpu=sum(c for _, _, c in needs),
+            flex_cpu=sum(c for (_, _, c), f in zip(needs, flexible, strict=True) if f),
+            cpu_streams=sum(1 for _, _, c in needs if c),
+            flex_cpu_streams=sum(1 for (_, _, c), f in zip(needs, flexible, strict=True) if f and c),
         )
         placed: dict[str, Placement] = {}
-        for s, (units, mem), flex in zip(order, needs, flexible, strict=True):
-            reserve.take(units, mem, flex)
+        for s, (units, mem, cpu), flex in zip(order, needs, flexible, strict=True):
+            reserve.take(units, mem, flex, cpu)
             placed[s.id] = self._commit(s, self._choose(s, prefix, reserve))
         for s in order:
             if placed[s.id].target is Target.REFUSED:
@@ -534,11 +640,10 @@ class Scheduler:
                     where = self._gpu_label(old.gpu)
                     load = f"load {100 * self._frac(old.gpu, cost):.1f}% of budget"
                 else:
-                    cost = cpu_cost(s, tier, self._cpu_factor)
-                    ok = cost <= self._cpu_free() + _EPS
+                    cost, scoring = self._cpu_need(s, tier)
+                    ok = self._cpu_fits(s, tier)
                     where = "cpu"
-                    pct = 100 * (self._cpu_load + cost) / self.cpu_decode_fps
-                    load = f"CPU decode at {pct:.1f}% of spare capacity"
+                    load = self._cpu_load_text(cost, scoring)
                 if ok:
                     reason = (
                         f"{where}: upgraded in place from the {old.tier.value} tier to {tier_words(tier)} "
@@ -704,7 +809,8 @@ class Scheduler:
             )
             for i, g in enumerate(self.gpus)
         )
-        return Plan(dict(self._placements), gpus, self._cpu_load, self.cpu_decode_fps)
+        return Plan(dict(self._placements), gpus, self._cpu_load, self._cpu_budget, self._cpu_scoring,
+                    self._cpu_scoring_budget)
 
     def snapshot(self) -> Plan:
         """The current plan, including every incremental change so far."""

@@ -170,12 +170,18 @@ class Engines:
     memory budgets, refuses with a reason what does not fit (and starts it when capacity frees up), and moves
     the streams of a GPU that fails to the others. The service sees the same surface either way."""
 
-    def __init__(self, sink: Any, devices: list[str], models: list | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, sink: Any, devices: list[str], models: list | None = None, cpu: Any = None,
+                 headroom: float = 0.15, **engine_kwargs: Any) -> None:
         self.pool: Any = None
-        if len(devices) > 1:
+        self.cpu_only = devices == ["cpu"] and cpu is not None and not models  # (models: simulated GPUs)
+        if len(devices) > 1 or cpu is not None:
             from engine.pool import GpuPool
 
-            self.pool = GpuPool(sink, devices, models=models, **engine_kwargs)
+            # A CPU budget (`engine.cpu_cores`) makes the CPU engine the pool's: its scheduler admits streams
+            # within the cores, or beside GPUs takes what they cannot (hybrid).
+            gpus = [] if self.cpu_only else devices
+            self.pool = GpuPool(sink, gpus, models=[] if self.cpu_only else models, cpu=cpu, headroom=headroom,
+                                **engine_kwargs)
             self.engines: list[Engine] = self.pool._all_engines()
         else:
             self.engines = [Engine(sink, device=devices[0], **engine_kwargs)]
@@ -196,6 +202,10 @@ class Engines:
     def add_stream(self, spec: StreamSpec) -> None:
         if self.pool is None:
             self.engines[0].add_stream(spec)
+        elif self.cpu_only:
+            from engine.pool import cpu_demand
+
+            self.pool.add_stream(spec, cpu_demand(spec))
         else:
             self.pool.add_stream(spec)
 
@@ -218,14 +228,17 @@ class Engines:
         (self.pool or self.engines[0]).stop()
 
     def label(self) -> str:
-        return ", ".join(self.pool.labels) if self.pool is not None else str(self.device)
+        return ", ".join(self.pool.label(e) for e in self.pool._all_engines()) if self.pool is not None else str(self.device)
 
     def device_of(self, stream_id: str) -> str | None:
         if self.pool is None:
             return str(self.device)
         engine = self.pool.engine_of(stream_id)
-        return None if engine is None else (str(engine.device) if len(set(self.pool.devices)) == len(self.pool.devices)
-                                            else self.pool.label(engine))
+        if engine is None:
+            return None
+        # Simulated GPUs (tests) share the device string "cpu", with each other and with a hybrid CPU engine.
+        shared = sum(str(e.device) == str(engine.device) for e in self.pool._all_engines()) > 1
+        return self.pool.label(engine) if shared else str(engine.device)
 
     def lost(self) -> list[str]:
         return [e.requested_device for e in self.engines if e.device_lost]
@@ -282,10 +295,14 @@ class Service:
         self.outputs = MultiSink()
         self.webhooks: list[Any] = []
         self._open_outputs()
+        from engine.pool import cpu_model
+
         self.engine = Engines(
             AlertHub(self, self.outputs),
             devices or service_devices(cfg),
             gpu_models,
+            cpu=cpu_model(cfg.engine.cpu_cores),
+            headroom=cfg.engine.headroom,
             batch_frames=cfg.engine.batch_frames,
             tick=cfg.engine.tick_ms / 1000,
             queue_frames=cfg.engine.queue_frames,
