@@ -421,9 +421,9 @@ def check(
                     if total:
                         bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))
 
-                engine.run(on_tick=tick, deadline=time.monotonic() + duration if rt.ctx.live else None)
+                interrupted = _run_check(engine, rt, duration, tick)
         else:
-            engine.run(deadline=time.monotonic() + duration if rt.ctx.live else None)
+            interrupted = _run_check(engine, rt, duration)
         if rt.ctx.live and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
             # A live input never ends by itself: after the watch, one that gave nothing is an error like an
             # unreadable file, with the reason the last connection attempt gave.
@@ -433,6 +433,10 @@ def check(
             rt.fail(f"nothing could be decoded of the {promised:.2f} s the container gives (truncated or damaged)")
         report = _file_report(path, rt, memory.events)
         report["device"] = str(engine.device)
+        if interrupted:
+            # What was seen up to the interrupt is reported (open events resolved there), never dropped.
+            report["interrupted"] = True
+            report["errors"].append(f"interrupted at {rt.stats.media_end:.2f} s: the rest was not checked")
         family = engine.scoring.families.get("corruption")
         if family is not None and family.slots:
             # Which model judged the pictures, and a model that could not be used, said out loud.
@@ -456,7 +460,32 @@ def check(
             sys.stdout.flush()
         elif not unreadable:
             _print_file(report)
+        if interrupted:
+            rest = files[files.index(path) + 1:]
+            err.print("framewatch: interrupted" + (f"; not checked: {', '.join(rest)}" if rest else ""),
+                      markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(130)  # 128 + SIGINT, as shells report it
     raise typer.Exit(worst)
+
+
+def _run_check(engine: Engine, rt: StreamRuntime, duration: float, tick: Any = None) -> bool:
+    """Run a check's engine to the end of the file (or `duration` of a live URL); True when Ctrl-C or SIGTERM
+    cut it short. The engine finishes either way: the detectors close what they had open at that point."""
+    previous = signal.getsignal(signal.SIGTERM)
+    stopped: list[bool] = []
+
+    def on_term(*_: Any) -> None:
+        stopped.append(True)
+        engine.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        engine.run(on_tick=tick, deadline=time.monotonic() + duration if rt.ctx.live else None)
+    except KeyboardInterrupt:
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return bool(stopped)
 
 
 def _print_file(report: dict[str, Any]) -> None:

@@ -264,3 +264,27 @@ def test_run_admits_live_streams_within_cpu_cores(tmp_path):
     cfg.write_text(f"engine: {{cpu_cores: 0.05}}\noutput: {{jsonl: null}}\nstreams:{streams}\n")
     r = Cli("run", cfg, "-q").result()
     assert r.returncode == 2 and "framewatch: error: no stream fits in 0.05 CPU cores (engine.cpu_cores): a: refused: " in r.stderr
+
+
+def test_check_cut_short_still_reports_what_it_saw():
+    """Ctrl-C (or SIGTERM) during a check: the report of what was checked comes out, its open alert resolved
+    where the check stopped, marked interrupted; exit code 130. (An endless synthetic stream read as fast as it
+    goes: only a signal ends it.)"""
+    import signal
+    import time
+
+    url = "synthetic://x?size=320x176&fps=25&duration=0&faults=black@2:600"
+    procs = {sig: Cli("check", "--json", url, fresh=True) for sig in (signal.SIGINT, signal.SIGTERM)}
+    time.sleep(8)  # start-up (torch) and a few seconds of checking
+    for sig, c in procs.items():
+        c.proc.send_signal(sig)
+    for sig, c in procs.items():
+        r = c.result()
+        assert r.returncode == 130, (sig, r.stderr)
+        report = json.loads(r.stdout)
+        assert report["interrupted"] is True and report["duration"] > 3
+        assert report["errors"] == [f"interrupted at {report['duration']:.2f} s: the rest was not checked"]
+        (black,) = report["events"]
+        assert (black["type"], black["status"], black["start"]) == ("black", "resolved", 2.0)
+        assert black["end"] == pytest.approx(report["duration"], abs=0.05)
+        assert r.stderr.rstrip().endswith("framewatch: interrupted")
