@@ -25,6 +25,7 @@ from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
 from engine.scheduler import (
+    CPU_CODEC_FACTOR,
     CpuModel,
     GpuModel,
     Placement,
@@ -33,6 +34,7 @@ from engine.scheduler import (
     Target,
     Tier,
     model_for_device,
+    normalize_codec,
 )
 
 log = logging.getLogger("framewatch")
@@ -204,11 +206,17 @@ class GpuPool:
         # Simulated GPUs share one device string; the index keeps them apart in messages.
         unique = len(set(self.devices)) == len(self.devices)
         self.labels = [d if unique else f"{d} (gpu {i})" for i, d in enumerate(self.devices)]
+        # What a stream really is (codec, size, rate) is known once it opens: the scheduler is told then.
+        self._user_on_status = engine_kwargs.pop("on_status", None)
+        self._opened: dict[str, tuple[StreamRuntime, Any]] = {}
+        self._opened_lock = threading.Lock()
         self.engines = [
-            Engine(self.sink, device=d, on_device_error=partial(self._device_failed, i), **engine_kwargs)
+            Engine(self.sink, device=d, on_device_error=partial(self._device_failed, i), on_status=self._on_status,
+                   **engine_kwargs)
             for i, d in enumerate(self.devices)
         ]
-        self.cpu_engine = Engine(self.sink, device="cpu", **engine_kwargs) if self.scheduler.cpu is not None else None
+        self.cpu_engine = (Engine(self.sink, device="cpu", on_status=self._on_status, **engine_kwargs)
+                           if self.scheduler.cpu is not None else None)
         # Reentrant: an engine's on_status callback (engine_kwargs) may call back into the pool.
         self._lock = threading.RLock()
         self._members: dict[str, _Member] = {}
@@ -328,9 +336,55 @@ class GpuPool:
 
     def _work(self, engine: Engine) -> None:
         try:
-            engine.run(until_done=False, on_tick=partial(self._check_resumed, engine))
+            engine.run(until_done=False, on_tick=partial(self._after_tick, engine))
         except Exception:
             log.exception("engine on %s crashed; its streams are stopped", self.label(engine))
+
+    def _after_tick(self, engine: Engine) -> None:
+        self._check_resumed(engine)
+        self._replan_opened()
+
+    def _on_status(self, rt: StreamRuntime, kind: str, message: str) -> None:
+        # Inside the engine's tick: noted here, acted on after it (a re-plan may stop or restart streams).
+        if kind == "connected" and rt.info is not None:
+            with self._opened_lock:
+                self._opened[rt.id] = (rt, rt.info)
+        if self._user_on_status is not None:
+            self._user_on_status(rt, kind, message)
+
+    def _replan_opened(self) -> None:
+        """Tell the scheduler what the streams that opened since the last tick really are (codec, size, rate)
+        where that differs from their plan, and make its changes real: a stream that turned out dearer than
+        planned and no longer fits where it is goes to a cheaper tier or elsewhere, or is refused; one that
+        turned out cheaper frees capacity for refused and downgraded streams. Generated `synthetic://` streams
+        are left as planned (they decode nothing)."""
+        if not self._opened:
+            return  # the usual case, read without the lock
+        with self._opened_lock:
+            opened, self._opened = self._opened, {}
+        with self._lock:
+            if self._closing.is_set():
+                return
+            for sid, (rt, info) in opened.items():
+                m = self._members.get(sid)
+                if m is None or m.runtime is not rt or info.container == "synthetic":
+                    continue
+                if not (info.video_codec and info.width and info.height and info.fps):
+                    continue  # audio only, or a rate the container does not state: nothing better than the plan
+                if normalize_codec(info.video_codec) not in CPU_CODEC_FACTOR:
+                    continue  # a codec the budgets do not know (MJPEG, raw): the plan's guess stands
+                try:
+                    actual = replace(m.demand, codec=info.video_codec, width=info.width, height=info.height,
+                                     fps=float(info.fps))
+                except ValueError:
+                    continue
+                if actual == m.demand:
+                    continue
+                m.demand = actual
+                changes = self.scheduler.update(actual)
+                if changes and changes[0].stream_id == sid and not changes[0].admitted:
+                    log.warning("stream %s stopped: %s", sid, changes[0].reason)
+                self._apply(changes)
 
     # -- placement made real (callers hold the lock)
     def _engine_for(self, p: Placement) -> Engine | None:

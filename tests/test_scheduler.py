@@ -582,3 +582,37 @@ def test_cpu_engine_upgrades_in_place_when_capacity_frees() -> None:
     changes = sched.remove("c00")
     assert [(p.stream_id, p.tier) for p in changes] == [("c02", Tier.ALL)]
     assert changes[0].reason.startswith("cpu: upgraded in place from the skip_nonref tier to full rate")
+
+
+# --- what a stream turns out to be once open ------------------------------------------------------------------
+
+
+def test_update_moves_only_the_stream_that_turned_out_dearer() -> None:
+    one = replace(H100, name="H100 (one engine)", nvdec_engines=1)
+    sched = Scheduler([one, one])
+    planned = [StreamDemand(f"s{i}", "h264", 3840, 2160, 30, needs_every_frame=True) for i in range(4)]
+    for s in planned:
+        assert sched.add(s).target is Target.GPU
+    before = {sid: p.gpu for sid, p in sched.snapshot().placements.items()}
+    assert sched.update(planned[0]) == []  # nothing new
+    # s0 is really 8K60 (1.3 engine units): it fits on no GPU and needs every frame: refused, nobody moves.
+    changes = sched.update(replace(planned[0], width=7680, height=4320, fps=60))
+    assert [c.stream_id for c in changes] == ["s0"] and changes[0].target is Target.REFUSED
+    assert changes[0].reason.startswith(
+        "re-planned once open, as 7680x4320 H.264 at 60 fps (planned as 3840x2160 H.264 at 30 fps): refused: ")
+    after = sched.snapshot()
+    assert {sid: p.gpu for sid, p in after.placements.items() if sid != "s0"} == {k: v for k, v in before.items() if k != "s0"}
+    assert all(g.load_units <= g.budget_units + 1e-9 for g in after.gpus)
+    with pytest.raises(KeyError):
+        sched.update(StreamDemand("nope", "h264", 640, 360, 25))
+
+
+def test_update_gives_what_a_stream_does_not_need_to_refused_and_downgraded_streams() -> None:
+    sched = Scheduler([], cpu=CpuModel(cores=1))
+    a, b, c = (_cpu_stream(i, audio=False, needs_every_frame=True) for i in range(3))
+    assert [sched.add(s).target for s in (a, b, c)] == [Target.CPU, Target.CPU, Target.REFUSED]
+    # a is really 640x360 at 25 fps: it stays where it is (cheaper), and c gets the cores it freed.
+    changes = sched.update(replace(a, width=640, height=360, fps=25))
+    assert [(p.stream_id, p.target) for p in changes] == [("c00", Target.CPU), ("c02", Target.CPU)]
+    assert changes[0].tier is Tier.ALL and changes[0].cost == pytest.approx(25 * (9.2 * 640 * 360 / 1920 / 1080 + 1) / 1000)
+    assert changes[1].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")

@@ -423,6 +423,25 @@ def test_cpu_cores_admits_streams_within_the_cpu_and_says_why_not(tmp_path: Path
         assert client.get("/api/streams/d").json()["tier"] == "keyframes"
 
 
+def test_cpu_cores_replans_a_stream_once_it_opens(tmp_path: Path, make_clip, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream without `expect` is planned as 1080p30 H.264 (0.383 cores with every default detector); once
+    open it is 320x240 at 25 fps (0.110): the cores it does not need go to the stream refused meanwhile (0.595
+    cores: one planned stream, or one known and one planned)."""
+    clip = make_clip("replan_320x240.mp4", seconds=30.0)
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{clip}", pace: realtime}}""" for n in ("a", "b")), extra="engine: {cpu_cores: 0.7}")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        b = wait_until(lambda: (x := client.get("/api/streams/b").json())["state"] == "running" and x)
+        assert b["tier"] == "all"
+        placements = svc.engine.pool.placements()
+        assert placements["a"].cost == pytest.approx((25 * (9.2 * 320 * 240 / 1920 / 1080 + 1.0) + 77) / 1000)
+        assert placements["b"].cost == pytest.approx(placements["a"].cost)  # b opened too: re-planned in place
+        assert placements["b"].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")
+    assert ("stream b not started: refused: the CPU has 0.212 of 0.595 cores free and the stream needs 0.383 at "
+            "full rate") in caplog.text
+
+
 def test_cpu_cores_beside_gpus_decodes_what_they_cannot_take(tmp_path: Path) -> None:
     """With GPU devices, `engine.cpu_cores` is hybrid decode: a stream no GPU has room for runs on the CPU
     engine (4K60 needing every frame: 60 pictures of 37.8 ms plus audio, 2.35 cores of the 3.4 of 4 cores)."""

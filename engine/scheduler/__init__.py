@@ -2,6 +2,7 @@
 cheaper decode tiers, hybrid CPU decode and plain-language reasons for every decision. Pure CPU logic; no CUDA needed."""
 
 from engine.scheduler.capacity import (
+    CPU_CODEC_FACTOR,
     KNOWN_MODELS,
     REFERENCE_CLOCK_MHZ,
     TIER_ORDER,
@@ -24,6 +25,7 @@ from engine.scheduler.capacity import (
 from engine.scheduler.packing import GpuLoad, Placement, Plan, Scheduler, Target
 
 __all__ = [
+    "CPU_CODEC_FACTOR",
     "KNOWN_MODELS",
     "REFERENCE_CLOCK_MHZ",
     "TIER_ORDER",

@@ -177,6 +177,10 @@ class Plan:
         }
 
 
+def _demand_words(s: StreamDemand) -> str:
+    return f"{s.width}x{s.height} {codec_display(s.codec)} at {s.fps:g} fps"
+
+
 def _cores(x: float) -> str:
     # Fractions of a core need three decimals: a 128x72 stream costs 0.087.
     return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
@@ -677,6 +681,52 @@ class Scheduler:
                 raise ValueError(f"stream {stream.id!r} is already scheduled")
             return self._commit(stream, self._choose(stream))
 
+    def update(self, stream: StreamDemand) -> list[Placement]:
+        """The stream's demand as it turned out once open (its real codec, size and rate, where the plan had the
+        operator's `expect` or the 1080p30 H.264 assumption). It stays where it is, at its tier, when it fits
+        there; otherwise it is placed again (a cheaper tier, another GPU, the CPU, or refused), moving no other
+        stream. Capacity it no longer needs goes to refused streams, then to upgrades in place. Returns the
+        placements that changed, this stream's first."""
+        with self._lock:
+            old_s = self._streams.get(stream.id)
+            if old_s is None:
+                raise KeyError(f"stream {stream.id!r} is not scheduled")
+            old = self._placements[stream.id]
+            if stream == old_s:
+                return []
+            self._release(stream.id)
+            self._streams[stream.id] = stream
+            if old.target is Target.REFUSED:  # not running, so nothing was learnt from it; kept as it was
+                self._commit(stream, old)
+                return []
+            what = f"re-planned once open, as {_demand_words(stream)} (planned as {_demand_words(old_s)}): "
+            p = self._in_place(stream, old)
+            if p is None:
+                p = self._choose(stream, prefix=what)
+            self._commit(stream, p)
+            changes: dict[str, Placement] = {} if p == old else {stream.id: p}
+            if p.target is not old.target or p.cost < old.cost - _EPS:
+                more = self._use_freed(old)
+                changes.update((c.stream_id, c) for c in more)  # the last placement of each stream counts
+            first = [changes.pop(stream.id)] if stream.id in changes else []
+            return first + list(changes.values())
+
+    def _in_place(self, s: StreamDemand, old: Placement) -> Placement | None:
+        """`old`'s target and tier for the stream's new demand, when that still fits there (None otherwise)."""
+        assert old.tier is not None
+        mem = stream_memory_mb(s, old.tier)
+        if old.target is Target.GPU:
+            assert old.gpu is not None
+            if not self.gpus[old.gpu].supports(s.codec) or old.gpu in self._failed:
+                return None
+            cost = engine_cost(s, old.tier, self.gpus[old.gpu])
+            if not self._fits(old.gpu, cost, mem):
+                return None
+            return replace(old, cost=cost, memory_mb=mem)
+        if old.target is Target.CPU and self._cpu_fits(s, old.tier):
+            return replace(old, cost=self._cpu_need(s, old.tier)[0], memory_mb=mem)
+        return None
+
     def remove(self, stream_id: str) -> list[Placement]:
         """Drop a stream and use the freed capacity: first for refused streams (placed without moving anyone),
         then to upgrade downgraded streams on the same GPU in place. Returns the placements that changed."""
@@ -687,13 +737,18 @@ class Scheduler:
             del self._streams[stream_id]
             if old.target is Target.REFUSED:
                 return []
-            changes = self._admit_refused()
-            if old.target is Target.GPU:
-                assert old.gpu is not None
-                changes += self._upgrade_in_place([old.gpu], cpu=False)
-            else:
-                changes += self._upgrade_in_place([], cpu=True)
-            return changes
+            return self._use_freed(old)
+
+    def _use_freed(self, old: Placement) -> list[Placement]:
+        """Capacity freed where `old` was: first for refused streams (placed without moving anyone), then to
+        upgrade downgraded streams there in place."""
+        changes = self._admit_refused()
+        if old.target is Target.GPU:
+            assert old.gpu is not None
+            changes += self._upgrade_in_place([old.gpu], cpu=False)
+        else:
+            changes += self._upgrade_in_place([], cpu=True)
+        return changes
 
     def fail_gpu(self, index: int) -> list[Placement]:
         """Take a GPU out of service and re-place its streams on the others (or the CPU, or refuse them);
