@@ -221,10 +221,6 @@ def serve(
                     "(FRAMEWATCH_TOKEN, service.token in the config, or --token)")
     if not 0 <= port <= 65535:
         raise _fail(f"port {port} is not a TCP port")
-    if cfg.engine.workers > 1:
-        # Said, never silently ignored: the service runs its engines in one process (README: known limitations).
-        err.print("framewatch: warning: serve runs one engine per device in its own process; engine.workers is "
-                  "used by `run` only", markup=False, highlight=False, soft_wrap=True)
     try:
         service = Service(cfg, state_dir=state_dir, token=token)
     except Exception as exc:

@@ -149,6 +149,21 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: 
         send("done", [asdict(report_of(rt, str(engine.device))) for rt in engine.streams.values()])
 
 
+def drain(q: Any, handle: Any, timeout: float) -> None:
+    """Hand every message waiting on the workers' queue to `handle(kind, index, payload)`, waiting up to
+    `timeout` seconds for the first (0: none)."""
+    try:
+        item = q.get(timeout=timeout) if timeout else q.get_nowait()
+    except queue_mod.Empty:
+        return
+    while True:
+        handle(*item)
+        try:
+            item = q.get_nowait()
+        except queue_mod.Empty:
+            return
+
+
 def _follow_parent() -> None:
     """The parent decides when a worker stops: SIGTERM and Ctrl-C sent to the whole process group (GNU
     timeout, systemctl stop, a terminal) are left to it, so the worker finishes its streams and resolves its
@@ -376,16 +391,7 @@ class ProcessWorkers:
         self._stop.value = 1
 
     def _drain(self, timeout: float) -> None:
-        try:
-            item = self._out.get(timeout=timeout) if timeout else self._out.get_nowait()
-        except queue_mod.Empty:
-            return
-        while True:
-            self._handle(*item)
-            try:
-                item = self._out.get_nowait()
-            except queue_mod.Empty:
-                return
+        drain(self._out, self._handle, timeout)
 
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         w = self._workers[index]

@@ -15,6 +15,18 @@ log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def tile_jpeg(frame: VideoFrame, width: int) -> bytes:
+    """The picture as a small JPEG at most `width` wide (the mosaic's tiles)."""
+    import io
+
+    img = Image.fromarray(frame_rgb(frame))
+    if img.width > width:
+        img = img.resize((width, max(1, round(img.height * width / img.width))))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=75)
+    return buf.getvalue()
+
+
 def frame_rgb(frame: VideoFrame) -> np.ndarray:
     """(h, w, 3) uint8: the decoder's colour rendering when it offers one, else the small luma as grey."""
     if frame.rgb is not None:

@@ -9,7 +9,6 @@ sinks. Streams and alerts live in SQLite (engine.service.store) so a restarted s
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import threading
@@ -297,20 +296,29 @@ class Service:
         self._open_outputs()
         from engine.pool import cpu_model
 
-        self.engine = Engines(
-            AlertHub(self, self.outputs),
-            devices or service_devices(cfg),
-            gpu_models,
-            cpu=cpu_model(cfg.engine.cpu_cores),
-            headroom=cfg.engine.headroom,
-            batch_frames=cfg.engine.batch_frames,
-            tick=cfg.engine.tick_ms / 1000,
-            queue_frames=cfg.engine.queue_frames,
-            thumbnails=ThumbnailWriter(self.thumbs_dir),
-            review=ReviewStore(cfg.output.review) if cfg.output.review else None,
-            torch_threads=cfg.engine.torch_threads,
-            shed_clicks=cfg.engine.shed_clicks,
-        )
+        common = {"batch_frames": cfg.engine.batch_frames, "tick": cfg.engine.tick_ms / 1000,
+                  "queue_frames": cfg.engine.queue_frames, "torch_threads": cfg.engine.torch_threads,
+                  "shed_clicks": cfg.engine.shed_clicks}
+        self.engine: Any
+        if cfg.engine.workers > 1:
+            from engine.service.remote import ServiceWorkers
+
+            # Engine processes per device (the scoring thread and per-stream host work of one process limit it).
+            self.engine = ServiceWorkers(
+                AlertHub(self, self.outputs), devices or service_devices(cfg), cfg.engine.workers, common,
+                thumbnails=str(self.thumbs_dir), review=cfg.output.review, log_level=cfg.output.log_level,
+                cpu=cpu_model(cfg.engine.cpu_cores), models=gpu_models, headroom=cfg.engine.headroom)
+        else:
+            self.engine = Engines(
+                AlertHub(self, self.outputs),
+                devices or service_devices(cfg),
+                gpu_models,
+                cpu=cpu_model(cfg.engine.cpu_cores),
+                headroom=cfg.engine.headroom,
+                thumbnails=ThumbnailWriter(self.thumbs_dir),
+                review=ReviewStore(cfg.output.review) if cfg.output.review else None,
+                **common,
+            )
         self._engine_thread: threading.Thread | None = None
         self._sampler: threading.Thread | None = None
 
@@ -580,16 +588,14 @@ class Service:
             return cached[2]
         if frame is None:
             return None
-        from PIL import Image
+        if hasattr(self.engine, "tile"):  # the picture is in a worker process: rendered there
+            data = self.engine.tile(stream_id, TILE_WIDTH)
+            if data is not None:
+                self._tiles[stream_id] = (now, -1, data)
+            return data
+        from engine.alerts.thumbnails import tile_jpeg
 
-        from engine.alerts.thumbnails import frame_rgb
-
-        img = Image.fromarray(frame_rgb(frame))
-        if img.width > TILE_WIDTH:
-            img = img.resize((TILE_WIDTH, max(1, round(img.height * TILE_WIDTH / img.width))))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=75)
-        data = buf.getvalue()
+        data = tile_jpeg(frame, TILE_WIDTH)
         self._tiles[stream_id] = (now, id(frame), data)
         return data
 
@@ -792,6 +798,8 @@ def _body(model: StreamModel) -> dict[str, Any]:
 
 def _sync(rt: StreamRuntime) -> dict[str, Any] | None:
     """The A/V offset as last measured: the content estimate only when it was confident."""
+    if hasattr(rt, "remote_sync"):  # a stream in a worker process (engine.service.remote): measured there
+        return rt.remote_sync
     det = next((d for d in rt.detectors if d.NAME == "av_sync"), None)
     if det is None:
         return None
