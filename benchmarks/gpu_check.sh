@@ -6,7 +6,7 @@
 # a short table last. Results: $OUT (if set) or benchmarks/results/gpu. Budget: about 6 minutes.
 # benchmarks/gpu_wheels.sh makes WHEEL_DIR (a 35 MB site archive and py-spy) where pip reaches the registry.
 #   BENCH_STREAMS (32), BENCH_KEYFRAME_STREAMS (128), BENCH_SECONDS (10), BENCH_CODECS (h264,hevc), BENCH_TIERS,
-#   BENCH_PROCS (1,4), BENCH_DECODE_BATCH (8), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile bench), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
+#   BENCH_PROCS (1,4), BENCH_DECODE_BATCH (8), PROBE=0 (skip the NVDEC probe), STAGES (default: clips tests corruption audio profile service bench), SERVICE_WORKERS (1,4), TEST_TIMEOUT, BENCH_TIMEOUT, TESTS_ISOLATED=1 (each cuda test in its own process: a native crash loses one test only, ~3 min), PROFILE=1 (a py-spy GIL profile when .whl/tools/py-spy exists)
 set -u
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$SITE" "$RESULTS"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-STAGES=${STAGES:-clips tests corruption audio profile bench}
+STAGES=${STAGES:-clips tests corruption audio profile service bench}
 has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 for a in "$WHEELS"/*.tar.xz "$WHEELS"/*/*.tar.xz; do
@@ -92,6 +92,13 @@ if has profile && [ -n "${PROFILE:-}" ] && [ -n "$SPY" ]; then
   timeout 120 $SPY record --gil -r 250 --format raw -o "$RESULTS/profile_gil.txt" -- \
     $PY -m engine.cli bench --device cuda --streams "${BENCH_STREAMS:-32}" --clip-seconds "${BENCH_SECONDS:-10}" \
     --codecs h264 --tiers all --procs 1 --clip-dir /tmp/framewatch-clips --json "$RESULTS/profile_bench.json" 2>&1 | tail -8
+fi
+
+if has service; then
+  # serve's worker processes (engine.workers) against one process, the service's own code path, same clip.
+  echo "== service throughput (h264, ${BENCH_STREAMS:-32} streams, workers ${SERVICE_WORKERS:-1,4})"
+  timeout 200 $PY benchmarks/service_throughput.py --device cuda --clip "$PROBE_CLIP" --streams "${BENCH_STREAMS:-32}" \
+    --workers "${SERVICE_WORKERS:-1,4}" --timeout 80 --json "$RESULTS/service_throughput.json" 2>&1 | tail -5
 fi
 
 has bench && echo "== bench" && timeout -s INT -k 20 ${BENCH_TIMEOUT:-270} $PY -m engine.cli bench --device cuda \

@@ -49,11 +49,34 @@ from waiting import free_tcp_port, wait_until  # noqa: E402
 from engine.config import load_config  # noqa: E402
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def rss_mb(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # a worker that ended meanwhile
+        return 0.0
     return float("nan")
+
+
+def worker_pids(svc: object) -> list[int]:
+    """The engine worker processes of a service with engine.workers > 1 (none otherwise)."""
+    procs = getattr(svc.engine, "_procs", [])  # type: ignore[attr-defined]
+    return [p.process.pid for p in procs if p.process is not None and p.process.is_alive()]
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds of this process and of the given live children (os.times counts children once reaped)."""
+    t = os.times()
+    total = t.user + t.system
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            pass
+    return total
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -77,7 +100,8 @@ def make_clips(folder: Path, seconds: float, size: str, fps: float) -> tuple[Pat
     return clips[0], clips[1]
 
 
-def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only: bool, off: list[str]) -> dict:
+def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only: bool, off: list[str],
+                   workers: int = 1) -> dict:
     import uvicorn
 
     from engine.service import Service
@@ -85,7 +109,7 @@ def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only:
 
     state = tempfile.mkdtemp(prefix="fw-bench-")
     disabled = ", ".join(f"{d}: {{enabled: false}}" for d in off)
-    cfg = load_config(text=f"output: {{jsonl: null}}\ndetectors: {{{disabled}}}\n")
+    cfg = load_config(text=f"output: {{jsonl: null}}\nengine: {{workers: {workers}}}\ndetectors: {{{disabled}}}\n")
     svc = Service(cfg, state_dir=state)
     port = free_tcp_port()
     server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning",
@@ -95,7 +119,11 @@ def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only:
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, timeout=30)
     wait_until(lambda: _ok(client, "/readyz"), timeout=60)
-    rss0 = rss_mb()
+    if workers > 1:  # the baseline includes the worker processes once they have their engine (torch loaded)
+        wait_until(lambda: len(worker_pids(svc)) == workers and all(rss_mb(p) > 200 for p in worker_pids(svc)),
+                   timeout=60)
+        time.sleep(1.0)
+    rss0 = rss_mb() + sum(rss_mb(pid) for pid in worker_pids(svc))
     for i in range(n):
         # A clip read at its own pace is a live channel to the engine: decoded, scored and judged as it plays.
         body: dict = {"id": f"ch{i:03d}", "url": str(clips[1] if i % 4 == 0 else clips[0]), "pace": "realtime"}
@@ -122,15 +150,17 @@ def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only:
 
     poller = threading.Thread(target=poll, daemon=True)
     media0 = {s["id"]: s["media_time"] for s in client.get("/api/streams").json()}
-    c0, w0 = os.times(), time.monotonic()
+    pids = worker_pids(svc)
+    c0, w0 = cpu_s(pids), time.monotonic()
     poller.start()
     time.sleep(seconds)
     stop.set()
     poller.join()
-    c1, w1 = os.times(), time.monotonic()
+    c1, w1 = cpu_s(pids), time.monotonic()
+    rss = rss_mb() + sum(rss_mb(pid) for pid in pids)
     streams = client.get("/api/streams").json()
     wall = w1 - w0
-    cpu = (c1.user + c1.system) - (c0.user + c0.system)
+    cpu = c1 - c0
     kept = [(s["media_time"] - media0.get(s["id"], 0.0)) / wall for s in streams]
     metrics = client.get("/metrics").text
     lat_sum = _metric(metrics, "framewatch_detection_latency_seconds_sum")
@@ -140,9 +170,9 @@ def run_framewatch(n: int, seconds: float, clips: tuple[Path, Path], video_only:
     false_alarms = [a["type"] + "@" + a["stream"] for a in client.get("/api/alerts?limit=1000").json()
                     if a["type"] != "black"]
     out = {
-        "streams": n, "seconds": round(wall, 2), "cpu_cores": round(cpu / wall, 3),
+        "streams": n, "workers": workers, "seconds": round(wall, 2), "cpu_cores": round(cpu / wall, 3),
         "cpu_s_per_stream_hour": round(cpu / (n * wall / 3600), 1),
-        "rss_mb": round(rss_mb(), 1), "rss_mb_per_stream": round((rss_mb() - rss0) / n, 2),
+        "rss_mb": round(rss, 1), "rss_mb_per_stream": round((rss - rss0) / n, 2),
         "kept_up_min": round(min(kept), 3), "kept_up_mean": round(statistics.mean(kept), 3),
         "streams_kept_up": sum(k >= 0.95 for k in kept), "frames_dropped": dropped,
         "black_alerts": len(black), "black_expected": (n + 3) // 4,
@@ -199,7 +229,8 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=25.0)
     ap.add_argument("--video-only", action="store_true", help="no audio (video detectors only)")
     ap.add_argument("--off", default="", help="detectors to disable, comma-separated (e.g. clicks)")
-    ap.add_argument("--peer-procs", type=int, default=4, help="FFmpeg processes at once for the peer figure")
+    ap.add_argument("--peer-procs", type=int, default=4, help="FFmpeg processes at once for the peer figure (0: no peer)")
+    ap.add_argument("--workers", default="1", help="engine.workers values to run each count with, e.g. 1,2")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "service_load.json"))
     args = ap.parse_args()
     counts = [int(x) for x in args.streams.split(",") if x.strip()]
@@ -209,10 +240,11 @@ def main() -> None:
     clips = make_clips(folder, args.seconds + 12, args.size, args.fps)
     rows = []
     for n in counts:
-        fw = run_framewatch(n, args.seconds, clips, args.video_only, [d for d in args.off.split(",") if d])
-        peer = run_ffmpeg(min(n, args.peer_procs), args.seconds, clips[0], args.video_only)
-        ratio = round(fw["cpu_s_per_stream_hour"] / peer["cpu_s_per_stream_hour"], 2) if peer else None
-        rows.append({"framewatch": fw, "ffmpeg": peer, "cpu_ratio_framewatch_over_ffmpeg": ratio})
+        peer = run_ffmpeg(min(n, args.peer_procs), args.seconds, clips[0], args.video_only) if args.peer_procs else None
+        for w in [int(x) for x in args.workers.split(",") if x.strip()]:
+            fw = run_framewatch(n, args.seconds, clips, args.video_only, [d for d in args.off.split(",") if d], w)
+            ratio = round(fw["cpu_s_per_stream_hour"] / peer["cpu_s_per_stream_hour"], 2) if peer else None
+            rows.append({"framewatch": fw, "ffmpeg": peer, "cpu_ratio_framewatch_over_ffmpeg": ratio})
     shutil.rmtree(folder, ignore_errors=True)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -226,12 +258,12 @@ def main() -> None:
     tmp.replace(out)
     print(f"\nservice load ({args.size} @ {args.fps:g} fps{', video only' if args.video_only else ', video + audio'}, "
           f"{args.seconds:g} s{', off: ' + args.off if args.off else ''}; results in {out})")
-    print(f"{'streams':>7} {'cores':>6} {'cpu s/h':>8} {'ffmpeg':>8} {'ratio':>6} {'kept up':>8} {'min':>6} "
+    print(f"{'streams':>7} {'procs':>5} {'cores':>6} {'cpu s/h':>8} {'ffmpeg':>8} {'ratio':>6} {'kept up':>8} {'min':>6} "
           f"{'drops':>6} {'black':>6} {'lat s':>6} {'false':>6} {'api p50/p95 ms':>15} {'MB/str':>7}")
     for r in rows:
         f, p = r["framewatch"], r["ffmpeg"]
         api = f["api_ms"].get("stream", {})
-        print(f"{f['streams']:>7} {f['cpu_cores']:>6.2f} {f['cpu_s_per_stream_hour']:>8.0f} "
+        print(f"{f['streams']:>7} {f['workers']:>5} {f['cpu_cores']:>6.2f} {f['cpu_s_per_stream_hour']:>8.0f} "
               f"{(p or {}).get('cpu_s_per_stream_hour', float('nan')):>8.0f} {r['cpu_ratio_framewatch_over_ffmpeg'] or float('nan'):>6.2f} "
               f"{f['streams_kept_up']:>4}/{f['streams']:<3} {f['kept_up_min']:>6.2f} {f['frames_dropped']:>6} "
               f"{f['black_alerts']:>3}/{f['black_expected']:<2} {f['detection_latency_mean_s'] or float('nan'):>6.2f} "
