@@ -58,8 +58,9 @@ def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> Stre
     if d.id != spec.id:
         raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
     clicks = spec.detectors.get("clicks")
+    # video: false decodes no picture: costed by its audio alone, not as the 1080p30 H.264 assumed of it.
     d = replace(d, audio=bool(spec.source.audio), clicks=bool(clicks is not None and clicks.enabled),
-                paced=is_paced(spec))
+                paced=is_paced(spec), video=bool(spec.source.video))
     every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)
     if every and not d.needs_every_frame:
         names = ", ".join(f"'{n}'" for n in every)
@@ -253,6 +254,28 @@ class GpuPool:
             self._end_outage(stream_id, "stream removed")
             changes = self.scheduler.remove(stream_id)
             self._apply(changes)
+
+    def replace_stream(self, spec: StreamSpec, demand: StreamDemand | None = None) -> Placement:
+        """Restart a stream with a new spec (a change through the API): the old one stops, the new one has the
+        first claim on the capacity it had (`Scheduler.replace`), and what it no longer takes goes to refused
+        streams. An unknown stream is added."""
+        d = default_demand(spec, demand)
+        with self._lock:
+            m = self._members.get(spec.id)
+            if m is None:
+                return self.add_stream(spec, demand)
+            self._stop(m)
+            self._end_outage(spec.id, "stream changed")
+            changes = self.scheduler.replace(d)
+            p = changes[0]
+            m = self._members[spec.id] = _Member(replace(spec), d, p)
+            if p.admitted:
+                self._start(m, p)
+                log.info("stream %s: %s", spec.id, p.reason)
+            else:
+                log.warning("stream %s not started: %s", spec.id, p.reason)
+            self._apply(changes[1:])
+            return p
 
     def placements(self) -> dict[str, Placement]:
         return dict(self.scheduler.snapshot().placements)

@@ -188,6 +188,22 @@ def test_demand_follows_the_detectors() -> None:
         default_demand(spec("x"), StreamDemand("other", "h264", 1280, 720, 25))
 
 
+def test_an_audio_only_stream_costs_its_audio_alone() -> None:
+    """`video: false` decodes no picture: a live radio stream costs its audio analysis (77 ms a second with
+    clicks), not the 1080p30 H.264 assumed of a stream without `expect` (0.383 cores): on one core 11 of them
+    are admitted, not 2."""
+    from engine.pool import cpu_model, plan_cpu
+
+    radio = [StreamSpec(f"r{i}", f"udp://239.0.0.1:{5000 + i}", DETECTORS, SourceOptions(video=False))
+             for i in range(12)]
+    cpu = cpu_model(1.0)
+    assert cpu is not None
+    assert cpu.cost(default_demand(radio[0]), Tier.ALL) == pytest.approx(0.077)
+    admitted, refused = plan_cpu(radio, cpu)
+    assert len(admitted) == 11 and len(refused) == 1
+    assert "needs 0.077 at full rate" in next(iter(refused.values())), refused
+
+
 @pytest.mark.parametrize(
     ("exc", "device"),
     [

@@ -616,3 +616,21 @@ def test_update_gives_what_a_stream_does_not_need_to_refused_and_downgraded_stre
     assert [(p.stream_id, p.target) for p in changes] == [("c00", Target.CPU), ("c02", Target.CPU)]
     assert changes[0].tier is Tier.ALL and changes[0].cost == pytest.approx(25 * (9.2 * 640 * 360 / 1920 / 1080 + 1) / 1000)
     assert changes[1].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")
+
+
+def test_replace_gives_a_changed_stream_the_first_claim_on_its_capacity() -> None:
+    """A stream changed by the operator is placed again before any refused stream may take what it had; what
+    it no longer needs goes to them."""
+    sched = Scheduler([], cpu=CpuModel(cores=1))
+    a, b, c = (_cpu_stream(i, audio=False, needs_every_frame=True) for i in range(3))
+    assert [sched.add(s).target for s in (a, b, c)] == [Target.CPU, Target.CPU, Target.REFUSED]
+    changes = sched.replace(replace(a, clicks=True))
+    assert [(p.stream_id, p.target) for p in changes] == [("c00", Target.CPU)]
+    assert sched.placement("c02").target is Target.REFUSED
+    # Changed to something cheaper: c gets the cores freed.
+    changes = sched.replace(replace(a, width=640, height=360))
+    assert [(p.stream_id, p.target) for p in changes] == [("c00", Target.CPU), ("c02", Target.CPU)]
+    # A refused stream changed is placed again too (here: still no room).
+    assert [p.target for p in sched.replace(replace(c, fps=60))] == [Target.REFUSED]
+    with pytest.raises(KeyError):
+        sched.replace(_cpu_stream(9))

@@ -392,15 +392,20 @@ def test_several_devices_spread_streams_refuse_what_does_not_fit_and_admit_it_la
         assert client.get("/api/about").json()["device"] == "cpu (gpu 0), cpu (gpu 1)"
 
 
+def three_on_a_quarter_core(tmp_path: Path) -> Service:
+    """Three 128x72 streams at 10 fps (0.087 cores each with every default detector) on `cpu_cores: 0.25` (0.212
+    after the head room): a and b run, c is refused."""
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}"}}""" for i, n in enumerate(("a", "b", "c"))),
+                 extra="engine: {cpu_cores: 0.25}")
+    return Service(cfg, state_dir=tmp_path / "state")
+
+
 def test_cpu_cores_admits_streams_within_the_cpu_and_says_why_not(tmp_path: Path) -> None:
     """`engine.cpu_cores` on a CPU service: live streams are admitted within the cores (a 128x72 stream at 10
     fps with every default detector costs 0.087 cores: 10 pictures of 1.04 ms and 77 ms of audio analysis a
     second), at a cheaper tier when that fits, else refused with the reason; freed cores admit them later."""
-    cfg = config("".join(f"""
-  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}"}}""" for i, n in enumerate(("a", "b", "c"))),
-                 extra="engine: {cpu_cores: 0.25}")
-    svc = Service(cfg, state_dir=tmp_path / "state")
-    with TestClient(create_app(svc)) as client:
+    with TestClient(create_app(three_on_a_quarter_core(tmp_path))) as client:
         for n in ("a", "b"):
             wait_until(lambda n=n: client.get(f"/api/streams/{n}").json()["state"] == "running")
         c = client.get("/api/streams/c").json()
@@ -421,6 +426,24 @@ def test_cpu_cores_admits_streams_within_the_cpu_and_says_why_not(tmp_path: Path
         c = wait_until(lambda: (x := client.get("/api/streams/c").json())["state"] == "running" and x)
         assert c["tier"] == "all" and c["device"] == "cpu"
         assert client.get("/api/streams/d").json()["tier"] == "keyframes"
+
+
+def test_a_changed_stream_keeps_its_cores_before_a_refused_one(tmp_path: Path) -> None:
+    """PATCH of a running stream restarts it: it keeps the cores it had (it used to be removed first, its
+    cores went to the refused stream, and the changed stream itself came back refused)."""
+    with TestClient(create_app(three_on_a_quarter_core(tmp_path))) as client:
+        for n in ("a", "b"):
+            wait_until(lambda n=n: client.get(f"/api/streams/{n}").json()["state"] == "running")
+        r = client.patch("/api/streams/a", json={"detectors": {"black": {"onset": 3.0}}})
+        assert r.status_code == 200, r.text
+        wait_until(lambda: client.get("/api/streams/a").json()["state"] == "running")
+        assert {s["id"]: s["state"] for s in client.get("/api/streams").json()} == {
+            "a": "running", "b": "running", "c": "refused"}
+        # A change that no longer fits (1080p30 needing every frame: 0.383 cores) refuses it, and the cores
+        # it had go to the refused one.
+        r = client.patch("/api/streams/b", json={"expect": {"width": 1920, "height": 1080, "fps": 30}})
+        assert r.status_code == 200 and r.json()["state"] == "refused", r.text
+        wait_until(lambda: client.get("/api/streams/c").json()["state"] == "running")
 
 
 def test_cpu_cores_replans_a_stream_once_it_opens(tmp_path: Path, make_clip, caplog: pytest.LogCaptureFixture) -> None:

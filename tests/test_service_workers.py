@@ -110,3 +110,84 @@ def test_cpu_cores_counts_a_scoring_thread_per_worker(tmp_path: Path) -> None:
         assert client.delete("/api/streams/s0").status_code == 204
         s1 = running(client, "s1")
         assert s1["device"].startswith("cpu (worker ")
+
+
+def test_a_changed_stream_keeps_its_place_in_a_worker(tmp_path: Path) -> None:
+    """PATCH of a running stream with cpu_cores: its alerts resolve once, as changed, and the new one starts in a
+    worker with the cores the old one had (not handed to the refused stream, leaving the changed one refused)."""
+    streams = "".join(f"""
+  - {{id: s{i}, url: "{SYN.format(name=f's{i}', seed=i)}"{', faults: [{kind: black, start: 1, duration: 600}]' if i == 0 else ''}}}""" for i in range(2))
+    svc = Service(config(streams, "workers: 2, cpu_cores: 0.2"), state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        running(client, "s0")
+        black = wait_until(lambda: client.get("/api/alerts?stream=s0&type=black&status=firing").json(), timeout=30)[0]
+        r = client.patch("/api/streams/s0", json={"detectors": {"black": {"onset": 3.0}}})
+        assert r.status_code == 200, r.text
+        old = client.get(f"/api/alerts/{black['id']}").json()
+        assert old["status"] == "resolved" and old["details"]["resolution"] == "changed"
+        assert running(client, "s0")["device"].startswith("cpu (worker ")
+        assert client.get("/api/streams/s1").json()["state"] == "refused"
+        assert [x["id"] for x in client.get("/api/alerts?stream=s0&type=black").json()
+                if x["details"].get("resolution")] == [black["id"]]
+
+
+def test_removing_a_stream_whose_worker_dies_meanwhile_does_not_wait(tmp_path: Path) -> None:
+    """A removal waits for the worker to end the stream; a worker that dies meanwhile (here: stopped, then
+    killed while the removal waits) answers nothing, and the API answered only after REMOVE_WAIT (10 s), every
+    other stream change waiting too. Now its death lets the removal go on: alerts resolved, marked removed."""
+    import threading
+    import time
+
+    cfg = config(f"""
+  - {{id: a, url: "{SYN.format(name='a', seed=1)}", faults: [{{kind: black, start: 1, duration: 600}}]}}""")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        running(client, "a")
+        black = wait_until(lambda: client.get("/api/alerts?stream=a&type=black&status=firing").json(), timeout=30)[0]
+        pid = svc.engine._procs[svc.engine._streams["a"].worker].process.pid
+        os.kill(pid, signal.SIGSTOP)
+        answer: list = []
+        t0 = time.monotonic()
+        deleting = threading.Thread(target=lambda: answer.append(client.delete("/api/streams/a").status_code))
+        deleting.start()
+        wait_until(lambda: "a" in svc.engine._removing)
+        os.kill(pid, signal.SIGKILL)
+        deleting.join(timeout=15)
+        assert answer == [204] and time.monotonic() - t0 < 5
+        gone = client.get(f"/api/alerts/{black['id']}").json()
+        assert gone["status"] == "resolved" and gone["details"]["resolution"] == "removed"
+        assert client.get("/api/streams/a").status_code == 404
+        assert not client.get("/api/alerts?stream=a&type=no_signal").json()  # not restarted: it was removed
+
+
+def test_a_stream_given_up_stays_alerted_until_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream whose worker died more than RESTARTS times is given up: nothing watches it, so a critical
+    no_signal stays open (it used to end with every alert resolved and none open). A change through the API
+    is a new stream with restarts of its own (the count used to carry over: given up again at the next death)."""
+    from engine.service import remote
+
+    monkeypatch.setattr(remote, "RESTARTS", 1)
+    cfg = config(f"""
+  - {{id: a, url: "{SYN.format(name='a', seed=1)}"}}""")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+
+    def kill() -> str:
+        before = running(client, "a")["device"]
+        os.kill(svc.engine._procs[svc.engine._streams["a"].worker].process.pid, signal.SIGKILL)
+        return before
+
+    with TestClient(create_app(svc)) as client:
+        first = kill()
+        wait_until(lambda: (x := client.get("/api/streams/a").json())["device"] != first and x["state"] == "running"
+                   and x["frames"] > 0, timeout=60)
+        kill()
+        given_up = wait_until(lambda: [x for x in client.get("/api/alerts?stream=a&type=no_signal&status=firing").json()
+                                       if "given up" in x["message"]], timeout=30)[0]
+        assert given_up["severity"] == "critical"
+        assert client.get("/api/streams/a").json()["state"] == "error"
+        assert client.patch("/api/streams/a", json={"detectors": {"black": {"onset": 3.0}}}).status_code == 200
+        assert client.get(f"/api/alerts/{given_up['id']}").json()["status"] == "resolved"
+        second = kill()
+        after = wait_until(lambda: (x := client.get("/api/streams/a").json())["device"] != second
+                           and x["state"] == "running" and x["frames"] > 0 and x, timeout=60)
+        assert after["errors"] == []

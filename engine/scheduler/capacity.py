@@ -263,7 +263,8 @@ class StreamDemand:
     the full-rate tier; `every_frame_reason` says which, for the user ("detector 'freeze' needs every frame").
     For a CPU engine: `audio` (the stream's audio is analysed), `clicks` (with the click analysis), and `paced`
     (read in real time: a live stream; a file read as fast as it can be takes what is left, so it costs
-    nothing there).
+    nothing there). `video` False: the pictures are not decoded at all (an audio-only stream, source option
+    `video: false`), so it costs its audio alone.
     """
 
     id: str
@@ -279,6 +280,7 @@ class StreamDemand:
     audio: bool = True
     clicks: bool = False
     paced: bool = True
+    video: bool = True
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -314,6 +316,8 @@ class StreamDemand:
         return self.pixels / PIXELS_1080P
 
     def decoded_fps(self, tier: Tier) -> float:
+        if not self.video:
+            return 0.0  # audio only: no picture is decoded, whatever its expected size says
         if tier is Tier.ALL:
             return self.fps
         if tier is Tier.SKIP_NONREF:

@@ -178,6 +178,8 @@ class Plan:
 
 
 def _demand_words(s: StreamDemand) -> str:
+    if not s.video:
+        return "audio only"
     return f"{s.width}x{s.height} {codec_display(s.codec)} at {s.fps:g} fps"
 
 
@@ -710,6 +712,23 @@ class Scheduler:
                 changes.update((c.stream_id, c) for c in more)  # the last placement of each stream counts
             first = [changes.pop(stream.id)] if stream.id in changes else []
             return first + list(changes.values())
+
+    def replace(self, stream: StreamDemand) -> list[Placement]:
+        """A stream changed by the operator (restarted with new settings): placed again with the first claim on
+        the capacity it had, before any refused stream (removing it and adding it back would hand a running
+        stream's place to a refused one). What it no longer takes goes to refused streams, then to upgrades.
+        Returns the placements that changed, this stream's first (always there)."""
+        with self._lock:
+            if stream.id not in self._streams:
+                raise KeyError(f"stream {stream.id!r} is not scheduled")
+            old = self._release(stream.id)
+            del self._streams[stream.id]
+            self._commit(stream, self._choose(stream))
+            changes: dict[str, Placement] = {}
+            if old.target is not Target.REFUSED:
+                changes.update((c.stream_id, c) for c in self._use_freed(old))
+            changes.pop(stream.id, None)
+            return [self._placements[stream.id], *changes.values()]
 
     def _in_place(self, s: StreamDemand, old: Placement) -> Placement | None:
         """`old`'s target and tier for the stream's new demand, when that still fits there (None otherwise)."""

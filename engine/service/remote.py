@@ -198,6 +198,7 @@ class _Proc:
     process: Any = None
     commands: Any = None
     streams: set[str] = field(default_factory=set)
+    removing: set[str] = field(default_factory=set)  # removals it has not confirmed yet
     done: bool = False
     lost: bool = False
 
@@ -287,25 +288,41 @@ class ServiceWorkers:
             if self.scheduler is None:
                 self._place(s, self._least_loaded(self._healthy()))
                 return
-            from engine.pool import cpu_demand, default_demand
+            self._apply_placement(s, self.scheduler.add(self._demand(spec)))
 
-            p = self.scheduler.add(cpu_demand(spec) if self.cpu_only else default_demand(spec))
-            self._apply_placement(s, p)
+    def _demand(self, spec: StreamSpec) -> Any:
+        from engine.pool import cpu_demand, default_demand
+
+        return cpu_demand(spec) if self.cpu_only else default_demand(spec)
 
     def remove_stream(self, stream_id: str) -> None:
+        self._remove(stream_id, None)
+
+    def replace_stream(self, spec: StreamSpec) -> None:
+        """A changed stream: the old one ends in its worker, then the new one starts, first in line for the old
+        one's capacity (a removal and an add would hand it to a refused stream)."""
+        self._remove(spec.id, spec)
+
+    def _remove(self, stream_id: str, replacement: StreamSpec | None) -> None:
         with self._lock:
             s = self._streams.pop(stream_id, None)
             if s is None:
+                if replacement is not None:
+                    self.add_stream(replacement)
                 return
             self._end_outage(stream_id, "stream removed")
+            self._restarts.pop(stream_id, None)  # a new stream, or none: the restarts are the old one's
             done = threading.Event()
             proc = self._procs[s.worker] if s.worker is not None and not self._closing else None
-            if proc is not None and not proc.done:
+            if proc is not None and (proc.done or proc.lost):
+                proc = None  # gone: nothing to wait for
+            if proc is not None:
                 proc.streams.discard(stream_id)
+                proc.removing.add(stream_id)
                 self._removing[stream_id] = done
                 proc.commands.put(("remove", stream_id))
-            changes = self.scheduler.remove(stream_id) if self.scheduler is not None else []
-        if proc is not None and not proc.done and self._running:
+            changes = self.scheduler.remove(stream_id) if self.scheduler is not None and replacement is None else []
+        if proc is not None and self._running:
             # Its end (the detectors resolving what they had open) comes back before the answer.
             if not done.wait(REMOVE_WAIT):
                 log.warning("stream %s: worker %d did not confirm its removal within %g s", stream_id, proc.index,
@@ -313,6 +330,12 @@ class ServiceWorkers:
         with self._lock:
             self._removing.pop(stream_id, None)
             self._close_stream(stream_id, "stream removed", self._media(s))
+            if replacement is not None:
+                new = self._streams[stream_id] = _Stream(replacement, None, RemoteRuntime(replacement))
+                if self.scheduler is None:
+                    self._place(new, self._least_loaded(self._healthy()))
+                else:
+                    changes = self.scheduler.replace(self._demand(replacement))
             for p in changes:
                 other = self._streams.get(p.stream_id)
                 if other is not None:
@@ -480,6 +503,7 @@ class ServiceWorkers:
                 if sid in self._outage and (snap["stats"]["frames_scored"] or snap["stats"]["audio_seconds"]):
                     self._end_outage(sid, None, resumed_on=f"{proc.device} (worker {index})")
         elif kind == "removed":
+            proc.removing.discard(payload)
             done = self._removing.get(payload)
             if done is not None:
                 done.set()
@@ -503,6 +527,7 @@ class ServiceWorkers:
             self._lose(proc, f"GPU {proc.device} failed ({payload})")
         elif kind == "done":
             proc.done = True
+            self._unblock_removals(proc)
 
     def _check(self, restart: bool = True) -> None:
         with self._lock:
@@ -511,8 +536,18 @@ class ServiceWorkers:
                 if proc.done or proc.lost or p is None or p.is_alive():
                     continue
                 proc.done = True
+                self._unblock_removals(proc)
                 if restart and not self._stop.value:
                     self._lose(proc, f"worker process {proc.index} on {proc.device} died (exit code {p.exitcode})")
+
+    def _unblock_removals(self, proc: _Proc) -> None:
+        """A worker that is gone confirms nothing: a removal waiting on it goes on at once (its alerts are resolved
+        here) rather than holding the API, and every other stream change, for REMOVE_WAIT."""
+        for sid in proc.removing:
+            done = self._removing.get(sid)
+            if done is not None:
+                done.set()
+        proc.removing.clear()
 
     def _lose(self, proc: _Proc, why: str) -> None:
         """A worker is gone while its streams should run: resolve what they had open, raise no_signal on each,
@@ -522,6 +557,7 @@ class ServiceWorkers:
         proc.lost = True
         if proc.process is not None and proc.process.is_alive():
             proc.process.kill()  # a worker whose GPU failed cannot be trusted with anything more
+        self._unblock_removals(proc)
         moving = sorted(proc.streams)
         proc.streams.clear()
         if proc.device not in self._failed_devices:  # the device is fine: a new process takes the dead one's place
@@ -547,19 +583,22 @@ class ServiceWorkers:
         sid = s.spec.id
         self._close_stream(sid, why, self._media(s))
         self._restarts[sid] = self._restarts.get(sid, 0) + 1
+        media = max(s.runtime.stats.media_end, s.runtime.audio_end)
         if self._restarts[sid] > RESTARTS:
             s.runtime.state = "error"
             s.runtime.errors.append(f"{why}; given up after {RESTARTS} restarts")
             log.error("stream %s: %s; given up after %d restarts", sid, why, RESTARTS)
-            return
-        media = max(s.runtime.stats.media_end, s.runtime.audio_end)
-        s.worker = None
-        if placement is not None:
-            self._apply_placement(s, placement)
+            # Nothing watches it any more: that is an alert too (it was silent: every alert resolved, none
+            # open), open until the stream is changed, removed, or the service stops.
+            where, message = None, f"{why}; given up after {RESTARTS} restarts"
         else:
-            self._place(s, self._least_loaded(self._healthy()))
-        where = self.device_of(sid)
-        message = f"{why}; stream restarted on {where}" if where else f"{why}; {s.reason or 'no capacity left'}"
+            s.worker = None
+            if placement is not None:
+                self._apply_placement(s, placement)
+            else:
+                self._place(s, self._least_loaded(self._healthy()))
+            where = self.device_of(sid)
+            message = f"{why}; stream restarted on {where}" if where else f"{why}; {s.reason or 'no capacity left'}"
         if sid not in self._outage:
             event = Event.outage(sid, media, message, EVENT_VERSION, {"reason": why, "moved_to": where})
             self._outage[sid] = (event, time.monotonic())

@@ -208,6 +208,18 @@ class Engines:
         else:
             self.pool.add_stream(spec)
 
+    def replace_stream(self, spec: StreamSpec) -> None:
+        """A changed stream: the old one ends and the new one starts, first in line for the old one's capacity."""
+        if self.pool is None:
+            self.engines[0].remove_stream(spec.id)
+            self.engines[0].add_stream(spec)
+        elif self.cpu_only:
+            from engine.pool import cpu_demand
+
+            self.pool.replace_stream(spec, cpu_demand(spec))
+        else:
+            self.pool.replace_stream(spec)
+
     def remove_stream(self, stream_id: str) -> None:
         if self.pool is None:
             self.engines[0].remove_stream(stream_id)
@@ -462,12 +474,18 @@ class Service:
             body = merge_patch(stored.body, patch)
             body["id"] = stream_id
             model = self._model(body)
-            _spec(self.cfg, model)  # refused before the running stream is stopped for it
+            spec = _spec(self.cfg, model)  # refused before the running stream is stopped for it
             self.store.put_stream(stream_id, _body(model))  # first: a failed write changes nothing
             self._ending[stream_id] = "changed"
-            self.engine.remove_stream(stream_id)
             self._not_started.pop(stream_id, None)
-            self._start_stream(model)
+            self._tiles.pop(stream_id, None)
+            self._rates.pop(stream_id, None)
+            try:
+                # One step, not a removal and an add: with a scheduler (cpu_cores, GPUs) the capacity a
+                # running stream frees would go to a refused one, and the changed stream itself be refused.
+                self.engine.replace_stream(spec)
+            finally:
+                self._ending.pop(stream_id, None)
         return self.stream_status(stream_id)
 
     def remove_stream(self, stream_id: str) -> None:
