@@ -124,7 +124,10 @@ def run(
             if measure is not None:
                 measure.close()
         return
-    specs, refused = _admit_cpu(cfg, specs, [cfg.engine.device], 1)
+    from engine.pool import missing_cuda
+
+    # A GPU this machine lacks leaves the engine on the CPU (said by the engine): the CPU budget applies then.
+    specs, refused = _admit_cpu(cfg, specs, ["cpu"] if missing_cuda([cfg.engine.device])[0] else [cfg.engine.device], 1)
     thumbs = ThumbnailWriter(cfg.output.thumbnails) if cfg.output.thumbnails else None
     engine = Engine(
         sinks,
@@ -401,67 +404,83 @@ def check(
     _setup_logging("critical")  # stream problems are reported once, by the lines below (one line per file)
     worst = 0
     show_progress = not as_json and err.is_terminal
-    for path in files:
-        memory = MemorySink()
-        engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
-                        review=ReviewStore(review) if review else None, torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
-        # A live URL is watched as it comes (arrivals decide no_signal) for --duration; files as fast as they decode.
-        pace = "auto" if is_live_url(path) else "fast"
-        rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace=pace, decoder=decoder, tier=tier)))
-        if show_progress:
-            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
-                task = bar.add_task(Path(path).name, total=100)
+    reported = 0
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # between files (set-up, reports) SIGTERM is a Ctrl-C
+    try:
+        for n, path in enumerate(files):
+            memory = MemorySink()
+            engine = Engine(memory, device=device, thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
+                            review=ReviewStore(review) if review else None, torch_threads=cfg.engine.torch_threads, batch_frames=cfg.engine.batch_frames)
+            # A live URL is watched as it comes (arrivals decide no_signal) for --duration; files as fast as they decode.
+            pace = "auto" if is_live_url(path) else "fast"
+            rt = engine.add_stream(StreamSpec(id=Path(path).name or path, url=path, detectors=detectors, source=SourceOptions(pace=pace, decoder=decoder, tier=tier)))
+            if show_progress:
+                with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err, transient=True) as bar:
+                    task = bar.add_task(Path(path).name, total=100)
 
-                def tick(rt: StreamRuntime = rt, task: int = task) -> None:
-                    total = rt.info.duration if rt.info is not None and rt.info.duration else None
-                    if total:
-                        bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))
+                    def tick(rt: StreamRuntime = rt, task: int = task) -> None:
+                        total = rt.info.duration if rt.info is not None and rt.info.duration else None
+                        if total:
+                            bar.update(task, completed=min(100.0, 100.0 * rt.stats.media_end / total))
 
-                interrupted = _run_check(engine, rt, duration, tick)
-        else:
-            interrupted = _run_check(engine, rt, duration)
-        if rt.ctx.live and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
-            # A live input never ends by itself: after the watch, one that gave nothing is an error like an
-            # unreadable file, with the reason the last connection attempt gave.
-            rt.fail(f"no media within {duration:g} s" + (f" ({rt.last_disconnect})" if rt.last_disconnect else ""))
-        promised = rt.info.duration if rt.info is not None and not rt.ctx.live else None
-        if promised and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
-            rt.fail(f"nothing could be decoded of the {promised:.2f} s the container gives (truncated or damaged)")
-        report = _file_report(path, rt, memory.events)
-        report["device"] = str(engine.device)
-        if interrupted:
-            # What was seen up to the interrupt is reported (open events resolved there), never dropped.
-            report["interrupted"] = True
-            report["errors"].append(f"interrupted at {rt.stats.media_end:.2f} s: the rest was not checked")
-        family = engine.scoring.families.get("corruption")
-        if family is not None and family.slots:
-            # Which model judged the pictures, and a model that could not be used, said out loud.
-            report["corruption_model"] = next(iter(family.status().values()))
-            report["errors"] += [f"corruption model: {st['error']}" for st in family.status().values() if st["error"]]
-        if engine.device_note:
-            # A GPU asked for and not there: the file was still checked, on the CPU, and the user is told.
-            report["device_note"] = engine.device_note
-            if path == files[0]:
-                err.print(f"framewatch: warning: {engine.device_note}", markup=False, highlight=False, soft_wrap=True)
-        unreadable = rt.state == "error" and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0
-        if unreadable:
-            err.print(f"framewatch: error: {path}: {rt.errors[0] if rt.errors else 'unreadable'}", markup=False, highlight=False, soft_wrap=True)
-            worst = 2
-        elif report["errors"]:
-            err.print(f"framewatch: warning: {path}: {report['errors'][0]}", markup=False, highlight=False, soft_wrap=True)
-        if (report["events"] or report["errors"]) and worst < 2:
-            worst = max(worst, 1)  # a damaged file is not a clean one, even where no detector fired
-        if as_json:
-            sys.stdout.write(json.dumps(report) + "\n")
-            sys.stdout.flush()
-        elif not unreadable:
-            _print_file(report)
-        if interrupted:
-            rest = files[files.index(path) + 1:]
-            err.print("framewatch: interrupted" + (f"; not checked: {', '.join(rest)}" if rest else ""),
-                      markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(130)  # 128 + SIGINT, as shells report it
+                    interrupted = _run_check(engine, rt, duration, tick)
+            else:
+                interrupted = _run_check(engine, rt, duration)
+            if rt.ctx.live and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
+                # A live input never ends by itself: after the watch, one that gave nothing is an error like an
+                # unreadable file, with the reason the last connection attempt gave.
+                rt.fail(f"no media within {duration:g} s" + (f" ({rt.last_disconnect})" if rt.last_disconnect else ""))
+            promised = rt.info.duration if rt.info is not None and not rt.ctx.live else None
+            if promised and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0 and not rt.errors:
+                rt.fail(f"nothing could be decoded of the {promised:.2f} s the container gives (truncated or damaged)")
+            report = _file_report(path, rt, memory.events)
+            report["device"] = str(engine.device)
+            if interrupted:
+                # What was seen up to the interrupt is reported (open events resolved there), never dropped.
+                report["interrupted"] = True
+                report["errors"].append(f"interrupted at {rt.stats.media_end:.2f} s: the rest was not checked")
+            family = engine.scoring.families.get("corruption")
+            if family is not None and family.slots:
+                # Which model judged the pictures, and a model that could not be used, said out loud.
+                report["corruption_model"] = next(iter(family.status().values()))
+                report["errors"] += [f"corruption model: {st['error']}" for st in family.status().values() if st["error"]]
+            if engine.device_note:
+                # A GPU asked for and not there: the file was still checked, on the CPU, and the user is told.
+                report["device_note"] = engine.device_note
+                if path == files[0]:
+                    err.print(f"framewatch: warning: {engine.device_note}", markup=False, highlight=False, soft_wrap=True)
+            unreadable = rt.state == "error" and rt.stats.frames_scored == 0 and rt.stats.audio_seconds == 0
+            if unreadable:
+                err.print(f"framewatch: error: {path}: {rt.errors[0] if rt.errors else 'unreadable'}", markup=False, highlight=False, soft_wrap=True)
+                worst = 2
+            elif report["errors"]:
+                err.print(f"framewatch: warning: {path}: {report['errors'][0]}", markup=False, highlight=False, soft_wrap=True)
+            if (report["events"] or report["errors"]) and worst < 2:
+                worst = max(worst, 1)  # a damaged file is not a clean one, even where no detector fired
+            if as_json:
+                sys.stdout.write(json.dumps(report) + "\n")
+                sys.stdout.flush()
+            elif not unreadable:
+                _print_file(report)
+            reported = n + 1
+            if interrupted:
+                _interrupted(files[reported:])
+    except KeyboardInterrupt:  # not while a file was read (that one is reported): before or after one
+        _interrupted(files[reported:])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(worst)
+
+
+def _raise_interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted(rest: list[str]) -> None:
+    err.print("framewatch: interrupted" + (f"; not checked: {', '.join(rest)}" if rest else ""),
+              markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(130)  # 128 + SIGINT, as shells report it
 
 
 def _run_check(engine: Engine, rt: StreamRuntime, duration: float, tick: Any = None) -> bool:

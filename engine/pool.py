@@ -392,15 +392,18 @@ class GpuPool:
                 m = self._members.get(sid)
                 if m is None or m.runtime is not rt or info.container == "synthetic":
                     continue
-                if not (info.video_codec and info.width and info.height and info.fps):
-                    continue  # audio only, or a rate the container does not state: nothing better than the plan
-                if normalize_codec(info.video_codec) not in CPU_CODEC_FACTOR:
+                if not info.video_codec and info.audio_codec:
+                    actual = replace(m.demand, video=False)  # a radio channel: its audio is all it costs
+                elif not (info.video_codec and info.width and info.height and info.fps):
+                    continue  # a rate the container does not state: nothing better than the plan
+                elif normalize_codec(info.video_codec) not in CPU_CODEC_FACTOR:
                     continue  # a codec the budgets do not know (MJPEG, raw): the plan's guess stands
-                try:
-                    actual = replace(m.demand, codec=info.video_codec, width=info.width, height=info.height,
-                                     fps=float(info.fps))
-                except ValueError:
-                    continue
+                else:
+                    try:
+                        actual = replace(m.demand, codec=info.video_codec, width=info.width, height=info.height,
+                                         fps=float(info.fps), video=True)
+                    except ValueError:
+                        continue
                 if actual == m.demand:
                     continue
                 m.demand = actual

@@ -261,6 +261,10 @@ def test_run_admits_live_streams_within_cpu_cores(tmp_path):
             "full rate") in r.stderr
     rows = {line.split("│")[1].strip(): line for line in r.stderr.splitlines() if line.count("│") > 5}
     assert "ended" in rows["a"] and "ended" in rows["b"] and "refused" in rows["c"], r.stderr
+    # A GPU this machine lacks: the engine runs on the CPU, and the CPU budget applies to it.
+    cfg.write_text(f"engine: {{device: cuda, cpu_cores: 0.25}}\noutput: {{jsonl: null}}\nstreams:{streams}\n")
+    r = Cli("run", cfg, "-q").result()
+    assert r.returncode == 0 and "stream c not started: refused: the CPU has 0.038 of 0.212 cores" in r.stderr, r.stderr
     cfg.write_text(f"engine: {{cpu_cores: 0.05}}\noutput: {{jsonl: null}}\nstreams:{streams}\n")
     r = Cli("run", cfg, "-q").result()
     assert r.returncode == 2 and "framewatch: error: no stream fits in 0.05 CPU cores (engine.cpu_cores): a: refused: " in r.stderr

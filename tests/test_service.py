@@ -466,6 +466,19 @@ def test_cpu_cores_replans_a_stream_once_it_opens(tmp_path: Path, make_clip, cap
             "full rate") in caplog.text
 
 
+def test_cpu_cores_replans_an_audio_only_stream_by_its_audio(tmp_path: Path, make_clip) -> None:
+    """A stream that turns out to have no pictures (a radio channel nobody marked `video: false`) is costed by
+    its audio once open (77 ms a second with clicks, 0.077 cores), not as the 1080p30 video planned."""
+    clip = make_clip("replan_radio.wav", codec=None, seconds=30.0)
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{clip}", pace: realtime}}""" for n in ("a", "b")), extra="engine: {cpu_cores: 0.7}")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        wait_until(lambda: client.get("/api/streams/b").json()["state"] == "running")
+        placements = wait_until(lambda: (x := svc.engine.pool.placements())["b"].cost < 0.1 and x)
+        assert placements["a"].cost == pytest.approx(0.077) and placements["b"].cost == pytest.approx(0.077)
+
+
 def test_cpu_cores_beside_gpus_decodes_what_they_cannot_take(tmp_path: Path) -> None:
     """With GPU devices, `engine.cpu_cores` is hybrid decode: a stream no GPU has room for runs on the CPU
     engine (4K60 needing every frame: 60 pictures of 37.8 ms plus audio, 2.35 cores of the 3.4 of 4 cores)."""

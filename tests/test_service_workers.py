@@ -191,3 +191,62 @@ def test_a_stream_given_up_stays_alerted_until_changed(tmp_path: Path, monkeypat
         after = wait_until(lambda: (x := client.get("/api/streams/a").json())["device"] != second
                            and x["state"] == "running" and x["frames"] > 0 and x, timeout=60)
         assert after["errors"] == []
+
+
+def _snap(frames: int, gen: int | None) -> dict:
+    return {"state": "running", "errors": [], "tier": "all", "info": None,
+            "stats": {"frames_scored": frames, "audio_seconds": 0.0, "media_end": frames / 10, "events": {}},
+            "audio_end": 0.0, "counters": {}, "meter": {"momentary": None, "short_term": None, "integrated": None,
+                                                          "loudness_range": None},
+            "max_true_peak": float("nan"), "has_frame": True, "last_arrival": None, "live": False, "thread": True,
+            "eof": False, "finished": False, "sync": None, "gen": gen}
+
+
+def _workers_without_processes(monkeypatch: pytest.MonkeyPatch):
+    """A ServiceWorkers whose bookkeeping runs without starting any process (commands just queue up)."""
+    from engine.alerts import MemorySink
+    from engine.config import stream_specs
+    from engine.service.remote import ServiceWorkers
+
+    sink = MemorySink()
+    sw = ServiceWorkers(sink, ["cpu"], 2, {})
+    spec = stream_specs(config(f"""
+  - {{id: a, url: "{SYN.format(name='a', seed=1)}"}}"""))[0]
+    sw.add_stream(spec)
+    return sw, sink, spec
+
+
+def test_a_snapshot_from_before_a_change_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream changed in place (same id, same worker): a snapshot the worker took of the old one must not
+    show its figures as the new one's."""
+    sw, _, spec = _workers_without_processes(monkeypatch)
+    s = sw._streams["a"]
+    old_gen, worker = s.gen, s.worker
+    sw._handle("status", worker, ({"a": _snap(50, old_gen)}, False))
+    assert sw.streams["a"].stats.frames_scored == 50
+    sw._place(s, sw._procs[worker])  # the change: a new add on the same worker
+    sw._handle("status", worker, ({"a": _snap(60, old_gen)}, False))  # late news of the old stream
+    assert sw.streams["a"].stats.frames_scored == 0
+    sw._handle("status", worker, ({"a": _snap(3, s.gen)}, False))
+    assert sw.streams["a"].stats.frames_scored == 3
+
+
+def test_restarts_count_within_a_window_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker deaths weeks apart (a driver hiccup now and then) never add up to giving a stream up; more than
+    RESTARTS within RESTART_WINDOW do."""
+    from engine.service import remote
+
+    sw, sink, _ = _workers_without_processes(monkeypatch)
+    clock = [1000.0]
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
+    for _ in range(6):  # one death a day
+        clock[0] += 86400
+        sw._restart(sw._streams["a"], "worker died", None)
+        sw._end_outage("a", None)
+    assert sw._streams["a"].worker is not None and sw._streams["a"].runtime.state != "error"
+    for _ in range(remote.RESTARTS + 1):  # a burst
+        clock[0] += 10
+        sw._restart(sw._streams["a"], "worker died", None)
+        sw._end_outage("a", None)
+    assert sw._streams["a"].runtime.state == "error"
+    assert sw._streams["a"].runtime.errors[-1] == "worker died; given up after 3 restarts within 10 minutes"

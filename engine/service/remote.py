@@ -37,7 +37,8 @@ from engine.workers import _event_from_dict, drain
 log = logging.getLogger("framewatch")
 
 EVENT_VERSION = "service-workers-1.0"
-RESTARTS = 3  # a stream that takes its worker down again and again is given up with an error
+RESTARTS = 3  # a stream whose worker dies more often than this within RESTART_WINDOW is given up, alerted
+RESTART_WINDOW = 600.0  # seconds: deaths spread over months (a driver hiccup a week) never add up to that
 SNAPSHOT_EVERY = 0.5  # seconds between a worker's stream snapshots
 REMOVE_WAIT = 10.0  # seconds a removal waits for the worker to finish the stream (its alerts resolved)
 TILE_WAIT = 2.0
@@ -112,6 +113,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
             try:
                 if kind == "add":
                     engine.add_stream(cmd[1])
+                    gens[cmd[1].id] = cmd[2]
                 elif kind == "remove":
                     engine.remove_stream(cmd[1])
                     send("removed", cmd[1])  # after the events of its end: one queue keeps the order
@@ -126,6 +128,9 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
                     sid = cmd[1].id if kind == "add" else cmd[1]
                     send("failed", (sid, f"{kind} failed in worker {index}: {exc}"))
 
+    # Which add each stream's snapshot belongs to: a stream changed in place (same id, same worker) must not
+    # show the old one's figures from a snapshot taken before the change.
+    gens: dict[str, int] = {}
     threading.Thread(target=serve_commands, name="commands", daemon=True).start()
     last = [0.0]
 
@@ -135,12 +140,14 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
             return
         last[0] = now
         shed = engine.shedder is not None and engine.shedder.shed
-        send("status", ({rt.id: _snapshot(rt) for rt in list(engine.streams.values())}, shed))
+        send("status", ({rt.id: {**_snapshot(rt), "gen": gens.get(rt.id)} for rt in list(engine.streams.values())},
+                        shed))
 
     try:
         engine.run(until_done=False, on_tick=tick)
     finally:
-        send("status", ({rt.id: _snapshot(rt) for rt in list(engine.streams.values())}, False))
+        send("status", ({rt.id: {**_snapshot(rt), "gen": gens.get(rt.id)} for rt in list(engine.streams.values())},
+                        False))
         send("done", failed[0] if failed else None)
 
 
@@ -209,6 +216,7 @@ class _Stream:
     worker: int | None  # None: refused
     runtime: RemoteRuntime
     reason: str = ""
+    gen: int = 0  # the add command its current runtime comes from
 
 
 class ServiceWorkers:
@@ -239,10 +247,11 @@ class ServiceWorkers:
         self._streams: dict[str, _Stream] = {}
         self._open: dict[str, dict[str, Event]] = {}  # stream -> its firing alerts
         self._outage: dict[str, tuple[Event, float]] = {}  # stream -> (worker-outage no_signal, since)
-        self._restarts: dict[str, int] = {}
+        self._restarts: dict[str, list[float]] = {}  # stream -> when its workers died (monotonic)
         self._removing: dict[str, threading.Event] = {}
         self._tiles: dict[int, list[Any]] = {}  # request -> [done, jpeg]
         self._requests = itertools.count(1)
+        self._gens = itertools.count(1)
         self._failed_devices: set[str] = set()
         self._shed: dict[int, bool] = {}
         self._running = False
@@ -434,8 +443,9 @@ class ServiceWorkers:
         spec = s.spec if tier is None else replace(s.spec, source=replace(s.spec.source, tier=tier))
         s.spec, s.worker, s.reason = spec, proc.index, ""
         s.runtime = RemoteRuntime(spec)
+        s.gen = next(self._gens)
         proc.streams.add(spec.id)
-        proc.commands.put(("add", spec))
+        proc.commands.put(("add", spec, s.gen))
         if self._running and proc.process is None:
             self._start(proc)
 
@@ -499,6 +509,8 @@ class ServiceWorkers:
                 s = self._mine(sid, index)
                 if s is None:
                     continue
+                if snap.get("gen") != s.gen:
+                    continue  # taken before the stream was changed
                 s.runtime.update(snap)
                 if sid in self._outage and (snap["stats"]["frames_scored"] or snap["stats"]["audio_seconds"]):
                     self._end_outage(sid, None, resumed_on=f"{proc.device} (worker {index})")
@@ -582,15 +594,17 @@ class ServiceWorkers:
     def _restart(self, s: _Stream, why: str, placement: Any) -> None:
         sid = s.spec.id
         self._close_stream(sid, why, self._media(s))
-        self._restarts[sid] = self._restarts.get(sid, 0) + 1
+        now = time.monotonic()
+        deaths = self._restarts[sid] = [t for t in self._restarts.get(sid, []) if now - t < RESTART_WINDOW] + [now]
         media = max(s.runtime.stats.media_end, s.runtime.audio_end)
-        if self._restarts[sid] > RESTARTS:
+        if len(deaths) > RESTARTS:
+            given_up = f"given up after {RESTARTS} restarts within {RESTART_WINDOW / 60:g} minutes"
             s.runtime.state = "error"
-            s.runtime.errors.append(f"{why}; given up after {RESTARTS} restarts")
-            log.error("stream %s: %s; given up after %d restarts", sid, why, RESTARTS)
+            s.runtime.errors.append(f"{why}; {given_up}")
+            log.error("stream %s: %s; %s", sid, why, given_up)
             # Nothing watches it any more: that is an alert too (it was silent: every alert resolved, none
             # open), open until the stream is changed, removed, or the service stops.
-            where, message = None, f"{why}; given up after {RESTARTS} restarts"
+            where, message = None, f"{why}; {given_up}"
         else:
             s.worker = None
             if placement is not None:
