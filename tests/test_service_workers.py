@@ -250,3 +250,20 @@ def test_restarts_count_within_a_window_only(monkeypatch: pytest.MonkeyPatch) ->
         sw._end_outage("a", None)
     assert sw._streams["a"].runtime.state == "error"
     assert sw._streams["a"].runtime.errors[-1] == "worker died; given up after 3 restarts within 10 minutes"
+
+
+def test_an_event_brings_where_its_stream_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service measures detection latency (fault onset to alert) from the stream's media time when the
+    alert fired: a worker's snapshot can be a tick old (seconds when it is loaded), so the event carries it."""
+    from engine.events import Event, Severity, Status
+
+    sw, sink, _ = _workers_without_processes(monkeypatch)
+    worker = sw._streams["a"].worker
+    sw._handle("status", worker, ({"a": _snap(10, sw._streams["a"].gen)}, False))
+    e = Event(id="e1", stream="a", type="black", status=Status.FIRING, start=2.0, end=None, duration=None,
+              wallclock="2026-12-04T00:00:00.000Z", value=1.0, threshold=0.1, severity=Severity.CRITICAL,
+              detector_version="x", message="black", details={})
+    sw._handle("event", worker, (e.to_dict(), (4.2, 4.25, 1234.5)))
+    rt = sw.streams["a"]
+    assert (rt.stats.media_end, rt.audio_end, rt.queue.last_arrival) == (4.2, 4.25, 1234.5)
+    assert [x.id for x in sink.events] == ["e1"]

@@ -95,7 +95,14 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
         failed.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         send("device_error", failed[0])
 
-    engine = Engine(CallbackSink(lambda e: send("event", e.to_dict())), device=device,
+    def event(e: Any) -> None:
+        # With where the stream was when it said so: the service measures detection latency from that, not
+        # from a snapshot up to a tick old (seconds, on a loaded worker).
+        rt = engine.streams.get(e.stream)
+        at = (rt.stats.media_end, rt.audio_end, rt.queue.last_arrival) if rt is not None else None
+        send("event", (e.to_dict(), at))
+
+    engine = Engine(CallbackSink(event), device=device,
                     thumbnails=ThumbnailWriter(thumbnails) if thumbnails else None,
                     review=ReviewStore(review) if review else None, on_device_error=device_error, **engine_kwargs)
     send("hello", {"device": str(engine.device), "device_note": engine.device_note})
@@ -491,11 +498,15 @@ class ServiceWorkers:
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         proc = self._procs[index]
         if kind == "event":
-            e = _event_from_dict(payload)
-            if self._mine(e.stream, index) is None and e.stream not in self._removing:
+            e = _event_from_dict(payload[0])
+            mine = self._mine(e.stream, index)
+            if mine is None and e.stream not in self._removing:
                 # A stream moved or removed meanwhile: its old worker's late news, already accounted for.
                 if e.status is Status.FIRING or e.id not in self._open.get(e.stream, {}):
                     return
+            if mine is not None and payload[1] is not None:
+                rt = mine.runtime
+                rt.stats.media_end, rt.audio_end, rt.queue.last_arrival = payload[1]
             opened = self._open.setdefault(e.stream, {})
             if e.status is Status.FIRING:
                 opened[e.id] = e
