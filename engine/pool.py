@@ -108,6 +108,25 @@ def cpu_model(cores: float | str | None, processes: int = 1) -> CpuModel | None:
     return CpuModel(cores=float(cores), scoring_threads=max(1, processes))
 
 
+def opened_demand(planned: StreamDemand, info: Any) -> StreamDemand | None:
+    """What a stream that has opened really asks for (its StreamInfo's codec, size and rate, or its audio alone
+    when it has no pictures), or None when the plan's guess must stand: a generated `synthetic://` stream
+    (it decodes nothing), a rate the container does not state, a codec the budgets do not know (MJPEG, raw)."""
+    if info.container == "synthetic":
+        return None
+    if not info.video_codec and info.audio_codec:
+        return replace(planned, video=False)  # a radio channel: its audio is all it costs
+    if not (info.video_codec and info.width and info.height and info.fps):
+        return None
+    if normalize_codec(info.video_codec) not in CPU_CODEC_FACTOR:
+        return None
+    try:
+        return replace(planned, codec=info.video_codec, width=info.width, height=info.height, fps=float(info.fps),
+                       video=True)
+    except ValueError:
+        return None
+
+
 def plan_cpu(specs: list[StreamSpec], cpu: CpuModel, headroom: float = 0.15) -> tuple[list[StreamSpec], dict[str, str]]:
     """Admission for a run on the CPU, decided at its start: the streams to start (each at the tier the plan
     gives it, every stream admitted before any is decoded in full) and those refused, with the reason. Each
@@ -390,21 +409,10 @@ class GpuPool:
                 return
             for sid, (rt, info) in opened.items():
                 m = self._members.get(sid)
-                if m is None or m.runtime is not rt or info.container == "synthetic":
+                if m is None or m.runtime is not rt:
                     continue
-                if not info.video_codec and info.audio_codec:
-                    actual = replace(m.demand, video=False)  # a radio channel: its audio is all it costs
-                elif not (info.video_codec and info.width and info.height and info.fps):
-                    continue  # a rate the container does not state: nothing better than the plan
-                elif normalize_codec(info.video_codec) not in CPU_CODEC_FACTOR:
-                    continue  # a codec the budgets do not know (MJPEG, raw): the plan's guess stands
-                else:
-                    try:
-                        actual = replace(m.demand, codec=info.video_codec, width=info.width, height=info.height,
-                                         fps=float(info.fps), video=True)
-                    except ValueError:
-                        continue
-                if actual == m.demand:
+                actual = opened_demand(m.demand, info)
+                if actual is None or actual == m.demand:
                     continue
                 m.demand = actual
                 changes = self.scheduler.update(actual)

@@ -267,3 +267,20 @@ def test_an_event_brings_where_its_stream_was(monkeypatch: pytest.MonkeyPatch) -
     rt = sw.streams["a"]
     assert (rt.stats.media_end, rt.audio_end, rt.queue.last_arrival) == (4.2, 4.25, 1234.5)
     assert [x.id for x in sink.events] == ["e1"]
+
+
+def test_a_stream_is_replanned_once_it_opens(tmp_path: Path, make_clip) -> None:
+    """As in one process (test_service): planned as 1080p30 H.264 (0.383 cores), a 320x240 file at 25 fps
+    read in real time costs 0.110 once open; the cores it does not need go to the stream refused meanwhile."""
+    clip = make_clip("replan_320x240.mp4", seconds=30.0)
+    cfg = config("".join(f"""
+  - {{id: {n}, url: "{clip}", pace: realtime}}""" for n in ("a", "b")), "workers: 2, cpu_cores: 0.7")
+    svc = Service(cfg, state_dir=tmp_path / "state")
+    with TestClient(create_app(svc)) as client:
+        b = running(client, "b")
+        assert b["tier"] == "all" and b["device"].startswith("cpu (worker ")
+        known = (25 * (9.2 * 320 * 240 / 1920 / 1080 + 1.0) + 77) / 1000
+        placements = wait_until(lambda: (x := svc.engine.scheduler.snapshot().placements)["b"].cost < 0.2 and x,
+                                timeout=30)
+        assert placements["a"].cost == pytest.approx(known) and placements["b"].cost == pytest.approx(known)
+        assert placements["b"].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")

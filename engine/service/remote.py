@@ -224,6 +224,8 @@ class _Stream:
     runtime: RemoteRuntime
     reason: str = ""
     gen: int = 0  # the add command its current runtime comes from
+    demand: Any = None  # what the scheduler was told it asks for
+    opened: int = 0  # the gen whose opening was looked at (re-planned once per add)
 
 
 class ServiceWorkers:
@@ -274,9 +276,9 @@ class ServiceWorkers:
         if models is not None and all(d.startswith("cuda") for d in self.devices):
             from engine.scheduler import Scheduler
 
-            if cpu is not None:
-                log.warning("engine.cpu_cores beside GPUs (hybrid decode) is not used with engine.workers in serve")
-            self.scheduler = Scheduler(list(models), headroom=headroom)
+            # Beside GPUs, cpu_cores is hybrid decode: CPU worker processes (made when a stream goes there).
+            self.scheduler = Scheduler(list(models), headroom=headroom,
+                                       cpu=replace(cpu, scoring_threads=per_device) if cpu is not None else None)
         elif cpu is not None and self.devices == ["cpu"]:
             from engine.scheduler import Scheduler
 
@@ -304,7 +306,8 @@ class ServiceWorkers:
             if self.scheduler is None:
                 self._place(s, self._least_loaded(self._healthy()))
                 return
-            self._apply_placement(s, self.scheduler.add(self._demand(spec)))
+            s.demand = self._demand(spec)
+            self._apply_placement(s, self.scheduler.add(s.demand))
 
     def _demand(self, spec: StreamSpec) -> Any:
         from engine.pool import cpu_demand, default_demand
@@ -351,7 +354,8 @@ class ServiceWorkers:
                 if self.scheduler is None:
                     self._place(new, self._least_loaded(self._healthy()))
                 else:
-                    changes = self.scheduler.replace(self._demand(replacement))
+                    new.demand = self._demand(replacement)
+                    changes = self.scheduler.replace(new.demand)
             for p in changes:
                 other = self._streams.get(p.stream_id)
                 if other is not None:
@@ -442,9 +446,12 @@ class ServiceWorkers:
 
     def _least_loaded(self, devices: list[str]) -> _Proc:
         live = [p for p in self._procs if p.device in devices and not p.done and not p.lost]
-        if not live:
-            live = [self._new_proc(devices[0])]
-        return min(live, key=lambda p: (len(p.streams), p.index))
+        best = min(live, key=lambda p: (len(p.streams), p.index)) if live else None
+        if best is None or (best.streams and sum(p.device == best.device for p in live) < self.per_device):
+            # Processes for a device nothing ran on yet (hybrid CPU decode, the CPU after every GPU failed) are
+            # made as streams arrive, up to engine.workers.
+            best = self._new_proc(best.device if best is not None else devices[0])
+        return best
 
     def _place(self, s: _Stream, proc: _Proc, tier: str | None = None) -> None:
         spec = s.spec if tier is None else replace(s.spec, source=replace(s.spec.source, tier=tier))
@@ -469,7 +476,7 @@ class ServiceWorkers:
             s.reason = p.reason
             log.warning("stream %s not started: %s", s.spec.id, p.reason)
             return
-        device = "cpu" if p.target is Target.CPU else self.devices[p.gpu]
+        device = self._device_of_placement(p)
         assert p.tier is not None
         self._place(s, self._least_loaded([device]), p.tier.value)
         log.info("stream %s: %s", s.spec.id, p.reason)
@@ -523,6 +530,9 @@ class ServiceWorkers:
                 if snap.get("gen") != s.gen:
                     continue  # taken before the stream was changed
                 s.runtime.update(snap)
+                if s.runtime.info is not None and s.opened != s.gen:
+                    s.opened = s.gen
+                    self._replan(s)
                 if sid in self._outage and (snap["stats"]["frames_scored"] or snap["stats"]["audio_seconds"]):
                     self._end_outage(sid, None, resumed_on=f"{proc.device} (worker {index})")
         elif kind == "removed":
@@ -551,6 +561,34 @@ class ServiceWorkers:
         elif kind == "done":
             proc.done = True
             self._unblock_removals(proc)
+
+    def _replan(self, s: _Stream) -> None:
+        """A stream has opened: tell the scheduler what it really is, where that differs from its plan, and make
+        the changes real (as engine.pool does for one process: `GpuPool._replan_opened`)."""
+        from engine.pool import opened_demand
+
+        if self.scheduler is None or s.demand is None:
+            return
+        actual = opened_demand(s.demand, s.runtime.info)
+        if actual is None or actual == s.demand:
+            return
+        s.demand = actual
+        changes = self.scheduler.update(actual)
+        for p in changes:
+            other = self._streams.get(p.stream_id)
+            if other is None:
+                continue
+            if other.worker is not None and p.admitted and p.tier is not None and other.spec.source.tier == p.tier.value \
+                    and self._device_of_placement(p) == self._procs[other.worker].device:
+                continue  # same place, same tier: only its cost changed
+            if p.stream_id == s.spec.id and not p.admitted:
+                log.warning("stream %s stopped: %s", p.stream_id, p.reason)
+            self._apply_placement(other, p)
+
+    def _device_of_placement(self, p: Any) -> str:
+        from engine.scheduler import Target
+
+        return "cpu" if p.target is Target.CPU else self.devices[p.gpu]
 
     def _check(self, restart: bool = True) -> None:
         with self._lock:
