@@ -284,3 +284,25 @@ def test_a_stream_is_replanned_once_it_opens(tmp_path: Path, make_clip) -> None:
                                 timeout=30)
         assert placements["a"].cost == pytest.approx(known) and placements["b"].cost == pytest.approx(known)
         assert placements["b"].reason.startswith("admitted after capacity was freed: cpu: fits at full rate")
+
+
+def test_cpu_cores_beside_gpus_puts_what_they_cannot_take_on_cpu_workers() -> None:
+    """Hybrid decode with worker processes (bookkeeping only: no GPU here, no process started): a 4K60 stream
+    that no GPU has room for goes to a CPU worker process, made for it."""
+    from dataclasses import replace as dc_replace
+
+    from engine.alerts import MemorySink
+    from engine.config import stream_specs
+    from engine.scheduler import KNOWN_MODELS, CpuModel
+    from engine.service.remote import ServiceWorkers
+
+    small = dc_replace(KNOWN_MODELS["h100"], name="NVIDIA H100 (one engine)", nvdec_engines=1)
+    sw = ServiceWorkers(MemorySink(), ["cuda:0"], 2, {}, cpu=CpuModel(cores=4), models=[small])
+    uhd = "{codec: h264, width: 3840, height: 2160, fps: 60}"
+    for spec in stream_specs(config("".join(f"""
+  - {{id: {n}, url: "{SYN.format(name=n, seed=i)}", expect: {uhd}}}""" for i, n in enumerate("abcd")))):
+        sw.add_stream(spec)
+    where = {sid: sw.device_of(sid) for sid in "abcd"}
+    # Two on the one-engine GPU (one per worker), one on a CPU worker made for it, one refused.
+    assert sorted(map(str, where.values())) == ["None", "cpu (worker 2)", "cuda:0 (worker 0)", "cuda:0 (worker 1)"], where
+    assert "the CPU has" in sw.refused()[next(k for k, v in where.items() if v is None)]
