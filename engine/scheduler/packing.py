@@ -305,11 +305,12 @@ class Scheduler:
         return p
 
     def _cpu_sums(self) -> tuple[float, float]:
-        # Summed afresh, like the GPUs' load.
-        assert self.cpu is not None or not any(p.target is Target.CPU for p in self._placements.values())
+        # Summed afresh, like the GPUs' load (CPU placements exist only with a CpuModel).
         on_cpu = [(self._streams[sid], p) for sid, p in self._placements.items() if p.target is Target.CPU]
+        if self.cpu is None or not on_cpu:
+            return 0.0, 0.0
         return (sum(p.cost for _, p in on_cpu),
-                sum(self.cpu.scoring_cost(s, p.tier) for s, p in on_cpu if self.cpu and p.tier))
+                sum(self.cpu.scoring_cost(s, p.tier) for s, p in on_cpu if p.tier is not None))
 
     def _usable(self) -> list[int]:
         return [i for i in range(len(self.gpus)) if i not in self._failed]

@@ -198,27 +198,27 @@ class Engines:
             return {}
         return {sid: p.reason for sid, p in self.pool.placements().items() if not p.admitted}
 
+    def _demand(self, spec: StreamSpec) -> Any:
+        # A CPU engine prices a synthetic stream by its own size; GPU pools take the pool's default demand.
+        if not self.cpu_only:
+            return None
+        from engine.pool import cpu_demand
+
+        return cpu_demand(spec)
+
     def add_stream(self, spec: StreamSpec) -> None:
         if self.pool is None:
             self.engines[0].add_stream(spec)
-        elif self.cpu_only:
-            from engine.pool import cpu_demand
-
-            self.pool.add_stream(spec, cpu_demand(spec))
         else:
-            self.pool.add_stream(spec)
+            self.pool.add_stream(spec, self._demand(spec))
 
     def replace_stream(self, spec: StreamSpec) -> None:
         """A changed stream: the old one ends and the new one starts, first in line for the old one's capacity."""
         if self.pool is None:
             self.engines[0].remove_stream(spec.id)
             self.engines[0].add_stream(spec)
-        elif self.cpu_only:
-            from engine.pool import cpu_demand
-
-            self.pool.replace_stream(spec, cpu_demand(spec))
         else:
-            self.pool.replace_stream(spec)
+            self.pool.replace_stream(spec, self._demand(spec))
 
     def remove_stream(self, stream_id: str) -> None:
         if self.pool is None:
