@@ -210,8 +210,11 @@ class CorruptionFamily:
             out["prob"][sel] = probs
             out["threshold"][sel] = threshold
             out["decision"][sel] = (probs >= threshold).astype(np.float64)
-            hits = np.flatnonzero(probs >= threshold)
-            if hits.size:  # evidence for the alert and the review store: only pictures over the threshold
+            # Evidence for the alert and the review store: pictures over the threshold, and those the transport
+            # or the decoder reported loss on (an alert raised on that evidence keeps the picture the model
+            # found likeliest, for an operator's verdict). Both are rare, so few pictures go to the host.
+            hits = np.flatnonzero((probs >= threshold) | (out["evidence"][sel] > 0))
+            if hits.size:
                 maps = torch.sigmoid(logits.index_select(0, torch.from_numpy(hits).to(self.device)))
                 if keep is not None:
                     maps = maps * keep

@@ -37,7 +37,7 @@ class TrainConfig:
     shipped model must train on a 2-core CPU in 15 minutes); init: weights to start from (fine-tuning);
     feedback: a review store whose verdicts join the training data, each repeated `feedback_repeat` times."""
 
-    epochs: int = 20  # 9.5 minutes measured on the 2-core VM (2026-12-04), inside the 15-minute cap with validation
+    epochs: int = 44  # 13.4 minutes measured on the 2-core VM (2026-12-05), inside the 15-minute cap
     batch: int = 24
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -70,6 +70,9 @@ class TrainConfig:
     # few blocks that fool the model (a facade's window grid, an old codec's own blocking).
     hard_share: float = 0.0
     hard_repeat: int = 2
+    # The share of crops holding damage that are moved off the codec's block grid by 1-7 analysis pixels and
+    # taught as clean (see _crop): content with a grid of its own at another phase is not damage.
+    offgrid: float = 0.3
 
 
 @dataclass
@@ -113,7 +116,7 @@ def items_from_shards(shards: list[Shard]) -> list[Item]:
     return [Item(p, b, y) for p, b, y in zip(inputs, blocks, labels, strict=True)]
 
 
-def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator, offgrid: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     bh, bw = item.blocks.shape
     h, w = item.plane.shape[-2:]
     gh, gw = ch // 8, cw // 8
@@ -136,8 +139,20 @@ def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator) -> tuple[torch
         bx = int(np.clip(cx - gw // 2 + rng.integers(-gw // 4, gw // 4 + 1), 0, bw - gw))
     else:
         by, bx = int(rng.integers(0, bh - gh + 1)), int(rng.integers(0, bw - gw + 1))
-    plane = item.plane[:, by * 8: by * 8 + ch, bx * 8: bx * 8 + cw]
-    blocks = item.blocks[by: by + gh, bx: bx + gw]
+    sy = sx = 0
+    if offgrid > 0 and int((item.blocks[by: by + gh, bx: bx + gw] == 1).sum()) >= 3 and rng.random() < offgrid:
+        # Damage moved off the codec's grid is taught as clean: concealment always follows the grid, a lit
+        # window grid or tiles fall at any phase, so the model has to judge the phase, not the look.
+        while sy % 8 == 0 and sx % 8 == 0:
+            sy, sx = (int(v) for v in rng.integers(-7, 8, 2))
+    if sy or sx:
+        y0, x0 = by * 8 + sy, bx * 8 + sx
+        padded = F.pad(item.plane[None].float(), (8, 8, 8, 8), mode="replicate")[0].to(torch.uint8)
+        plane = padded[:, y0 + 8: y0 + 8 + ch, x0 + 8: x0 + 8 + cw]
+        blocks = torch.zeros((gh, gw), dtype=torch.uint8)
+    else:
+        plane = item.plane[:, by * 8: by * 8 + ch, bx * 8: bx * 8 + cw]
+        blocks = item.blocks[by: by + gh, bx: bx + gw]
     if plane.shape[-2:] != (ch, cw):  # the last partial macroblock row/column of an odd-sized picture
         plane = F.pad(plane[None].float(), (0, cw - plane.shape[-1], 0, ch - plane.shape[-2]), mode="replicate")[0].to(torch.uint8)
     return _augment(plane, blocks, rng)
@@ -321,6 +336,8 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     say = progress or (lambda s: log.info(s))
     if cfg.decision not in ("frame", "hold", "hold+evidence"):
         raise ValueError(f"decision must be frame, hold or hold+evidence, not {cfg.decision!r}")
+    if not 0.0 <= cfg.offgrid <= 1.0:
+        raise ValueError(f"offgrid must be a share within 0..1, not {cfg.offgrid!r}")
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -389,7 +406,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         total, n = 0.0, 0
         for a in range(0, len(order), cfg.batch):
             sel = order[a: a + cfg.batch]
-            crops = [_crop(train_set[i][0], ch, cw, rng) for i in sel]
+            crops = [_crop(train_set[i][0], ch, cw, rng, cfg.offgrid if train_set[i][1] is None else 0.0) for i in sel]
             planes = torch.stack([c[0] for c in crops]).to(device)
             blocks = torch.stack([c[1] for c in crops]).to(device)
             fy = torch.tensor([_crop_label(c[1], None if train_set[i][1] is None else train_set[i][0].label)

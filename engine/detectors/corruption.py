@@ -132,8 +132,10 @@ class CorruptionDetector(Detector):
         faulty, level = self._gop.update(m.pts, v["prob"], v["key"], v["evidence"],
                                          np.inf if self._threshold is None else self._threshold,
                                          hold=rule != "frame", use_evidence=rule == "hold+evidence")
-        hits = np.flatnonzero((decision == 1.0) & np.array([p is not None for p in v["plane"]]))
-        if hits.size:  # keep the most likely corrupt picture of the pending fault as its evidence
+        # The most likely corrupt picture of the pending fault is its evidence: of those over the threshold, or
+        # else of those with reported loss (an alert the transport raised is reviewed like any other).
+        hits = np.flatnonzero(faulty & np.array([p is not None for p in v["plane"]]))
+        if hits.size:
             j = int(hits[np.argmax(v["prob"][hits])])
             if self._evidence is None or v["prob"][j] > self._evidence["prob"]:
                 box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
