@@ -195,6 +195,7 @@ class CorruptionFamily:
         threshold = float(loaded.meta.threshold if threshold is None else threshold)
         share = float(loaded.meta.frame_blocks)
         model = loaded.model
+        stream_of = [w.stream for w in batch.works for _ in w.frames]
         for js, x in self._inputs(batch, idx, chosen, previous).values():
             if x.shape[1] < model.in_channels:  # a two-channel model where the picture before is not used
                 x = x.expand(-1, model.in_channels, -1, -1)
@@ -210,10 +211,18 @@ class CorruptionFamily:
             out["prob"][sel] = probs
             out["threshold"][sel] = threshold
             out["decision"][sel] = (probs >= threshold).astype(np.float64)
-            # Evidence for the alert and the review store: pictures over the threshold, and those the transport
-            # or the decoder reported loss on (an alert raised on that evidence keeps the picture the model
-            # found likeliest, for an operator's verdict). Both are rare, so few pictures go to the host.
-            hits = np.flatnonzero((probs >= threshold) | (out["evidence"][sel] > 0))
+            # Evidence for the alert and the review store: pictures over the threshold, and of those the transport
+            # or the decoder reported loss on, the likeliest per stream and tick (an alert raised on reported
+            # loss keeps a picture for an operator's verdict too; a stream in a long loss must not send every
+            # picture to the host).
+            over = probs >= threshold
+            lossy: dict[str, int] = {}
+            for h in np.flatnonzero(~over & (out["evidence"][sel] > 0)):
+                s = stream_of[int(idx[js[h]])]
+                if s not in lossy or probs[h] > probs[lossy[s]]:
+                    lossy[s] = int(h)
+            over[list(lossy.values())] = True
+            hits = np.flatnonzero(over)
             if hits.size:
                 maps = torch.sigmoid(logits.index_select(0, torch.from_numpy(hits).to(self.device)))
                 if keep is not None:

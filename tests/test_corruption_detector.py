@@ -294,6 +294,31 @@ def test_decoder_reports_lost_packets(damaged_clip) -> None:
     assert marked and marked[0] <= damaged_clip["first"] + 1e-6 and max(marked) < 2.0  # the key frame at 2 s heals
 
 
+def test_family_sends_one_picture_with_reported_loss_per_stream_and_tick(damaged_clip) -> None:
+    """Pictures over the threshold all go to the host (alert and review evidence); of those under it that the
+    transport reported loss on, only the likeliest of each stream per tick: a stream in a long loss must not
+    copy every picture off the GPU."""
+    lumas, _ = decode_luma(damaged_clip["bad"].read_bytes())
+    ys = [torch.from_numpy(lumas[k]) for k in sorted(lumas)][16:28]
+
+    def frames(lossy: bool) -> list[VideoFrame]:
+        return [VideoFrame(pts=i / FPS, duration=1 / FPS, luma=y, small=torch.zeros(18, 32, dtype=torch.uint8),
+                           damaged=lossy) for i, y in enumerate(ys)]
+
+    fam = CorruptionFamily(torch.device("cpu"))
+    req = MetricRequest("corruption", (("fps", 0), ("threshold", 0.999999), ("weights", None), ("previous", True)))
+    a, b, c = frames(True), frames(True), frames(False)
+    got = fam(_Batch([_Work("a", a[1:], prev=a[0]), _Work("b", b[1:], prev=b[0]), _Work("c", c[1:], prev=c[0])]),
+              req, np.arange(33))
+    assert not (got["decision"] == 1).any()
+    kept = [j for j, p in enumerate(got["plane"]) if p is not None]
+    assert kept == [int(np.argmax(got["prob"][:11])), 11 + int(np.argmax(got["prob"][11:22]))], kept
+    # A threshold every picture passes: every picture is evidence.
+    req = MetricRequest("corruption", (("fps", 0), ("threshold", 1e-6), ("weights", None), ("previous", True)))
+    got = fam(_Batch([_Work("a", a[1:], prev=a[0])]), req, np.arange(11))
+    assert all(p is not None for p in got["plane"])
+
+
 def test_family_reads_key_frames_alone(damaged_clip) -> None:
     """A key frame heals a damaged stream with a change along the block grid: the model reads it without the
     picture before."""
