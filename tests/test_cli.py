@@ -278,7 +278,14 @@ def test_check_cut_short_still_reports_what_it_saw():
     import time
 
     url = "synthetic://x?size=320x176&fps=25&duration=0&faults=black@2:600"
-    procs = {sig: Cli("check", "--json", url, fresh=True) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A CI job started in the background runs with SIGINT ignored, and an ignored signal stays ignored in the
+    # processes it starts (that check would read on forever). A handled one is reset to the default when a
+    # process starts, as in a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        procs = {sig: Cli("check", "--json", url, fresh=True) for sig in (signal.SIGINT, signal.SIGTERM)}
+    finally:
+        signal.signal(signal.SIGINT, previous)
     time.sleep(8)  # start-up (torch) and a few seconds of checking
     for sig, c in procs.items():
         c.proc.send_signal(sig)
