@@ -102,6 +102,11 @@ def shipped_weights() -> Path:
     return SHIPPED
 
 
+def _stream_of(batch) -> list[str]:
+    """The stream of each frame of a batch, by its position in batch.frames."""
+    return [w.stream for w in batch.works for _ in w.frames]
+
+
 class CorruptionFamily:
     """The `corruption` metric family. Per frame: `prob` (NaN for frames not analysed), `decision` (1/0, NaN),
     the damage box (`box_x`, `box_y`, `box_w`, `box_h`, fractions), and for frames at or above the threshold the
@@ -122,7 +127,7 @@ class CorruptionFamily:
     def _chosen(self, batch, idx: np.ndarray, fps: float) -> list[int]:
         if fps <= 0:
             return list(range(len(idx)))
-        stream_of = [w.stream for w in batch.works for _ in w.frames]
+        stream_of = _stream_of(batch)
         out = []
         for j, i in enumerate(idx):
             f = batch.frames[int(i)]
@@ -195,7 +200,7 @@ class CorruptionFamily:
         threshold = float(loaded.meta.threshold if threshold is None else threshold)
         share = float(loaded.meta.frame_blocks)
         model = loaded.model
-        stream_of = [w.stream for w in batch.works for _ in w.frames]
+        stream_of = _stream_of(batch)
         for js, x in self._inputs(batch, idx, chosen, previous).values():
             if x.shape[1] < model.in_channels:  # a two-channel model where the picture before is not used
                 x = x.expand(-1, model.in_channels, -1, -1)
@@ -215,14 +220,14 @@ class CorruptionFamily:
             # or the decoder reported loss on, the likeliest per stream and tick (an alert raised on reported
             # loss keeps a picture for an operator's verdict too; a stream in a long loss must not send every
             # picture to the host).
-            over = probs >= threshold
+            send = probs >= threshold
             lossy: dict[str, int] = {}
-            for h in np.flatnonzero(~over & (out["evidence"][sel] > 0)):
+            for h in np.flatnonzero(~send & (out["evidence"][sel] > 0)):
                 s = stream_of[int(idx[js[h]])]
                 if s not in lossy or probs[h] > probs[lossy[s]]:
                     lossy[s] = int(h)
-            over[list(lossy.values())] = True
-            hits = np.flatnonzero(over)
+            send[list(lossy.values())] = True
+            hits = np.flatnonzero(send)
             if hits.size:
                 maps = torch.sigmoid(logits.index_select(0, torch.from_numpy(hits).to(self.device)))
                 if keep is not None:

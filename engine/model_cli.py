@@ -58,9 +58,11 @@ def _train_config(path: Path | None, overrides: dict[str, Any]):
     if "crop" in values:
         values["crop"] = tuple(values["crop"])
     try:
-        return TrainConfig(**values)
-    except TypeError as exc:
+        cfg = TrainConfig(**values)
+        cfg.check()
+    except (TypeError, ValueError) as exc:
         raise _fail(f"training config: {exc}") from None
+    return cfg
 
 
 def _recipe(path: Path | None):

@@ -74,6 +74,37 @@ class TrainConfig:
     # taught as clean (see _crop): content with a grid of its own at another phase is not damage.
     offgrid: float = 0.3
 
+    def check(self) -> None:
+        """A ValueError naming the first field a training run would trip on (a YAML typo, a share above 1),
+        before any data is built."""
+
+        def number(name: str, low: float, high: float = math.inf, whole: bool = False, above: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or (whole and not float(v).is_integer()) or not (low < v if above else low <= v) or v > high:
+                kind = "a whole number" if whole else "a number"
+                where = f"above {low:g}" if above else f"within {low:g}..{high:g}" if high < math.inf else f"of at least {low:g}"
+                raise ValueError(f"{name} must be {kind} {where}, not {v!r}")
+
+        for name in ("epochs", "batch", "width"):
+            number(name, 1, whole=True)
+        for name in ("seed", "threads", "hard_repeat", "feedback_repeat"):
+            number(name, 0, whole=True)
+        for name in ("hard_share", "offgrid"):
+            number(name, 0.0, 1.0)
+        number("weight_decay", 0.0)
+        for name in ("lr", "minutes", "pos_weight"):
+            number(name, 0.0, above=True)
+        if self.in_channels not in (1, 2) or isinstance(self.in_channels, bool):
+            raise ValueError(f"in_channels must be 1 or 2, not {self.in_channels!r}")
+        from engine.detectors.corruption import RULES
+
+        if self.decision not in RULES:
+            raise ValueError(f"decision must be {', '.join(RULES[:-1])} or {RULES[-1]}, not {self.decision!r}")
+        crop = tuple(self.crop) if isinstance(self.crop, (list, tuple)) else ()
+        if len(crop) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 8 and c % 8 == 0 for c in crop):
+            raise ValueError(f"crop must be [height, width] in whole macroblocks (multiples of 8), not {self.crop!r}")
+
 
 @dataclass
 class Item:
@@ -145,14 +176,12 @@ def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator, offgrid: float
         # window grid or tiles fall at any phase, so the model has to judge the phase, not the look.
         while sy % 8 == 0 and sx % 8 == 0:
             sy, sx = (int(v) for v in rng.integers(-7, 8, 2))
-    if sy or sx:
-        y0, x0 = by * 8 + sy, bx * 8 + sx
-        padded = F.pad(item.plane[None].float(), (8, 8, 8, 8), mode="replicate")[0].to(torch.uint8)
-        plane = padded[:, y0 + 8: y0 + 8 + ch, x0 + 8: x0 + 8 + cw]
-        blocks = torch.zeros((gh, gw), dtype=torch.uint8)
-    else:
-        plane = item.plane[:, by * 8: by * 8 + ch, bx * 8: bx * 8 + cw]
-        blocks = item.blocks[by: by + gh, bx: bx + gw]
+    y0, x0 = by * 8 + sy, bx * 8 + sx
+    top, left = max(0, -y0), max(0, -x0)  # a crop moved past the top or left edge: replicated below
+    plane = item.plane[:, y0 + top: y0 + ch, x0 + left: x0 + cw]
+    if top or left:
+        plane = F.pad(plane[None].float(), (left, 0, top, 0), mode="replicate")[0].to(torch.uint8)
+    blocks = torch.zeros((gh, gw), dtype=torch.uint8) if sy or sx else item.blocks[by: by + gh, bx: bx + gw]
     if plane.shape[-2:] != (ch, cw):  # the last partial macroblock row/column of an odd-sized picture
         plane = F.pad(plane[None].float(), (0, cw - plane.shape[-1], 0, ch - plane.shape[-2]), mode="replicate")[0].to(torch.uint8)
     return _augment(plane, blocks, rng)
@@ -334,10 +363,7 @@ def _feedback_items(store_path: str | None) -> list[tuple[Item, int]]:
 
 def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
     say = progress or (lambda s: log.info(s))
-    if cfg.decision not in ("frame", "hold", "hold+evidence"):
-        raise ValueError(f"decision must be frame, hold or hold+evidence, not {cfg.decision!r}")
-    if not 0.0 <= cfg.offgrid <= 1.0:
-        raise ValueError(f"offgrid must be a share within 0..1, not {cfg.offgrid!r}")
+    cfg.check()
     t_start = time.monotonic()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

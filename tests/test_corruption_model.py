@@ -309,3 +309,24 @@ def test_offgrid_crops_teach_damage_moved_off_the_codec_grid_as_clean() -> None:
     assert moved > 50 and labelled > 50, (moved, labelled)
     # Without it, every crop keeps the grid.
     assert all(edges(_crop(item, 120, 160, rng)[0]) <= {0} for _ in range(100))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("offgrid: 2", "offgrid must be a number within 0..1, not 2"),
+    ("offgrid: abc", "offgrid must be a number within 0..1, not 'abc'"),
+    ("epochs: 0", "epochs must be a whole number of at least 1, not 0"),
+    ("lr: .nan", "lr must be a number above 0, not nan"),
+    ("crop: [100, 160]", "crop must be [height, width] in whole macroblocks (multiples of 8), not (100, 160)"),
+    ("decision: often", "decision must be frame, hold or hold+evidence, not 'often'"),
+    ("epoch: 3", "unknown training option(s) epoch"),
+])
+def test_a_bad_training_config_is_one_line_before_any_work(tmp_path, text, message) -> None:
+    """Wrong types and out-of-range values in a training config were tracebacks (some only after the data set
+    was built); each is one line naming the field, exit code 2."""
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text + "\n")
+    r = run_cli("train", "--config", cfg, "-o", tmp_path / "w.pt", "--data-root", tmp_path / "data", fresh=False)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and message in line and "Traceback" not in line, line
+    assert not (tmp_path / "data").exists()
