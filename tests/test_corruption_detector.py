@@ -151,29 +151,10 @@ def burst_runs(damaged_clip, tmp_path_factory) -> tuple[list, list, Path]:
     return clean, bad, folder
 
 
-def test_shipped_model_finds_the_burst_until_the_key_frame_and_nothing_on_the_clean_stream(damaged_clip, burst_runs) -> None:
-    """With the model's decision over time (held until the next key frame, loss reported by the transport): no
-    event on the clean stream, one on the damaged one, ending when the key frame heals the picture. It starts
-    with the loss the demuxer reports, which in display order can come a few pictures before the first visibly
-    damaged one (here 0.68 s against 0.84 s: the pictures between were lost whole or came out intact)."""
-    events, bad, tmp_path = burst_runs
-    assert events == []
-    resolved = [e for e in bad if e.status.value == "resolved"]
-    assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
-    e = resolved[0]
-    frame = 1 / FPS
-    assert damaged_clip["first"] - 0.2 <= e.start <= damaged_clip["first"] + frame + 1e-6, (e.start, damaged_clip["first"])
-    assert abs(e.end - (damaged_clip["last"] + frame)) <= frame + 1e-6, (e.end, damaged_clip["last"])
-    assert e.details["review"] is True and Path(e.thumbnail).is_file()
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the event starts 4 pictures (0.16 s) before the first visibly damaged picture: the demuxer reports the lost "
-    "TS packets on a picture shown before it (the two B pictures between were lost whole); with the CNN alone "
-    "(rule hold) the shipped model misses it: its likeliest picture scores 0.969, just under its threshold 0.970 "
-    "(the model before started 3 pictures late). "
-    "strict: when the start is within a picture, this marker must go"))
 def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_clip, burst_runs) -> None:
+    """The engine's decision (the model's rule, hold+evidence): one event from the first damaged picture to the
+    healing key frame, within a picture each way (the demuxer's loss flag is read as damage of the packet after
+    the flagged one: engine.decode.base.DamageTracker), none on the clean stream."""
     events, bad, tmp_path = burst_runs
     assert events == []
     resolved = [e for e in bad if e.status.value == "resolved"]
@@ -183,14 +164,26 @@ def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_c
     assert abs(e.start - damaged_clip["first"]) <= frame + 1e-6, (e.start, damaged_clip["first"])
     # The damage lasts until the next key frame; the event ends when the picture is whole again.
     assert abs(e.end - (damaged_clip["last"] + frame)) <= frame + 1e-6, (e.end, damaged_clip["last"])
-    assert e.value is not None and e.value >= e.threshold
+    assert e.value is not None and 0.5 <= e.value <= 1.0  # the model's likeliest picture of the event
     assert e.details["tier"] == "all" and e.details["model"] and e.details["review"] is True
     x, y, w, h = e.details["box"]
     assert 0 <= x < x + w <= 1 and 0 <= y < y + h <= 1
     assert Path(e.thumbnail).is_file()
     rec = ReviewStore(tmp_path / "review").get(e.id, load=True)
-    assert rec.plane.shape == (184, 320) and rec.probability >= rec.threshold and rec.verdict is None
+    assert rec.plane.shape[-2:] == (184, 320) and rec.probability == pytest.approx(e.value, abs=1e-3) and rec.verdict is None
     assert (tmp_path / "review" / e.id / "view.png").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with the CNN alone (rule hold, no transport evidence) the shipped model misses the burst: its likeliest "
+    "picture scores 0.969, just under its threshold 0.970. strict: when the model finds it, this marker must go"))
+def test_shipped_model_alone_finds_the_burst(damaged_clip) -> None:
+    bad, _ = _run(damaged_clip["bad"], rule="hold")
+    resolved = [e for e in bad if e.status.value == "resolved"]
+    assert [e.type for e in resolved] == ["corruption"], [(e.type, e.start, e.end) for e in resolved]
+    frame = 1 / FPS
+    assert abs(resolved[0].start - damaged_clip["first"]) <= frame + 1e-6
+    assert resolved[0].value >= resolved[0].threshold
 
 
 def test_an_alert_raised_on_reported_loss_alone_is_reviewed_too(damaged_clip, tmp_path) -> None:
@@ -265,12 +258,34 @@ def test_gop_hold_holds_until_the_key_frame() -> None:
 def test_damage_tracker_marks_pictures_until_a_whole_key_frame() -> None:
     from engine.decode.base import DamageTracker
 
-    d = DamageTracker()
-    # decode order: I0 P3 B1 B2 (P3 lost data) P6 B4 B5, then I9 whole
-    for pts, key, bad in ((0, True, False), (3, False, True), (1, False, False), (2, False, False), (6, False, False),
-                          (4, False, False), (5, False, False), (9, True, False)):
-        d.note(pts, key, bad)
-    assert [d.take(p) for p in (0, 1, 2, 3, 4, 5, 6, 9)] == [False, True, True, True, True, True, True, False]
+    def marks(packets, concealed=()) -> list[bool]:
+        d = DamageTracker()
+        for pts, key, flagged, rejected in packets:
+            d.note(pts, key, flagged, rejected)
+            if pts in concealed:
+                d.concealed()
+        return [d.take(p) for p in sorted(p[0] for p in packets)]
+
+    # decode order: I0 P3 B1 B2 P6 B4 B5 I9 P12 B10 B11 I15; (pts, key, demuxer flag, decoder rejected)
+    order = [(0, True), (3, False), (1, False), (2, False), (6, False), (4, False), (5, False), (9, True),
+             (12, False), (10, False), (11, False), (15, True)]
+    pts = sorted(p for p, _ in order)
+
+    def run(flag=(), reject=(), concealed=()) -> list[int]:
+        m = marks([(p, k, p in flag, p in reject) for p, k in order], concealed)
+        return [p for p, x in zip(pts, m, strict=True) if x]
+
+    # the demuxer's flag on a packet reports the next one short (its parser emits a picture while fed the next
+    # PES): the flag on I0 is P3's loss, so I0 stays clean and the GOP from P3 on is marked
+    assert run(flag={0}) == [1, 2, 3, 4, 5, 6]
+    # a flag on the packet before a key frame: the key frame came in short and does not heal the stream
+    assert run(flag={5}) == [9, 10, 11, 12]
+    # a packet the decoder refused is damaged itself
+    assert run(reject={3}) == [1, 2, 3, 4, 5, 6]
+    # a picture the decoder concealed errors in marks what is decoded after it, to the next whole key frame
+    # (the concealed picture itself is marked by its own flag, VideoFrame.damaged; here what follows it in
+    # decode order: B4 and B5, until I9)
+    assert run(concealed={6}) == [4, 5]
 
 
 def test_decoder_reports_lost_packets(damaged_clip) -> None:
@@ -292,6 +307,42 @@ def test_decoder_reports_lost_packets(damaged_clip) -> None:
     bad = flags(damaged_clip["bad"])
     marked = [t for t, d in bad if d]
     assert marked and marked[0] <= damaged_clip["first"] + 1e-6 and max(marked) < 2.0  # the key frame at 2 s heals
+
+
+def test_decoder_marks_the_gop_of_a_key_frame_that_lost_packets(damaged_clip) -> None:
+    """TS packets lost inside the key frame at 2 s: the demuxer flags the packet before it (its parser's one
+    picture delay), and the damaged key frame must not clear the mark: every picture from 2 s to the end (no
+    key frame after) carries it, none before, and the labels agree that the GOP is corrupt."""
+    import av
+
+    from engine.decode.pyav import PyAVVideoDecoder
+    from models.data.damage import TS, packets, pids
+
+    ts = damaged_clip["clean"].read_bytes()
+    pk = packets(ts)
+    vid = np.flatnonzero(pids(pk) == video_pid(ts))
+    # key frames start a PES (payload_unit_start) with the adaptation field's random access indicator set
+    rai = [i for i in vid if pk[i, 1] & 0x40 and pk[i, 3] & 0x20 and pk[i, 4] > 0 and pk[i, 5] & 0x40]
+    assert len(rai) == 2, rai  # 0 s and 2 s
+    drop = vid[(vid > rai[1])][:30]  # inside the key frame's PES, its first packet kept
+    bad = np.delete(pk, drop, axis=0).tobytes()
+    assert len(bad) == len(ts) - 30 * TS
+    path = damaged_clip["folder"] / "key_lost.ts"
+    path.write_bytes(bad)
+
+    with av.open(str(path)) as c:
+        dec = PyAVVideoDecoder(c.streams.video[0], threads=1, low_delay=True)
+        out = [x for p in c.demux(c.streams.video[0]) for x in dec.decode(p)] + dec.flush()
+    t0 = min(ts_ for ts_, _ in out if ts_ is not None)
+    marks = sorted((round(ts_ - t0, 3), f.damaged) for ts_, f in out if ts_ is not None)
+    assert [t for t, d in marks if d] == [t for t, _ in marks if t >= 2.0 - 1e-6]
+
+    clean, _ = decode_luma(ts)
+    got, _ = decode_luma(bad)
+    k0 = min(clean)
+    lab = {round((k - k0) / 90_000, 3): label(block_mad(got[k], clean[k]), Recipe())[0] for k in set(clean) & set(got)}
+    assert all(v != CORRUPT for t, v in lab.items() if t < 2.0)
+    assert sum(v == CORRUPT for t, v in lab.items() if t >= 2.0) >= 10
 
 
 def test_family_sends_one_picture_with_reported_loss_per_stream_and_tick(damaged_clip) -> None:

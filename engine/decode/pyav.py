@@ -78,8 +78,10 @@ class PyAVVideoDecoder:
             # The small plane's analyses are calibrated on limited-range luma.
             y = (y.to(torch.float32) * (219.0 / 255.0) + 16.0).round_().to(torch.uint8)
         corrupt = bool(getattr(frame, "is_corrupt", False))
+        damaged = self.damage.take(frame.pts) or corrupt
         if corrupt:
             self.corrupt += 1
+            self.damage.concealed()
         # Frames drained from frame threads can come without a time base; the stream's is the same one.
         tb = frame.time_base or self.stream.time_base
         ts = float(frame.pts * tb) if frame.pts is not None and tb else None
@@ -92,7 +94,7 @@ class PyAVVideoDecoder:
             color_range=ColorRange.FULL if full else ColorRange.LIMITED,
             key_frame=bool(frame.key_frame),
             corrupt=corrupt,
-            damaged=self.damage.take(frame.pts) or corrupt,
+            damaged=damaged,
         )
         return ts, vf
 
@@ -100,7 +102,7 @@ class PyAVVideoDecoder:
         errors = self.errors
         frames = _decode(self, packet)
         if packet is not None:
-            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt) or self.errors > errors)
+            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), self.errors > errors)
         return [self._to_frame(f) for f in frames]
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:

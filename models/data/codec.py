@@ -116,11 +116,13 @@ def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool
                 out, failed = [], True
                 errors += 1
             if p.size:
-                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt) or failed)
+                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt), failed)
             for f in out:
                 if f.pts is not None:
                     y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \
                         np.frombuffer(f.planes[0], np.uint8).reshape(-1, f.planes[0].line_size)[:f.height, :f.width].copy()
                     corrupt = bool(getattr(f, "is_corrupt", False))
                     frames[int(f.pts)] = (y, bool(f.key_frame), corrupt, tracker.take(f.pts) or corrupt)
+                    if corrupt:
+                        tracker.concealed()
     return frames, errors

@@ -8,7 +8,9 @@ same frames come out as in the shards), keeps every picture of every decode, and
 sampled: a sequence evaluation scores exactly the shards' frames (or all labelled frames) with the whole history
 before each one available.
 
-Sequences are cached beside the data set under `sequences/<split>/` (analysis planes, labels, flags).
+Sequences are cached beside the data set under `sequences/<split>/` (analysis planes, labels, flags), each
+file with the version of the loss evidence (`EVIDENCE`) it was made with: a cache from an older decoder's
+evidence is made again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from models.data.generate import (
     damaged_stream,
     label,
 )
+
+# Version of the loss evidence (engine.decode.base.DamageTracker) in `Sequence.damaged`; 2: the demuxer's flag
+# read as damage of the next packet, concealed pictures marking the stream until a whole key frame.
+EVIDENCE = 2
 
 
 @dataclass
@@ -62,13 +68,15 @@ class Sequence:
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, planes=self.planes, labels=self.labels, blocks=self.blocks, key=self.key, corrupt=self.corrupt,
                  sampled=self.sampled, damaged=self.damaged, meta=np.array(json.dumps({"source": self.source, "split": self.split, "codec": self.codec,
-                                                                 "kind": self.kind, "fps": self.fps})))
+                                                                 "kind": self.kind, "fps": self.fps,
+                                                                 "evidence": EVIDENCE})))
         tmp.replace(path)
 
     @staticmethod
     def load(path: Path) -> Sequence:
         z = np.load(path)
         meta = json.loads(str(z["meta"]))
+        meta.pop("evidence", None)
         return Sequence(z["planes"], z["labels"], z["blocks"], z["key"], z["corrupt"], z["sampled"], z["damaged"], **meta)
 
 
@@ -121,6 +129,17 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
     return out
 
 
+def _current(path: Path) -> bool:
+    """A cached sequence made with this version of the loss evidence."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as z:
+            return json.loads(str(z["meta"])).get("evidence") == EVIDENCE
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
     """Every decode of every source clip of a split, built once and cached under folder/sequences/<split>."""
     out = []
@@ -129,7 +148,7 @@ def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
             continue
         base = folder / "sequences" / split
         names = [base / f"{src.name.replace('.', '_')}__{c}__{k}.npz" for c in r.codecs for k in ("clean", *(d.kind for d in r.damages))]
-        if not all(p.is_file() for p in names):
+        if not all(_current(p) for p in names):
             for s in source_sequences(r, src, folder):
                 s.save(base / f"{src.name.replace('.', '_')}__{s.codec}__{s.kind}.npz")
         out.extend(Sequence.load(p) for p in names)
