@@ -180,3 +180,38 @@ def test_a_recipe_that_adds_sources_builds_only_those(tmp_path, monkeypatch) -> 
 def test_hevc_encoding_is_bit_exact() -> None:
     frames = generated_frames(SourceSpec("h", "generated", "train", seed=2, width=160, height=96, seconds=0.8))
     assert encode_ts(frames, 25, EncodeSpec("hevc", 200_000, 10)) == encode_ts(frames, 25, EncodeSpec("hevc", 200_000, 10))
+
+
+def test_data_decodes_conceal_damage_as_the_engine_does(clip) -> None:
+    """The data set must show damage as the engine (and a player) sees it. Slice threads switch FFmpeg's H.264
+    error concealment off, which left garbled pictures several times as wrong as the engine's frame-threaded
+    decode shows them, with no picture flagged as concealed: the data decode uses one thread."""
+    import io
+
+    import av
+
+    from engine.decode.pyav import PyAVVideoDecoder
+    from models.data.codec import decode_pictures
+
+    _, ts = clip
+    clean, _ = decode_luma(ts)
+    ours, theirs, concealed = [], [], 0
+    for seed in range(4):
+        bad, _ = damage(ts, video_pid(ts), DamageSpec("garble", 1.0, (2, 4)), 2.0, np.random.default_rng(seed))
+        pictures, _ = decode_pictures(bad)
+        engine = {}  # pts (90 kHz) -> the engine's luma error, measured while the decoder's buffer is current
+        with av.open(io.BytesIO(bad)) as c:
+            dec = PyAVVideoDecoder(c.streams.video[0], threads=2)
+            for p in [*c.demux(c.streams.video[0]), None]:
+                for t, f in dec.decode(p) if p is not None else dec.flush():
+                    k = round(t * 90_000)
+                    engine[k] = np.abs(f.luma.numpy().astype(np.int16) - clean[k]).mean()
+        for k, (y, _, corrupt, _) in pictures.items():
+            mad = np.abs(y.astype(np.int16) - clean[k]).mean()
+            if mad > 0.5:
+                ours.append(mad)
+                theirs.append(engine[k])
+            concealed += corrupt
+    assert len(ours) >= 10
+    assert np.mean(ours) == pytest.approx(np.mean(theirs), rel=0.1), (np.mean(ours), np.mean(theirs))
+    assert concealed >= 1  # the decoder reports the pictures it concealed, evidence for the detector

@@ -47,9 +47,10 @@ class PyAVVideoDecoder:
         self.stream = stream
         cc = stream.codec_context
         # Frame + slice threads, as the ffmpeg CLI does. Frame threads hold back one picture per thread: fine
-        # for a dense stream, but with key frames only that is seconds of delay, so slices only there.
-        cc.thread_type = "SLICE" if low_delay else "AUTO"
-        cc.thread_count = threads
+        # for a dense stream, but with key frames only that is seconds of delay, so one thread there: slice
+        # threads would switch FFmpeg's H.264 error concealment off (damage shown unconcealed, none flagged).
+        cc.thread_type = "NONE" if low_delay else "AUTO"
+        cc.thread_count = 1 if low_delay else threads
         self.errors = 0
         self.corrupt = 0
         self.damage = DamageTracker()

@@ -70,7 +70,9 @@ class Recipe:
     listed values by source. per_decode: most corrupt / clean frames kept from one damaged decode."""
 
     seed: int = 2026
-    format: int = 2  # data format (2: shards carry the previous picture's plane)
+    # data format. 2: shards carry the previous picture's plane; 3: decoded with one thread, so with FFmpeg's
+    # H.264 error concealment (format 2 decoded with slice threads, which switch it off)
+    format: int = 3
     sources: tuple[SourceSpec, ...] = field(default_factory=default_sources)
     codecs: tuple[str, ...] = ("h264", "hevc")
     bpp: tuple[tuple[str, float], ...] = (("h264", 0.13), ("hevc", 0.09))
