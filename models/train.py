@@ -63,6 +63,14 @@ class TrainConfig:
     # reads it (key frames alone): the held decision makes one false alarm cost a whole GOP, so clean pictures
     # matter more than their share in the shards.
     clean_sequences: bool = True
+    # The share of those clean pictures drawn afresh for each epoch (1: all of them, every epoch). Neighbouring
+    # pictures of a clean decode differ little, and they were two fifths of an epoch: a third of them per epoch
+    # buys about a third more epochs in the same minutes.
+    clean_share: float = 1.0
+    # Frames of some shards seen more than once per epoch, by "codec/kind" or "kind" (e.g. {"hevc/bitflip": 2}):
+    # damage that neither the transport nor the decoder reports (HEVC bit errors and garbled payloads; FFmpeg's
+    # HEVC decoder takes the wrong bits for valid ones) is what only the model can find.
+    repeat: dict[str, int] = field(default_factory=dict)
     # Hard negatives: the clean pictures the model scores highest (the top `hard_share` of them, by the starting
     # weights when fine-tuning, else by the model half-way through) each join the training set `hard_repeat`
     # more times, their crops centred on the block the model found most suspicious. A false alarm on clean
@@ -90,11 +98,14 @@ class TrainConfig:
             number(name, 1, whole=True)
         for name in ("seed", "threads", "hard_repeat", "feedback_repeat"):
             number(name, 0, whole=True)
-        for name in ("hard_share", "offgrid"):
+        for name in ("hard_share", "offgrid", "clean_share"):
             number(name, 0.0, 1.0)
         number("weight_decay", 0.0)
         for name in ("lr", "minutes", "pos_weight"):
             number(name, 0.0, above=True)
+        if not isinstance(self.repeat, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                        and 1 <= v <= 16 for k, v in self.repeat.items()):
+            raise ValueError(f"repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {self.repeat!r}")
         if self.in_channels not in (1, 2) or isinstance(self.in_channels, bool):
             raise ValueError(f"in_channels must be 1 or 2, not {self.in_channels!r}")
         from engine.detectors.corruption import RULES
@@ -112,6 +123,7 @@ class Item:
     blocks: torch.Tensor  # (H/8, W/8) uint8 block labels (IGNORE where unknown)
     label: int
     focus: tuple[int, int] | None = None  # a block (row, column) crops centre on most of the time (hard negatives)
+    tag: str = ""  # "codec/kind" of the shard it came from (TrainConfig.repeat)
 
 
 @dataclass
@@ -144,7 +156,8 @@ def items_from_shards(shards: list[Shard]) -> list[Item]:
     inputs = shard_inputs(shards)
     blocks = [torch.from_numpy(b) for s in shards for b in s.blocks]
     labels = [int(x) for s in shards for x in s.labels]
-    return [Item(p, b, y) for p, b, y in zip(inputs, blocks, labels, strict=True)]
+    tags = [f"{s.codec}/{s.kind}" for s in shards for _ in s.labels]
+    return [Item(p, b, y, tag=t) for p, b, y, t in zip(inputs, blocks, labels, tags, strict=True)]
 
 
 def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator, offgrid: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,11 +386,17 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     recipe = Recipe.from_json(cfg.recipe) if cfg.recipe else Recipe()
     folder = build(recipe, Path(cfg.data_root) if cfg.data_root else None, progress=lambda s: say(f"data: {s} built"))
     items = items_from_shards(load_split(folder, "train"))
-    if cfg.clean_sequences:
-        items += clean_sequence_items(recipe, folder, "train")
+    seq_items = clean_sequence_items(recipe, folder, "train") if cfg.clean_sequences else []
+    # drawn: clean sequence pictures drawn afresh each epoch (0: all of them are in every epoch)
+    drawn = 0 if cfg.clean_share >= 1 else int(round(cfg.clean_share * len(seq_items)))
+    def times(it: Item) -> int:
+        return cfg.repeat.get(it.tag, cfg.repeat.get(it.tag.partition("/")[2], 1))
+
+    fixed = [it for it in items for _ in range(times(it))] + (seq_items if not drawn else [])
+    items += seq_items
     feedback = _feedback_items(cfg.feedback)
     # Verdicts are few and precious: each is seen several times per epoch, with its frame label kept whole.
-    train_set: list[tuple[Item, int | None]] = [(it, None) for it in items] + [fb for fb in feedback for _ in range(cfg.feedback_repeat)]
+    train_set: list[tuple[Item, int | None]] = [(it, None) for it in fixed] + [fb for fb in feedback for _ in range(cfg.feedback_repeat)]
     val = load_split(folder, "val")
     val_labels = np.concatenate([s.labels for s in val]) if val else np.zeros(0)
     say(f"data {recipe.hash}: {len(items)} training frames ({sum(it.label == CORRUPT for it in items)} corrupt), "
@@ -395,10 +414,10 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         model = model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: ~11 % per step on 2 cores
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch))
+    steps_per_epoch = max(1, math.ceil((len(train_set) + drawn) / cfg.batch))
     mine_at = 0 if cfg.init else cfg.epochs // 2  # epochs done before hard negatives are mined (once)
     n_hard = int(round(cfg.hard_share * sum(it.label == CLEAN for it in items))) * cfg.hard_repeat
-    mined_steps = max(1, math.ceil((len(train_set) + n_hard) / cfg.batch))
+    mined_steps = max(1, math.ceil((len(train_set) + drawn + n_hard) / cfg.batch))
     total_steps = cfg.epochs * steps_per_epoch if cfg.hard_share <= 0 else mine_at * steps_per_epoch + (cfg.epochs - mine_at) * mined_steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
                                                 pct_start=0.15 if not cfg.init else 0.05)
@@ -410,7 +429,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         nonlocal train_set, steps_per_epoch
         hard = mine_hard_negatives(model, items, cfg.hard_share, device)
         train_set = base_set + [(it, None) for it in hard for _ in range(cfg.hard_repeat)]
-        steps_per_epoch = max(1, math.ceil(len(train_set) / cfg.batch))
+        steps_per_epoch = max(1, math.ceil((len(train_set) + drawn) / cfg.batch))
         durations.clear()
         say(f"hard negatives: {len(hard)} clean pictures x {cfg.hard_repeat} (by the model after {epoch} epochs)")
 
@@ -428,14 +447,17 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
             mine()
         t_epoch = time.monotonic()
         model.train()
-        order = rng.permutation(len(train_set))
+        epoch_set = train_set
+        if drawn:
+            epoch_set = train_set + [(seq_items[int(i)], None) for i in rng.choice(len(seq_items), drawn, replace=False)]
+        order = rng.permutation(len(epoch_set))
         total, n = 0.0, 0
         for a in range(0, len(order), cfg.batch):
             sel = order[a: a + cfg.batch]
-            crops = [_crop(train_set[i][0], ch, cw, rng, cfg.offgrid if train_set[i][1] is None else 0.0) for i in sel]
+            crops = [_crop(epoch_set[i][0], ch, cw, rng, cfg.offgrid if epoch_set[i][1] is None else 0.0) for i in sel]
             planes = torch.stack([c[0] for c in crops]).to(device)
             blocks = torch.stack([c[1] for c in crops]).to(device)
-            fy = torch.tensor([_crop_label(c[1], None if train_set[i][1] is None else train_set[i][0].label)
+            fy = torch.tensor([_crop_label(c[1], None if epoch_set[i][1] is None else epoch_set[i][0].label)
                                for c, i in zip(crops, sel, strict=True)], device=device)
             loss = _loss(model, planes, blocks, fy, cfg.pos_weight)
             opt.zero_grad(set_to_none=True)
@@ -484,6 +506,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         threshold=threshold,
         decision=cfg.decision,
         train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
+                      "epoch_frames": len(train_set) + drawn,
                       "seconds": round(time.monotonic() - t_train, 1), "data_seconds": round(t_train - t_start, 1)},
         metrics={"val_f1": val_f1, **val_frame, "final_loss": history[-1]["loss"] if history else None},
         parent=parent,

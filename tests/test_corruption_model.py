@@ -144,6 +144,25 @@ def test_training_with_hard_negatives_runs_its_whole_schedule(tiny) -> None:
     assert res.meta.train_config["epochs_run"] == 2 and not res.meta.train_config["stopped_early"]
 
 
+def test_an_epoch_draws_a_share_of_the_clean_pictures_and_repeats_the_kinds_asked_for(tiny) -> None:
+    """`clean_share` draws that share of the clean decodes' pictures each epoch, `repeat` shows a shard kind's
+    frames that many times: the epoch's size says both."""
+    from models.train import clean_sequence_items
+
+    root, folder = tiny
+    shards = load_split(folder, "train")
+    n_seq = len(clean_sequence_items(TINY, folder, "train"))
+    garble = sum(len(s.labels) for s in shards if s.kind == "garble")
+    n = sum(len(s.labels) for s in shards)
+    assert garble and n_seq > 10
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            clean_share=0.5, repeat={"h264/garble": 3}))
+    assert res.meta.train_config["epoch_frames"] == n + 2 * garble + round(0.5 * n_seq)
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            repeat={"garble": 2}))
+    assert res.meta.train_config["epoch_frames"] == n + garble + n_seq
+
+
 def _meta(version: str = "t1") -> ModelMeta:
     return ModelMeta(version=version, created="2026-11-27T00:00:00+00:00", recipe_hash=TINY.hash, width=48, threshold=0.5)
 
@@ -319,6 +338,9 @@ def test_offgrid_crops_teach_damage_moved_off_the_codec_grid_as_clean() -> None:
     ("crop: [100, 160]", "crop must be [height, width] in whole macroblocks (multiples of 8), not (100, 160)"),
     ("decision: often", "decision must be frame, hold or hold+evidence, not 'often'"),
     ("epoch: 3", "unknown training option(s) epoch"),
+    ("clean_share: -0.5", "clean_share must be a number within 0..1, not -0.5"),
+    ("repeat: {hevc/bitflip: 0}", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {'hevc/bitflip': 0}"),
+    ("repeat: [2]", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not [2]"),
 ])
 def test_a_bad_training_config_is_one_line_before_any_work(tmp_path, text, message) -> None:
     """Wrong types and out-of-range values in a training config were tracebacks (some only after the data set

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from engine.decode.base import DamageTracker
+from engine.decode.base import DamageTracker, picture_reference
 from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, ColorRange, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class PyAVVideoDecoder:
         self.errors = 0
         self.corrupt = 0
         self.damage = DamageTracker()
+        self._codec = cc.name
         self._scaler = VideoReformatter()
         self._convert = VideoReformatter()
         self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
@@ -103,7 +104,8 @@ class PyAVVideoDecoder:
         errors = self.errors
         frames = _decode(self, packet)
         if packet is not None:
-            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), self.errors > errors)
+            ref, layered = picture_reference(memoryview(packet), self._codec) if packet.size else (True, False)
+            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), self.errors > errors, ref, layered)
         return [self._to_frame(f) for f in frames]
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:

@@ -23,8 +23,9 @@ def samples_dir() -> Path:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One clean clip. `kind` is "generated" (seeded synthetic content) or "sample" (a file in the samples
-    cache, named by `name`). `split` is train / val / test: data are split by source clip, never by frame."""
+    """One clean clip. `kind` is "generated" (seeded synthetic content), "sample" (a clip in the samples cache,
+    named by `name`) or "photo" (a camera moving over a real photograph in the samples cache's photos/, named
+    by `name`: photo_frames). `split` is train / val / test: data are split by source clip, never by frame."""
 
     name: str
     kind: str
@@ -237,5 +238,54 @@ def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
     return frames
 
 
+def photo_frames(spec: SourceSpec) -> list[np.ndarray]:
+    """A camera panning and zooming slowly over a real photograph (Debian's opencv-doc sample pictures, placed
+    in the samples cache's photos/ by tests/fetch_samples.sh), with a little sensor noise: real textures,
+    real edges and real JPEG history at every phase of the codec grid, in motion an encoder predicts. A
+    photograph smaller than the frame plus a margin to move in is enlarged, as SD material is upconverted.
+    Seeded by `spec.seed`."""
+    from PIL import Image
+
+    path = samples_dir() / "photos" / spec.name
+    if not path.is_file():
+        raise FileNotFoundError(f"sample photo {path} not found: run tests/fetch_samples.sh (make samples) first")
+    with Image.open(path) as im:
+        img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    gen = torch.Generator().manual_seed(spec.seed)
+    h, w = spec.height, spec.width
+    ih, iw = img.shape[-2:]
+    scale = max(1.0, 1.3 * h / ih, 1.3 * w / iw)
+    if scale > 1.0:
+        img = F.interpolate(img[None], scale_factor=scale, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    ih, iw = img.shape[-2:]
+    n = int(round(spec.seconds * spec.fps))
+    r = torch.rand(5, generator=gen)
+    zoom = 1.0 + 0.12 * (float(r[0]) - 0.5)  # in or out by up to 6 % over the clip
+    canvas = torch.tensor([ih, iw], dtype=torch.float32)
+    # The window (canvas pixels) moves between two random places the margin allows, its size shrinking or
+    # growing with the zoom; the largest window it takes must fit.
+    biggest = torch.tensor([h, w], dtype=torch.float32) * max(1.0, 1.0 / zoom)
+    room = (canvas - biggest).clamp(min=0)
+    start, end = r[1:3] * room, r[3:5] * room
+    frames = []
+    for i in range(n):
+        t = i / max(1, n - 1)
+        size = torch.tensor([h, w], dtype=torch.float32) / (1.0 + (zoom - 1.0) * t)
+        centre = start + (end - start) * t + biggest / 2
+        cy, cx = (centre / canvas * 2 - 1).tolist()  # affine_grid's [-1, 1] coordinates of the canvas
+        sy, sx = (size / canvas).tolist()
+        theta = torch.tensor([[[sx, 0.0, cx], [0.0, sy, cy]]])
+        grid = F.affine_grid(theta, [1, 3, h, w], align_corners=False)
+        frame = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        frame = (frame + torch.randn(frame.shape, generator=gen) * (1.2 / 255.0)).clamp(0, 1)
+        frames.append((frame.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    return frames
+
+
 def source_frames(spec: SourceSpec) -> list[np.ndarray]:
-    return generated_frames(spec) if spec.kind == "generated" else sample_frames(spec)
+    if spec.kind == "generated":
+        return generated_frames(spec)
+    if spec.kind == "photo":
+        return photo_frames(spec)
+    return sample_frames(spec)
+

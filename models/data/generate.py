@@ -37,6 +37,14 @@ CORRUPT, CLEAN, AMBIGUOUS = 1, 0, -1
 IGNORE = 255  # block label: neither damaged nor intact
 
 
+# Real photographs (Debian's opencv-doc sample pictures) a camera moves over (models.data.content.photo_frames):
+# textures, edges and JPEG history nobody here drew. Not in the default recipe (configs/train_photos.yaml, and
+# the README on why); the held-out split stays real video only.
+PHOTOS = ("baboon.jpg", "fruits.jpg", "home.jpg", "squirrel_cls.jpg", "messi5.jpg", "rubberwhale1.png", "aero1.jpg",
+          "board.jpg", "leuvenA.jpg", "graf1.png", "building.jpg", "aloeL.jpg", "ela_original.jpg", "sudoku.png",
+          "starry_night.jpg", "licenseplate_motion.jpg")
+
+
 def default_sources() -> tuple[SourceSpec, ...]:
     g = [SourceSpec(f"gen{i}", "generated", "train", seed=100 + i, seconds=5.0) for i in range(7)]
     return (

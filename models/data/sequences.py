@@ -38,8 +38,9 @@ from models.data.generate import (
 )
 
 # Version of the loss evidence (engine.decode.base.DamageTracker) in `Sequence.damaged`; 2: the demuxer's flag
-# read as damage of the next packet, concealed pictures marking the stream until a whole key frame.
-EVIDENCE = 2
+# read as damage of the next packet, concealed pictures marking the stream until a whole key frame; 3: damage of
+# a non-reference picture (engine.decode.base.picture_reference) marks that picture alone.
+EVIDENCE = 3
 
 
 @dataclass
