@@ -387,12 +387,13 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     folder = build(recipe, Path(cfg.data_root) if cfg.data_root else None, progress=lambda s: say(f"data: {s} built"))
     items = items_from_shards(load_split(folder, "train"))
     seq_items = clean_sequence_items(recipe, folder, "train") if cfg.clean_sequences else []
-    # drawn: clean sequence pictures drawn afresh each epoch (0: all of them are in every epoch)
-    drawn = 0 if cfg.clean_share >= 1 else int(round(cfg.clean_share * len(seq_items)))
+    every = cfg.clean_share >= 1  # every clean sequence picture in every epoch; else `drawn` of them afresh
+    drawn = 0 if every else int(round(cfg.clean_share * len(seq_items)))
+
     def times(it: Item) -> int:
         return cfg.repeat.get(it.tag, cfg.repeat.get(it.tag.partition("/")[2], 1))
 
-    fixed = [it for it in items for _ in range(times(it))] + (seq_items if not drawn else [])
+    fixed = [it for it in items for _ in range(times(it))] + (seq_items if every else [])
     items += seq_items
     feedback = _feedback_items(cfg.feedback)
     # Verdicts are few and precious: each is seen several times per epoch, with its frame label kept whole.

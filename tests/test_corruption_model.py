@@ -161,6 +161,9 @@ def test_an_epoch_draws_a_share_of_the_clean_pictures_and_repeats_the_kinds_aske
     res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
                             repeat={"garble": 2}))
     assert res.meta.train_config["epoch_frames"] == n + garble + n_seq
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            clean_share=0.0))
+    assert res.meta.train_config["epoch_frames"] == n
 
 
 def _meta(version: str = "t1") -> ModelMeta:
