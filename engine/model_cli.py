@@ -95,6 +95,7 @@ def train(
     data_root: DataRootOpt = None,
 ) -> None:
     """Train the corruption CNN (on a GPU when there is one). Builds the data set on first use."""
+    from models.data.content import SourceError
     from models.train import train_and_save
     from models.weights import WeightsError
 
@@ -118,9 +119,7 @@ def train(
         cfg.epochs, cfg.lr = 4, cfg.lr / 4
     try:
         res = train_and_save(cfg, progress=lambda s: err.print(f"train: {s}", markup=False))
-    except WeightsError as exc:
-        raise _fail(str(exc)) from None
-    except FileNotFoundError as exc:
+    except (WeightsError, FileNotFoundError, SourceError) as exc:
         raise _fail(str(exc)) from None
     err.print(f"wrote {res.path} (version {res.meta.version}, threshold {res.meta.threshold:.3f}, "
               f"validation F1 {res.meta.metrics.get('val_f1', float('nan')):.4f})", markup=False)

@@ -66,6 +66,15 @@ def test_photo_content_moves_a_camera_over_the_photograph(tmp_path, monkeypatch)
     assert a[0][:, :, 0].std() > 20
     with pytest.raises(FileNotFoundError, match="fetch_samples.sh"):
         photo_frames(SourceSpec("gone.jpg", "photo", "train"))
+    # a file that is there but is not what its kind says: one clear error, not a decoder's traceback
+    from models.data.content import SourceError, sample_frames
+
+    (tmp_path / "photos" / "junk.jpg").write_bytes(b"not a picture")
+    with pytest.raises(SourceError, match="junk.jpg is not a readable picture"):
+        photo_frames(SourceSpec("junk.jpg", "photo", "train"))
+    (tmp_path / "junk.avi").write_bytes(b"not a clip" * 100)
+    with pytest.raises(SourceError, match="junk.avi"):
+        sample_frames(SourceSpec("junk.avi", "sample", "train"))
 
 
 def test_the_photo_training_config_adds_the_photos_the_fetch_script_places() -> None:

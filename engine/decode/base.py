@@ -116,6 +116,11 @@ class DamageTracker:
         while len(self._notes) > self.limit:
             del self._notes[next(iter(self._notes))]
 
+    def note_packet(self, packet: Any, codec: str, rejected: bool = False) -> None:
+        """note() for a demuxed PyAV packet (pts, key and corrupt flags, payload) of a stream in `codec`."""
+        ref, layered = picture_reference(memoryview(packet), codec) if packet.size else (True, False)
+        self.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), rejected, ref, layered)
+
     def concealed(self) -> None:
         """The picture last taken came out with errors the decoder concealed: what follows may predict from it,
         unless nothing predicts from it."""

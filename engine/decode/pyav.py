@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from engine.decode.base import DamageTracker, picture_reference
+from engine.decode.base import DamageTracker
 from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, ColorRange, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class PyAVVideoDecoder:
         errors = self.errors
         frames = _decode(self, packet)
         if packet is not None:
-            ref, layered = picture_reference(memoryview(packet), self._codec) if packet.size else (True, False)
-            self.damage.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), self.errors > errors, ref, layered)
+            self.damage.note_packet(packet, self._codec, self.errors > errors)
         return [self._to_frame(f) for f in frames]
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:

@@ -88,7 +88,7 @@ def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool
     """decode_luma with the decoder's key-frame and concealed-error flags of each picture and the loss evidence
     the engine's decoder gives it (the same DamageTracker on the same packets): ({pts: (luma, key_frame,
     corrupt, damaged)}, decode errors)."""
-    from engine.decode.base import DamageTracker, picture_reference
+    from engine.decode.base import DamageTracker
 
     frames: dict[int, tuple[np.ndarray, bool, bool, bool]] = {}
     errors = 0
@@ -122,8 +122,7 @@ def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool
                 out, failed = [], True
                 errors += 1
             if p.size:
-                ref, layered = picture_reference(memoryview(p), st.codec_context.name)
-                tracker.note(p.pts, bool(p.is_keyframe), bool(p.is_corrupt), failed, ref, layered)
+                tracker.note_packet(p, st.codec_context.name, failed)
             for f in out:
                 if f.pts is not None:
                     y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \

@@ -21,6 +21,10 @@ def samples_dir() -> Path:
     return Path(os.environ.get("FRAMEWATCH_SAMPLES", f"{home}/.cache/framewatch/samples"))
 
 
+class SourceError(ValueError):
+    """A source file that is there but cannot be read as what its kind says (a damaged clip, not a picture)."""
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """One clean clip. `kind` is "generated" (seeded synthetic content), "sample" (a clip in the samples cache,
@@ -227,14 +231,19 @@ def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"sample clip {path} not found: run tests/fetch_samples.sh (make samples) first")
     frames = []
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        limit = int(spec.seconds * float(s.average_rate or spec.fps))
-        for f in c.decode(s):
-            rgb = f.to_ndarray(format="rgb24")
-            frames.append(rgb[: rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16])
-            if len(frames) >= limit:
-                break
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            limit = int(spec.seconds * float(s.average_rate or spec.fps))
+            for f in c.decode(s):
+                rgb = f.to_ndarray(format="rgb24")
+                frames.append(rgb[: rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16])
+                if len(frames) >= limit:
+                    break
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise SourceError(f"sample clip {path} cannot be decoded: {exc}") from None
+    if not frames:
+        raise SourceError(f"sample clip {path} holds no picture")
     return frames
 
 
@@ -249,8 +258,11 @@ def photo_frames(spec: SourceSpec) -> list[np.ndarray]:
     path = samples_dir() / "photos" / spec.name
     if not path.is_file():
         raise FileNotFoundError(f"sample photo {path} not found: run tests/fetch_samples.sh (make samples) first")
-    with Image.open(path) as im:
-        img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    try:
+        with Image.open(path) as im:
+            img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise SourceError(f"sample photo {path} is not a readable picture: {exc}") from None
     gen = torch.Generator().manual_seed(spec.seed)
     h, w = spec.height, spec.width
     ih, iw = img.shape[-2:]
@@ -288,4 +300,3 @@ def source_frames(spec: SourceSpec) -> list[np.ndarray]:
     if spec.kind == "photo":
         return photo_frames(spec)
     return sample_frames(spec)
-
