@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import queue as queue_mod
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from engine.alerts import EventSink
+from engine.channel import Inbox, Outbox
 from engine.events import Event, Severity, Status
 
 log = logging.getLogger("framewatch")
@@ -41,6 +41,11 @@ RESTARTS = 3  # per stream: a stream that kills its worker again and again is gi
 # the same (tests/test_workers.py); the margin is for a score that lands on the other side of a threshold by
 # a rounding difference, a frame or an audio window away.
 MATCH = 0.1
+# A running worker sends its progress at least once a second; one silent this long is hung and is killed and
+# replaced like a dead one (STARTUP: before its first message, which waits for imports and the device).
+WATCHDOG = 60.0
+STARTUP = 300.0
+STOP_WAIT = 10.0  # seconds the workers get to end their streams once the run stops, before they are killed
 
 
 @dataclass
@@ -76,13 +81,15 @@ def _event_from_dict(d: dict[str, Any]) -> Event:
     return Event(**{**d, "status": Status(d["status"]), "severity": Severity(d["severity"])})
 
 
-def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: list, out: Any, stop: Any,
+def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: list, conn: Any, stop: Any,
                  deadline: float | None, thumbnails: str | None, log_level: str | None = None,
                  resume: dict[str, tuple[float, float]] | None = None) -> None:
-    """A worker process: one Engine on `device` for `specs`; events and progress go to `out`. `resume`: for
-    files read again after a worker died, the media time (pictures, audio) that worker had got to: progress
-    goes out at once when the stream gets back there (that ends its outage)."""
+    """A worker process: one Engine on `device` for `specs`; events and progress go to the parent over `conn`
+    (its own pipe, see engine.channel). `resume`: for files read again after a worker died, the media time
+    (pictures, audio) that worker had got to: progress goes out at once when the stream gets back there (that
+    ends its outage)."""
     _follow_parent()
+    out = Outbox(conn)
     if log_level:  # a spawned process starts with Python's logging defaults: the run's level and format
         import sys
 
@@ -147,21 +154,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], specs: 
         if device_failed:
             send("device_error", device_failed[0])
         send("done", [asdict(report_of(rt, str(engine.device))) for rt in engine.streams.values()])
-
-
-def drain(q: Any, handle: Any, timeout: float) -> None:
-    """Hand every message waiting on the workers' queue to `handle(kind, index, payload)`, waiting up to
-    `timeout` seconds for the first (0: none)."""
-    try:
-        item = q.get(timeout=timeout) if timeout else q.get_nowait()
-    except queue_mod.Empty:
-        return
-    while True:
-        handle(*item)
-        try:
-            item = q.get_nowait()
-        except queue_mod.Empty:
-            return
+        out.close()
 
 
 def _follow_parent() -> None:
@@ -199,6 +192,8 @@ class _Worker:
     process: Any = None
     done: bool = False
     device_error: str | None = None
+    started: float = 0.0  # time.monotonic() at its start
+    heard: float | None = None  # time.monotonic() of its last message
 
 
 @dataclass
@@ -243,7 +238,7 @@ class ProcessWorkers:
         if on_measure is not None:
             self.engine_kwargs["measure_every"] = measure_every
         self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._out = self._ctx.Queue()
+        self._inbox = Inbox(self._ctx)
         self._stop = self._ctx.Value("b", 0, lock=False)
         self._workers: list[_Worker] = []
         self._specs: dict[str, Any] = {}
@@ -325,14 +320,19 @@ class ProcessWorkers:
             w.done = True
             return
         resume = {s.id: self._replays[s.id].reached for s in w.specs if s.id in self._replays}
+        conn = self._inbox.open(w.index)
         # time.monotonic() is one system-wide clock on Linux, so the deadline means the same in the worker.
         w.process = self._ctx.Process(
             target=_worker_main, name=f"framewatch-worker-{w.index}",
-            args=(w.index, w.device, self.engine_kwargs, w.specs, self._out, self._stop, self._deadline,
+            args=(w.index, w.device, self.engine_kwargs, w.specs, conn, self._stop, self._deadline,
                   self.thumbnails, self.log_level, resume),
             daemon=True,
         )
-        w.process.start()
+        w.started = time.monotonic()
+        try:
+            w.process.start()
+        finally:
+            self._inbox.started(conn)
 
     # -- running
     def run(self, deadline: float | None = None) -> None:
@@ -342,21 +342,25 @@ class ProcessWorkers:
         for w in list(self._workers):
             self._start(w)
         try:
-            while not all(w.done for w in self._workers):
+            # Past the deadline or after stop(), the wait for the workers is bounded (below): one that does not
+            # stop (hung in a decoder, stopped by a debugger) must not keep the run, and its alerts, open.
+            while not all(w.done for w in self._workers) and not self._stop.value:
                 if deadline is not None and time.monotonic() > deadline:
-                    self._stop.value = 1
+                    break
                 self._drain(0.2)
                 self._check_processes()
         finally:
             self._stop.value = 1
-            end = time.monotonic() + 10
+            end = time.monotonic() + STOP_WAIT
             while not all(w.done for w in self._workers) and time.monotonic() < end:
                 self._drain(0.2)
                 self._check_processes(restart=False)
             for w in self._workers:
                 if w.process is not None and w.process.is_alive():
-                    w.process.kill()  # workers ignore SIGTERM (left to the parent): after 10 s, the hard way
+                    w.process.kill()  # workers ignore SIGTERM (left to the parent): after the wait, the hard way
                     w.process.join(timeout=5)
+                if w.process is not None:
+                    self._inbox.settle(w.index, timeout=0.5)
             self._drain(0.0)
             self._close_open("monitoring stopped before its worker resolved it")
             for sid in list(self._now):  # a last worker that died in the shutdown sent only its progress
@@ -391,10 +395,11 @@ class ProcessWorkers:
         self._stop.value = 1
 
     def _drain(self, timeout: float) -> None:
-        drain(self._out, self._handle, timeout)
+        self._inbox.drain(self._handle, timeout)
 
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         w = self._workers[index]
+        w.heard = time.monotonic()
         if kind == "event":
             e = _event_from_dict(payload["event"])
             mine = self._where.get(e.stream) == index
@@ -522,17 +527,31 @@ class ProcessWorkers:
         return rep
 
     def _check_processes(self, restart: bool = True) -> None:
+        now = time.monotonic()
         for w in self._workers:
             p = w.process
-            if w.done or p is None or p.is_alive():
+            if w.done or p is None:
                 continue
+            hung = None
+            if p.is_alive():
+                # A worker alive but silent (deadlocked, stopped) monitors nothing while looking healthy: past
+                # WATCHDOG without news (STARTUP before its first), it is killed and handled as dead.
+                silent = now - (w.heard if w.heard is not None else w.started)
+                if not restart or bool(self._stop.value) or silent <= (WATCHDOG if w.heard is not None else STARTUP):
+                    continue
+                hung = silent
+                p.kill()
+                p.join(timeout=5)
+            self._inbox.settle(w.index)
             self._drain(0.0)  # its last messages, if it sent any
             if w.done:
                 continue
             w.done = True
             if bool(self._stop.value) or not restart:
                 continue
-            self._lose(w, f"worker process {w.index} on {w.device} died (exit code {p.exitcode})")
+            why = (f"worker process {w.index} on {w.device} died (exit code {p.exitcode})" if hung is None else
+                   f"worker process {w.index} on {w.device} sent nothing for {hung:.0f} s and was killed")
+            self._lose(w, why)
 
     def _lose(self, w: _Worker, why: str) -> None:
         """A worker is gone while its streams should still run: resolve what it left open, raise no_signal on

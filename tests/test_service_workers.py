@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
+from engine import workers
 from engine.config import load_config
 from engine.service import Service
 from engine.service.app import create_app
@@ -64,7 +65,12 @@ def test_streams_in_worker_processes_read_like_local_ones(tmp_path: Path) -> Non
         assert [s["id"] for s in client.get("/api/streams").json()] == ["a"]
 
 
-def test_a_worker_that_dies_loses_no_alert(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_worker_that_dies_loses_no_alert(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed, or alive but silent (stopped, as a deadlock would leave it: after WATCHDOG it is killed
+    and replaced as if it had died)."""
+    if how == "hung":
+        monkeypatch.setattr(workers, "WATCHDOG", 6.0)  # a healthy worker sends a snapshot twice a second
     cfg = config(f"""
   - {{id: a, url: "{SYN.format(name='a', seed=1)}", faults: [{{kind: black, start: 1, duration: 600}}]}}""")
     svc = Service(cfg, state_dir=tmp_path / "state")
@@ -72,15 +78,16 @@ def test_a_worker_that_dies_loses_no_alert(tmp_path: Path) -> None:
         before = running(client, "a", 20)
         black = wait_until(lambda: client.get("/api/alerts?stream=a&type=black&status=firing").json(), timeout=30)[0]
         proc = svc.engine._procs[svc.engine._streams["a"].worker]
-        os.kill(proc.process.pid, signal.SIGKILL)
+        os.kill(proc.process.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         after = wait_until(lambda: (x := client.get("/api/streams/a").json())["device"] != before["device"]
                            and x["state"] == "running" and x["frames"] > 0 and x, timeout=60)
-        assert after["device"].startswith("cpu (worker ")
+        assert after["device"].startswith("cpu (worker ") and not proc.process.is_alive()
+        why = "died (exit code -9)" if how == "killed" else "sent nothing for"
         old = client.get(f"/api/alerts/{black['id']}").json()
-        assert old["status"] == "resolved" and "died" in old["details"]["ended"] and old["end"] >= 2.0
+        assert old["status"] == "resolved" and why in old["details"]["ended"] and old["end"] >= 2.0
         outage = wait_until(lambda: [x for x in client.get("/api/alerts?stream=a&type=no_signal").json()
                                      if x["status"] == "resolved"], timeout=30)[0]
-        assert outage["severity"] == "critical" and "died (exit code -9)" in outage["message"]
+        assert outage["severity"] == "critical" and why in outage["message"]
         assert outage["duration"] > 0 and outage["end"] == pytest.approx(outage["start"] + outage["duration"])
         # The fault is still there in the new worker: a new alert, from its own start.
         assert wait_until(lambda: [x for x in client.get("/api/alerts?stream=a&type=black&status=firing").json()

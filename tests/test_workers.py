@@ -13,6 +13,7 @@ import pytest
 from detect_media import synthetic_url
 from media import MovingPattern, with_black
 
+from engine import workers
 from engine.alerts import MemorySink
 from engine.config import FramewatchConfig, resolve_detectors
 from engine.events import Event, Severity, Status, new_event_id, now_iso
@@ -54,22 +55,34 @@ def test_workers_give_the_same_events_as_one_engine() -> None:
     assert len({w.index for w in pool._workers}) == 2
 
 
-def test_a_killed_worker_loses_no_alert_and_its_streams_restart() -> None:
+def _run_until_black(pool: ProcessWorkers, sink: MemorySink, stream: str = "a") -> threading.Thread:
+    """Start `pool.run` in a thread (a daemon: a run that hangs fails its test, not the whole session) and
+    return once `stream`'s black alert fired."""
+    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 120}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(e.stream == stream and e.type == "black" for e in sink.events):
+        time.sleep(0.05)
+    assert any(e.stream == stream and e.type == "black" and e.status is Status.FIRING for e in sink.events)
+    return runner
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_lost_worker_loses_no_alert_and_its_streams_restart(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed, or alive but silent (stopped, as a deadlock would leave it: after WATCHDOG it is killed
+    and handled as dead)."""
+    if how == "hung":
+        monkeypatch.setattr(workers, "WATCHDOG", 6.0)  # a healthy worker sends news at least once a second
     sink = MemorySink()
     pool = ProcessWorkers(sink, ["cpu"], per_device=2)
     specs = _specs(pace="realtime", duration=5)
     pool.add_streams(specs)
-    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 90})
-    runner.start()
+    runner = _run_until_black(pool, sink)
     # Round robin over two workers: a and c on worker 0, b on worker 1.
     victim = pool._workers[pool._where["a"]]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(e.stream == "a" and e.type == "black" for e in sink.events):
-        time.sleep(0.05)
-    assert any(e.stream == "a" and e.type == "black" and e.status is Status.FIRING for e in sink.events)
-    os.kill(victim.process.pid, signal.SIGKILL)
-    runner.join(timeout=90)
-    assert not runner.is_alive()
+    os.kill(victim.process.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    runner.join(timeout=100)
+    assert not runner.is_alive() and not victim.process.is_alive()
     lost = {s.id for s in specs if s in victim.specs}
     # The black alert open when the worker died stays open while the stream is read again, and ends once, at
     # the end of the black pictures, as one engine reports it (synthetic sources are not live: they are read
@@ -80,7 +93,8 @@ def test_a_killed_worker_loses_no_alert_and_its_streams_restart() -> None:
     for sid in lost:
         outage = [e for e in sink.events if e.stream == sid and e.type == "no_signal"]
         assert [e.status for e in outage] == [Status.FIRING, Status.RESOLVED], outage
-        assert "worker process" in outage[0].message and outage[1].details["resumed_on"] == "cpu"
+        assert outage[1].details["resumed_on"] == "cpu"
+        assert ("died (exit code -9)" if how == "killed" else "sent nothing for") in outage[0].message
         assert outage[1].duration > 0 and outage[1].end == pytest.approx(outage[0].start + outage[1].duration)
         assert pool.reports[sid].state == "ended" and pool.reports[sid].frames == 125  # the whole stream, once
     # The other worker's stream was never touched.
@@ -181,11 +195,7 @@ def test_a_worker_killed_during_the_shutdown_leaves_nothing_open() -> None:
     sink = MemorySink()
     pool = ProcessWorkers(sink, ["cpu"], per_device=2)
     pool.add_streams(_specs(pace="realtime", duration=30))
-    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 90})
-    runner.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(e.type == "black" for e in sink.events):
-        time.sleep(0.05)
+    runner = _run_until_black(pool, sink)
     victim = pool._workers[pool._where["a"]]
     pool.stop()
     os.kill(victim.process.pid, signal.SIGKILL)  # before it could finish its streams
@@ -193,6 +203,28 @@ def test_a_worker_killed_during_the_shutdown_leaves_nothing_open() -> None:
     assert not runner.is_alive()
     pairs = _paired(sink.events)
     assert pairs and all(v == ["firing", "resolved"] for v in pairs.values()), pairs
+
+
+def test_a_worker_that_does_not_stop_is_killed_after_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() with a worker that cannot end its streams: the run still ends, STOP_WAIT later, and what the
+    worker had open is resolved with the reason."""
+    monkeypatch.setattr(workers, "STOP_WAIT", 2.0)
+    sink = MemorySink()
+    pool = ProcessWorkers(sink, ["cpu"], per_device=2)
+    pool.add_streams(_specs(pace="realtime", duration=30))
+    runner = _run_until_black(pool, sink)
+    victim = pool._workers[pool._where["a"]]
+    os.kill(victim.process.pid, signal.SIGSTOP)  # alive, but it runs nothing more
+    asked = time.monotonic()
+    pool.stop()
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert time.monotonic() - asked < 2.0 + 5 + 5  # the wait, the kill's join, a margin for a loaded machine
+    assert not victim.process.is_alive()
+    pairs = _paired(sink.events)
+    assert pairs and all(v == ["firing", "resolved"] for v in pairs.values()), pairs
+    black = [e for e in sink.events if e.stream == "a" and e.type == "black"]
+    assert black[1].details["ended"] == "monitoring stopped before its worker resolved it"
 
 
 def _wall(e: Event) -> float:
@@ -234,7 +266,7 @@ def test_a_file_whose_worker_died_reports_each_fault_once(make_clip) -> None:
     pool.add_streams([StreamSpec(sid, str(path), dets, SourceOptions(pace="realtime")) for sid, path in files.items()])
     victims = {sid: pool._workers[pool._where[sid]] for sid in files}
     assert victims["mid"] is not victims["after"]
-    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 120})
+    runner = threading.Thread(target=pool.run, kwargs={"deadline": time.monotonic() + 120}, daemon=True)
     runner.start()
     try:
         for sid, status in (("mid", Status.FIRING), ("after", Status.RESOLVED)):

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from engine import workers
+from engine.channel import Inbox, Outbox
 from engine.events import Event, Status
 from engine.media import StreamCounters, StreamInfo
 from engine.runner import StreamSpec, StreamStats
-from engine.workers import _event_from_dict, drain
+from engine.workers import _event_from_dict
 
 log = logging.getLogger("framewatch")
 
@@ -72,11 +74,12 @@ def _tile(engine: Any, stream_id: str, width: int) -> bytes | None:
     return tile_jpeg(frame, width) if frame is not None else None
 
 
-def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], commands: Any, out: Any, stop: Any,
+def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], commands: Any, conn: Any, stop: Any,
                  thumbnails: str | None, review: str | None, log_level: str | None) -> None:
     from engine.workers import _follow_parent
 
     _follow_parent()
+    out = Outbox(conn)  # its own pipe to the parent (engine.channel)
     if log_level:
         import sys
 
@@ -123,7 +126,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
                     gens[cmd[1].id] = cmd[2]
                 elif kind == "remove":
                     engine.remove_stream(cmd[1])
-                    send("removed", cmd[1])  # after the events of its end: one queue keeps the order
+                    send("removed", cmd[1])  # after the events of its end: its one pipe keeps the order
                 elif kind == "tile":
                     send("tile", (cmd[1], _tile(engine, cmd[2], cmd[3])))
                 elif kind == "stop":
@@ -156,6 +159,7 @@ def _worker_main(index: int, device: str, engine_kwargs: dict[str, Any], command
         send("status", ({rt.id: {**_snapshot(rt), "gen": gens.get(rt.id)} for rt in list(engine.streams.values())},
                         False))
         send("done", failed[0] if failed else None)
+        out.close()
 
 
 # --- the service side -------------------------------------------------------------------------------------------
@@ -215,6 +219,8 @@ class _Proc:
     removing: set[str] = field(default_factory=set)  # removals it has not confirmed yet
     done: bool = False
     lost: bool = False
+    started: float = 0.0  # time.monotonic() at its start
+    heard: float | None = None  # time.monotonic() of its last message
 
 
 @dataclass
@@ -246,7 +252,7 @@ class ServiceWorkers:
         self.review = review
         self.log_level = log_level
         self._ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        self._out = self._ctx.Queue()
+        self._inbox = Inbox(self._ctx)
         self._stop = self._ctx.Value("b", 0, lock=False)
         self._lock = threading.RLock()
         self._procs: list[_Proc] = []
@@ -412,7 +418,6 @@ class ServiceWorkers:
                 for proc in self._procs:  # their feeder threads and semaphores go now, not at interpreter exit
                     proc.commands.cancel_join_thread()
                     proc.commands.close()
-                self._out.close()
 
     def stop(self) -> None:
         self._stop.value = 1
@@ -482,13 +487,18 @@ class ServiceWorkers:
         log.info("stream %s: %s", s.spec.id, p.reason)
 
     def _start(self, proc: _Proc) -> None:
+        conn = self._inbox.open(proc.index)
+        proc.started = time.monotonic()
         proc.process = self._ctx.Process(
             target=_worker_main, name=f"framewatch-serve-worker-{proc.index}",
-            args=(proc.index, proc.device, self.engine_kwargs, proc.commands, self._out, self._stop,
+            args=(proc.index, proc.device, self.engine_kwargs, proc.commands, conn, self._stop,
                   self.thumbnails, self.review, self.log_level),
             daemon=True,
         )
-        proc.process.start()
+        try:
+            proc.process.start()
+        finally:
+            self._inbox.started(conn)
 
     # -- news from the workers
     def _drain(self, timeout: float) -> None:
@@ -496,7 +506,7 @@ class ServiceWorkers:
             with self._lock:
                 self._handle(*item)
 
-        drain(self._out, handle, timeout)
+        self._inbox.drain(handle, timeout)
 
     def _mine(self, stream_id: str, index: int) -> _Stream | None:
         s = self._streams.get(stream_id)
@@ -504,6 +514,7 @@ class ServiceWorkers:
 
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         proc = self._procs[index]
+        proc.heard = time.monotonic()
         if kind == "event":
             e = _event_from_dict(payload[0])
             mine = self._mine(e.stream, index)
@@ -592,14 +603,30 @@ class ServiceWorkers:
 
     def _check(self, restart: bool = True) -> None:
         with self._lock:
+            now = time.monotonic()
             for proc in self._procs:
                 p = proc.process
-                if proc.done or proc.lost or p is None or p.is_alive():
+                if proc.done or proc.lost or p is None:
                     continue
+                hung = None
+                if p.is_alive():
+                    # Alive but silent (a snapshot goes out twice a second): hung, killed and replaced as if it
+                    # had died (engine.workers.WATCHDOG).
+                    silent = now - (proc.heard if proc.heard is not None else proc.started)
+                    limit = workers.WATCHDOG if proc.heard is not None else workers.STARTUP
+                    if not restart or self._stop.value or silent <= limit:
+                        continue
+                    hung = silent
+                    p.kill()
+                    p.join(timeout=5)
+                self._inbox.settle(proc.index)
+                self._drain(0.0)  # what it sent before it went: its events first, then the loss
                 proc.done = True
                 self._unblock_removals(proc)
                 if restart and not self._stop.value:
-                    self._lose(proc, f"worker process {proc.index} on {proc.device} died (exit code {p.exitcode})")
+                    self._lose(proc, f"worker process {proc.index} on {proc.device} died (exit code {p.exitcode})"
+                               if hung is None else
+                               f"worker process {proc.index} on {proc.device} sent nothing for {hung:.0f} s and was killed")
 
     def _unblock_removals(self, proc: _Proc) -> None:
         """A worker that is gone confirms nothing: a removal waiting on it goes on at once (its alerts are resolved
