@@ -43,7 +43,7 @@ RESTARTS = 3  # per stream: a stream that kills its worker again and again is gi
 MATCH = 0.1
 # A running worker sends its progress at least once a second; one silent this long is hung and is killed and
 # replaced like a dead one (STARTUP: before its first message, which waits for imports and the device).
-WATCHDOG = 60.0
+WATCHDOG = 90.0  # generous: a first step on a cold GPU compiles kernels (cupy, NVRTC) before it answers
 STARTUP = 300.0
 STOP_WAIT = 10.0  # seconds the workers get to end their streams once the run stops, before they are killed
 
