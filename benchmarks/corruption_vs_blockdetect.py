@@ -115,7 +115,9 @@ def main() -> None:
     fw = {"precision": o["precision"], "recall": o["recall"], "f1": o["f1"]}
     results["framewatch_cnn"] = {"threshold": meta.threshold, "threshold_from": "validation split (in the weights)",
                                  "rule": seq["rule"], **fw, "all_labelled_pictures": seq["all_labelled"],
-                                 "clean_real_clips_whole": seq["clean_real_clips_whole"]}
+                                 "clean_real_clips_whole": seq["clean_real_clips_whole"],
+                                 # Per loss rather than per picture: damage episodes met and how soon.
+                                 "episodes": seq["episodes"]}
     # Each picture by itself (the shards' frames with the picture before): the frame-by-frame figures of before.
     frame_thr = meta.metrics.get("frame_rule_threshold", meta.threshold)
     results["framewatch_cnn_frame_by_frame"] = {"threshold": frame_thr, **prf_at(probs[packet], (y_test[packet] == CORRUPT).astype(int), frame_thr)}

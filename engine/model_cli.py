@@ -176,7 +176,7 @@ def evaluate(
 
                 record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "rule", "overall",
                                                                      "packet_loss", "per_kind", "per_source", "clean_real_clips",
-                                                                     "all_labelled", "clean_real_clips_whole")})
+                                                                     "all_labelled", "clean_real_clips_whole", "episodes")})
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -190,6 +190,13 @@ def evaluate(
     for kind, r in per.items():
         t.add_row(kind, *(f"{r[k]:.4f}" if k in r else "-" for k in ("precision", "recall", "f1")), str(r.get("fp", r.get("false_alarm_frames", "-"))))
     out.print(t)
+    for name, r in rows:
+        e = r["episodes"]
+        if e["episodes"]:
+            lat = e.get("latency_ms", {})
+            out.print(f"{name}: damage episodes met {e['detected']} of {e['episodes']} ({e['share']:.1%}); first decision "
+                      f"after {lat.get('median', float('nan')):.0f} ms median, {lat.get('p90', float('nan')):.0f} ms p90, "
+                      f"{lat.get('max', float('nan')):.0f} ms at most; missed episodes' lengths (pictures): {e['missed_lengths']}")
     if against is not None:
         verdict = "not worse: may be promoted" if res["better_or_equal"] else "worse: " + "; ".join(res["reasons"])
         out.print(f"candidate is {verdict}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kernels.corruption import top_logits
-from models.data.generate import CORRUPT, Recipe, build, load_split
+from models.data.generate import AMBIGUOUS, CORRUPT, Recipe, build, load_split
 from models.train import frame_probabilities, pick_device, shard_inputs
 from models.weights import load
 
@@ -125,6 +125,52 @@ def _events(faulty: np.ndarray, fps: float, onset: float = 0.3, recovery: float 
     return len(fired)
 
 
+def episodes(decisions: np.ndarray, labels: np.ndarray) -> list[tuple[int, int | None]]:
+    """Damage episodes of one decode and how the detector met them: [(length, latency)], where an episode is a
+    run of pictures labelled corrupt or ambiguous (damage fading, drift) holding at least one corrupt picture,
+    ended by a clean or unscored picture; its length counts pictures from its first corrupt one, and latency is
+    the pictures from that one to the first picture decided faulty in the run (0 when the detector was already
+    on; None: missed). Operators count alerts per loss, not per picture: this is how many losses they see."""
+    out: list[tuple[int, int | None]] = []
+    i, n = 0, len(labels)
+    while i < n:
+        if labels[i] not in (CORRUPT, AMBIGUOUS):
+            i += 1
+            continue
+        j = i
+        while j < n and labels[j] in (CORRUPT, AMBIGUOUS):
+            j += 1
+        run = slice(i, j)
+        bad = np.flatnonzero(labels[run] == CORRUPT)
+        if len(bad):
+            first = i + int(bad[0])
+            hits = np.flatnonzero(decisions[run])
+            out.append((j - first, max(0, i + int(hits[0]) - first) if len(hits) else None))
+        i = j
+    return out
+
+
+def episode_report(found: list[tuple[str, int, int | None, float]]) -> dict[str, Any]:
+    """Summary of (kind, length, latency, fps) episodes: how many, how many the detector met, its latency in
+    pictures and in milliseconds (median, 90th percentile, largest), the lengths of those missed, and the counts
+    per damage kind."""
+    met = [x for x in found if x[2] is not None]
+    out: dict[str, Any] = {
+        "episodes": len(found), "detected": len(met), "share": round(len(met) / len(found), 4) if found else 0.0,
+        "missed_lengths": sorted(x[1] for x in found if x[2] is None),
+    }
+    for name, values in (("latency_pictures", [float(x[2]) for x in met]),
+                         ("latency_ms", [1000.0 * x[2] / x[3] for x in met])):
+        if values:
+            v = np.array(values)
+            out[name] = {"median": round(float(np.median(v)), 1), "p90": round(float(np.percentile(v, 90)), 1),
+                         "max": round(float(v.max()), 1)}
+    out["per_kind"] = {k: {"episodes": sum(x[0] == k for x in found),
+                           "detected": sum(x[0] == k and x[2] is not None for x in found)}
+                       for k in sorted({x[0] for x in found})}
+    return out
+
+
 @dataclass
 class SequenceScored:
     scored: Scored  # the shards' frames (each decode's sampled pictures): `probs` hold hold_levels
@@ -164,8 +210,11 @@ def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dic
     out = report(ss.scored, threshold)
     kinds = {s.name: s.kind for s in recipe.sources}
     dec_all, lab_all, fa, frames, events, mismatch = [], [], 0, 0, 0, 0
+    found: list[tuple[str, int, int | None, float]] = []
     for q, p in zip(ss.seqs, ss.probs, strict=True):
         d = hold_decisions(p, q, ss.rule, threshold)
+        if q.kind not in ("clean", "synthetic"):
+            found.extend((q.kind, length, latency, q.fps) for length, latency in episodes(d, q.labels))
         m = q.sampled & (q.labels >= 0)
         mismatch += int((d[m] != (hold_levels(p, q, ss.rule)[m] >= threshold)).sum())
         ok = q.labels >= 0
@@ -180,6 +229,7 @@ def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dic
     out["rule"] = ss.rule
     out["all_labelled"] = prf(np.concatenate(dec_all), np.concatenate(lab_all))
     out["clean_real_clips_whole"] = {"frames": frames, "false_alarm_frames": fa, "events": events}
+    out["episodes"] = episode_report(found)
     return out
 
 

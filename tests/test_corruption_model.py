@@ -20,6 +20,7 @@ from engine.review import ReviewRecord, ReviewStore
 from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
+from models.evaluate import episode_report, episodes
 from models.net import CorruptionNet, parameters_count
 from models.train import (
     Item,
@@ -96,6 +97,23 @@ def test_best_threshold_is_a_model_threshold_even_when_evidence_alone_scores_bes
     assert best_f1_threshold(levels, labels) == pytest.approx((0.2, 0.75))
     assert best_f1_threshold(np.array([0.95, 0.9, 0.8, 0.2]), np.array([1, 1, 0, 0])) == pytest.approx((0.9, 1.0))
     assert best_f1_threshold(np.array([ev, ev]), np.array([1, 0]))[0] == ev  # nothing else to cut at
+
+
+def test_damage_episodes_count_losses_and_the_pictures_to_the_first_decision() -> None:
+    """Labels 1 corrupt, -1 ambiguous, 0 clean, -2 unscored: an episode runs over corrupt and ambiguous pictures
+    (from its first corrupt one), a clean or unscored picture ends it, one of ambiguous pictures alone is none."""
+    labels = np.array([0, 1, 1, -1, 1, 0, -1, -1, 0, -1, 1, 1, -2, 1])
+    dec = np.zeros(len(labels), bool)
+    dec[[3, 13]] = True  # the first episode met 2 pictures in, the second missed, the third met at once
+    assert episodes(dec, labels) == [(4, 2), (2, None), (1, 0)]
+    dec[9] = True  # an ambiguous picture before the first corrupt one: met, no latency
+    assert episodes(dec, labels)[1] == (2, 0)
+    rep = episode_report([("burst", 4, 2, 25.0), ("bitflip", 2, None, 25.0), ("burst", 1, 0, 10.0)])
+    assert rep["episodes"] == 3 and rep["detected"] == 2 and rep["share"] == pytest.approx(0.6667)
+    assert rep["missed_lengths"] == [2]
+    assert rep["latency_pictures"] == {"median": 1.0, "p90": 1.8, "max": 2.0}
+    assert rep["latency_ms"]["max"] == 80.0
+    assert rep["per_kind"] == {"bitflip": {"episodes": 1, "detected": 0}, "burst": {"episodes": 2, "detected": 2}}
 
 
 def test_training_respects_its_time_cap(tiny) -> None:

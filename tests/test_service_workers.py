@@ -276,6 +276,21 @@ def test_an_event_brings_where_its_stream_was(monkeypatch: pytest.MonkeyPatch) -
     assert [x.id for x in sink.events] == ["e1"]
 
 
+def test_a_worker_whose_engine_ends_by_itself_is_a_lost_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's engine that ends while the service runs (an exception out of its run; the process says
+    "done" and exits) leaves its streams unmonitored: they get a no_signal and move to a new worker."""
+    sw, sink, _ = _workers_without_processes(monkeypatch)
+    worker = sw._streams["a"].worker
+    sw._handle("done", worker, None)
+    assert sw._procs[worker].lost and sw._streams["a"].worker not in (None, worker)
+    outage = [e for e in sink.events if e.stream == "a" and e.type == "no_signal"]
+    assert len(outage) == 1 and "ended unexpectedly" in outage[0].message
+    sw._closing = True  # once the service stops, "done" is what every worker says
+    other = sw._streams["a"].worker
+    sw._handle("done", other, None)
+    assert not sw._procs[other].lost and len([e for e in sink.events if e.type == "no_signal"]) == 1
+
+
 def test_a_stream_is_replanned_once_it_opens(tmp_path: Path, make_clip) -> None:
     """As in one process (test_service): planned as 1080p30 H.264 (0.383 cores), a 320x240 file at 25 fps
     read in real time costs 0.110 once open; the cores it does not need go to the stream refused meanwhile."""

@@ -572,6 +572,10 @@ class ServiceWorkers:
         elif kind == "done":
             proc.done = True
             self._unblock_removals(proc)
+            if not self._closing and not self._stop.value:
+                # A worker's engine ends only when the service stops it: one that ended by itself (an exception
+                # out of its run) left its streams unmonitored, as a death would.
+                self._lose(proc, f"worker process {index} on {proc.device} ended unexpectedly")
 
     def _replan(self, s: _Stream) -> None:
         """A stream has opened: tell the scheduler what it really is, where that differs from its plan, and make
