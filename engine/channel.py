@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue as queue_mod
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("framewatch")
@@ -65,12 +66,20 @@ class Inbox:
         self._ctx = ctx
         self._items: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self._readers: dict[int, threading.Thread] = {}
+        # worker -> time.monotonic() when its last message arrived: taken on arrival, so a parent slow to handle
+        # its queue (a sink that blocks) never makes a worker look silent.
+        self._heard: dict[int, float] = {}
+
+    def heard(self, index: int) -> float | None:
+        """When worker `index`'s last message arrived (time.monotonic()), None before its first."""
+        return self._heard.get(index)
 
     def open(self, index: int) -> Any:
         """A new pipe for worker `index`: returns the end to hand to its process; pass it to `started` once
         the process has started (or failed to)."""
+        self._readers = {i: t for i, t in self._readers.items() if t.is_alive()}
         reader, writer = self._ctx.Pipe(duplex=False)
-        thread = threading.Thread(target=self._read, args=(reader,), name=f"inbox-{index}", daemon=True)
+        thread = threading.Thread(target=self._read, args=(index, reader), name=f"inbox-{index}", daemon=True)
         self._readers[index] = thread
         thread.start()
         return writer
@@ -80,11 +89,12 @@ class Inbox:
         """The parent's copy of a worker's end is closed, so that the worker's death ends its pipe (EOF)."""
         writer.close()
 
-    def _read(self, reader: Any) -> None:
+    def _read(self, index: int, reader: Any) -> None:
         with reader:
             while True:
                 try:
                     item = reader.recv()
+                    self._heard[index] = time.monotonic()
                 except (EOFError, OSError):  # the worker is gone; half a message it left is dropped
                     return
                 except Exception:  # one message that cannot be unpickled; the pipe stays in step

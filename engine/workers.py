@@ -193,7 +193,6 @@ class _Worker:
     done: bool = False
     device_error: str | None = None
     started: float = 0.0  # time.monotonic() at its start
-    heard: float | None = None  # time.monotonic() of its last message
 
 
 @dataclass
@@ -399,7 +398,6 @@ class ProcessWorkers:
 
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         w = self._workers[index]
-        w.heard = time.monotonic()
         if kind == "event":
             e = _event_from_dict(payload["event"])
             mine = self._where.get(e.stream) == index
@@ -536,8 +534,9 @@ class ProcessWorkers:
             if p.is_alive():
                 # A worker alive but silent (deadlocked, stopped) monitors nothing while looking healthy: past
                 # WATCHDOG without news (STARTUP before its first), it is killed and handled as dead.
-                silent = now - (w.heard if w.heard is not None else w.started)
-                if not restart or bool(self._stop.value) or silent <= (WATCHDOG if w.heard is not None else STARTUP):
+                heard = self._inbox.heard(w.index)
+                silent = now - (heard if heard is not None else w.started)
+                if not restart or bool(self._stop.value) or silent <= (WATCHDOG if heard is not None else STARTUP):
                     continue
                 hung = silent
                 p.kill()

@@ -49,8 +49,11 @@ def _collect(inbox: Inbox, until, seconds: float = 30.0) -> list[tuple]:
 
 def test_every_message_arrives_in_order_per_worker() -> None:
     inbox = Inbox(CTX)
+    opened = time.monotonic()
     procs = [_start(inbox, i, _talk, i, 500) for i in range(2)]
     got = _collect(inbox, lambda g: len(g) == 1000)
+    # When each worker was last heard from is taken on arrival (the watchdog's clock), before any handling.
+    assert all(opened < inbox.heard(i) <= time.monotonic() for i in range(2)) and inbox.heard(2) is None
     for p in procs:
         p.join(10)
     assert [n for _, i, n in got if i == 0] == list(range(500))

@@ -220,7 +220,6 @@ class _Proc:
     done: bool = False
     lost: bool = False
     started: float = 0.0  # time.monotonic() at its start
-    heard: float | None = None  # time.monotonic() of its last message
 
 
 @dataclass
@@ -514,7 +513,6 @@ class ServiceWorkers:
 
     def _handle(self, kind: str, index: int, payload: Any) -> None:
         proc = self._procs[index]
-        proc.heard = time.monotonic()
         if kind == "event":
             e = _event_from_dict(payload[0])
             mine = self._mine(e.stream, index)
@@ -616,8 +614,9 @@ class ServiceWorkers:
                 if p.is_alive():
                     # Alive but silent (a snapshot goes out twice a second): hung, killed and replaced as if it
                     # had died (engine.workers.WATCHDOG).
-                    silent = now - (proc.heard if proc.heard is not None else proc.started)
-                    limit = workers.WATCHDOG if proc.heard is not None else workers.STARTUP
+                    heard = self._inbox.heard(proc.index)
+                    silent = now - (heard if heard is not None else proc.started)
+                    limit = workers.WATCHDOG if heard is not None else workers.STARTUP
                     if not restart or self._stop.value or silent <= limit:
                         continue
                     hung = silent
