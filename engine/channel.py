@@ -19,6 +19,12 @@ from typing import Any
 
 log = logging.getLogger("framewatch")
 
+# A running worker sends news at least once a second (progress, snapshots); one silent this long is hung (a
+# deadlock, a stopped process) and its parent kills it and handles it as dead. STARTUP: before its first message,
+# which waits for imports and the device. Generous: a first step on a cold GPU compiles kernels (cupy, NVRTC).
+WATCHDOG = 90.0
+STARTUP = 300.0
+
 _CLOSE = object()
 
 
@@ -73,6 +79,13 @@ class Inbox:
     def heard(self, index: int) -> float | None:
         """When worker `index`'s last message arrived (time.monotonic()), None before its first."""
         return self._heard.get(index)
+
+    def hung(self, index: int, started: float) -> float | None:
+        """The seconds worker `index` (started at `started`, time.monotonic()) has been silent, when that is past
+        WATCHDOG (STARTUP before its first message); None while it is not hung."""
+        heard = self._heard.get(index)
+        silent = time.monotonic() - (heard if heard is not None else started)
+        return silent if silent > (WATCHDOG if heard is not None else STARTUP) else None
 
     def open(self, index: int) -> Any:
         """A new pipe for worker `index`: returns the end to hand to its process; pass it to `started` once

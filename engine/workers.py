@@ -41,10 +41,6 @@ RESTARTS = 3  # per stream: a stream that kills its worker again and again is gi
 # the same (tests/test_workers.py); the margin is for a score that lands on the other side of a threshold by
 # a rounding difference, a frame or an audio window away.
 MATCH = 0.1
-# A running worker sends its progress at least once a second; one silent this long is hung and is killed and
-# replaced like a dead one (STARTUP: before its first message, which waits for imports and the device).
-WATCHDOG = 90.0  # generous: a first step on a cold GPU compiles kernels (cupy, NVRTC) before it answers
-STARTUP = 300.0
 STOP_WAIT = 10.0  # seconds the workers get to end their streams once the run stops, before they are killed
 
 
@@ -525,7 +521,6 @@ class ProcessWorkers:
         return rep
 
     def _check_processes(self, restart: bool = True) -> None:
-        now = time.monotonic()
         for w in self._workers:
             p = w.process
             if w.done or p is None:
@@ -533,12 +528,10 @@ class ProcessWorkers:
             hung = None
             if p.is_alive():
                 # A worker alive but silent (deadlocked, stopped) monitors nothing while looking healthy: past
-                # WATCHDOG without news (STARTUP before its first), it is killed and handled as dead.
-                heard = self._inbox.heard(w.index)
-                silent = now - (heard if heard is not None else w.started)
-                if not restart or bool(self._stop.value) or silent <= (WATCHDOG if heard is not None else STARTUP):
+                # engine.channel.WATCHDOG it is killed and handled as dead.
+                hung = None if not restart or bool(self._stop.value) else self._inbox.hung(w.index, w.started)
+                if hung is None:
                     continue
-                hung = silent
                 p.kill()
                 p.join(timeout=5)
             self._inbox.settle(w.index)

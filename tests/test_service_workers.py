@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from waiting import wait_until
 
-from engine import workers
+from engine import channel
 from engine.config import load_config
 from engine.service import Service
 from engine.service.app import create_app
@@ -70,7 +70,7 @@ def test_a_worker_that_dies_loses_no_alert(how: str, tmp_path: Path, monkeypatch
     """A worker killed, or alive but silent (stopped, as a deadlock would leave it: after WATCHDOG it is killed
     and replaced as if it had died)."""
     if how == "hung":
-        monkeypatch.setattr(workers, "WATCHDOG", 6.0)  # a healthy worker sends a snapshot twice a second
+        monkeypatch.setattr(channel, "WATCHDOG", 6.0)  # a healthy worker sends a snapshot twice a second
     cfg = config(f"""
   - {{id: a, url: "{SYN.format(name='a', seed=1)}", faults: [{{kind: black, start: 1, duration: 600}}]}}""")
     svc = Service(cfg, state_dir=tmp_path / "state")

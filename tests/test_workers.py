@@ -13,7 +13,7 @@ import pytest
 from detect_media import synthetic_url
 from media import MovingPattern, with_black
 
-from engine import workers
+from engine import channel, workers
 from engine.alerts import MemorySink
 from engine.config import FramewatchConfig, resolve_detectors
 from engine.events import Event, Severity, Status, new_event_id, now_iso
@@ -72,7 +72,7 @@ def test_a_lost_worker_loses_no_alert_and_its_streams_restart(how: str, monkeypa
     """A worker killed, or alive but silent (stopped, as a deadlock would leave it: after WATCHDOG it is killed
     and handled as dead)."""
     if how == "hung":
-        monkeypatch.setattr(workers, "WATCHDOG", 6.0)  # a healthy worker sends news at least once a second
+        monkeypatch.setattr(channel, "WATCHDOG", 6.0)  # a healthy worker sends news at least once a second
     sink = MemorySink()
     pool = ProcessWorkers(sink, ["cpu"], per_device=2)
     specs = _specs(pace="realtime", duration=5)

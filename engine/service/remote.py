@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from engine import workers
 from engine.channel import Inbox, Outbox
 from engine.events import Event, Status
 from engine.media import StreamCounters, StreamInfo
@@ -605,7 +604,6 @@ class ServiceWorkers:
 
     def _check(self, restart: bool = True) -> None:
         with self._lock:
-            now = time.monotonic()
             for proc in self._procs:
                 p = proc.process
                 if proc.done or proc.lost or p is None:
@@ -613,13 +611,10 @@ class ServiceWorkers:
                 hung = None
                 if p.is_alive():
                     # Alive but silent (a snapshot goes out twice a second): hung, killed and replaced as if it
-                    # had died (engine.workers.WATCHDOG).
-                    heard = self._inbox.heard(proc.index)
-                    silent = now - (heard if heard is not None else proc.started)
-                    limit = workers.WATCHDOG if heard is not None else workers.STARTUP
-                    if not restart or self._stop.value or silent <= limit:
+                    # had died (engine.channel.WATCHDOG).
+                    hung = None if not restart or self._stop.value else self._inbox.hung(proc.index, proc.started)
+                    if hung is None:
                         continue
-                    hung = silent
                     p.kill()
                     p.join(timeout=5)
                 self._inbox.settle(proc.index)
