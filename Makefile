@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
-.PHONY: run test install dev samples bench corruption-bench train gpu-check gpu-wheels lint clean audio-bench serve
+.PHONY: run test install dev samples ffmpeg-cli bench corruption-bench train gpu-check gpu-wheels lint clean audio-bench serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,13 @@ test: $(VENV)/.dev
 samples:
 	bash tests/fetch_samples.sh
 
-bench: $(VENV)/.installed
+# The benchmarks measure against the ffmpeg CLI (Debian's FFmpeg 5.1): installed when it is missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+ffmpeg-cli:
+	@command -v ffmpeg >/dev/null 2>&1 || { echo "installing the ffmpeg CLI (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg; }
+
+bench: $(VENV)/.installed ffmpeg-cli
 	$(BIN)/python benchmarks/cpu_vs_ffmpeg.py
 
 # The corruption CNN: train a candidate (framewatch-out/models/candidate.pt), and its benchmark against
@@ -50,11 +56,11 @@ bench: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(BIN)/framewatch train
 
-corruption-bench: $(VENV)/.installed
+corruption-bench: $(VENV)/.installed ffmpeg-cli
 	$(BIN)/python benchmarks/corruption_vs_blockdetect.py
 
 # Audio scoring cost per stream-hour against FFmpeg ebur128+silencedetect+astats, and A/V offset accuracy.
-audio-bench: $(VENV)/.installed
+audio-bench: $(VENV)/.installed ffmpeg-cli
 	$(BIN)/python benchmarks/audio_bench.py
 
 # On a GPU machine: cuda tests + GPU benchmark (WHEELS: folder of wheels or site-*.tar.xz to install first)

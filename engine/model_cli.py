@@ -143,6 +143,20 @@ def _eval_table(title: str, reports: list[tuple[str, dict]]) -> Table:
     return t
 
 
+def _note_other_data(weights: Path, split: str, digest: str | None) -> None:
+    """Says so when the figures recorded in the weights were measured on other bytes than these (a data set built
+    by an older data format or another build), so nobody compares the two as if they were one measurement."""
+    from models.weights import WeightsError, load
+
+    try:
+        recorded = (load(weights)[1].metrics or {}).get(split, {}).get("data_digest")
+    except WeightsError:
+        return
+    if recorded and digest and recorded != digest:
+        out.print(f"note: these {split} data (digest {digest}) are not those the figures recorded in {weights.name} were "
+                  f"measured on ({recorded}): compare the two models on this build, not with the recorded figures")
+
+
 def evaluate(
     weights: Annotated[Path | None, typer.Argument(help="weights file (default: the shipped model)")] = None,
     against: Annotated[Path | None, typer.Option(help="compare with this (current) model on the same frames")] = None,
@@ -176,13 +190,15 @@ def evaluate(
 
                 record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "rule", "overall",
                                                                      "packet_loss", "per_kind", "per_source", "clean_real_clips",
-                                                                     "all_labelled", "clean_real_clips_whole", "episodes")})
+                                                                     "all_labelled", "clean_real_clips_whole", "episodes",
+                                                                     "data_digest")})
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
         return
     out.print(_eval_table(f"corruption model on the {split} split", rows))
+    _note_other_data(weights, split, rows[0][1].get("data_digest"))
     per = rows[0][1]["per_kind"]
     t = Table(title="per damage kind (first model)")
     for c in ("kind", "precision", "recall", "F1", "false frames"):

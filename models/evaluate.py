@@ -10,6 +10,7 @@ whole (false-alarm pictures and events)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,17 @@ def score_sequences(model, meta, split: str, recipe: Recipe, folder: Path, rule:
     return SequenceScored(sc, seqs, probs, rule)
 
 
+def data_digest(seqs) -> str:
+    """A digest of a split's decodes (pictures and labels, in order): two evaluations measured the same data
+    exactly when their digests agree, whatever machine built them."""
+    h = hashlib.sha256()
+    for q in seqs:
+        h.update(f"{q.source}/{q.codec}/{q.kind}".encode())
+        for a in (q.planes, q.labels, q.blocks, q.key, q.corrupt, q.damaged):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dict[str, Any]:
     """report() of the shards' frames at `threshold`, checked against the detector's own decisions, plus every
     labelled picture of every decode and the clean real clips whole (false-alarm pictures and events)."""
@@ -230,6 +242,7 @@ def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dic
     out["all_labelled"] = prf(np.concatenate(dec_all), np.concatenate(lab_all))
     out["clean_real_clips_whole"] = {"frames": frames, "false_alarm_frames": fa, "events": events}
     out["episodes"] = episode_report(found)
+    out["data_digest"] = data_digest(ss.seqs)
     return out
 
 

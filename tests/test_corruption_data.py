@@ -233,6 +233,33 @@ def test_a_recipe_that_adds_sources_builds_only_those(tmp_path, monkeypatch) -> 
     assert made == []
 
 
+def test_colour_conversion_is_bt601_in_integers() -> None:
+    """The data's colour conversions (no swscale, whose SIMD paths differ between CPUs) are BT.601 limited range:
+    luma within a level of the formula, chroma of each 2x2 block's mean colour, and a round trip through RGB
+    moves no plane by more than a level."""
+    from models.data.codec import i420_to_rgb, rgb_to_i420
+
+    rgb = np.random.default_rng(5).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    yuv = rgb_to_i420(rgb)
+    assert yuv.shape == (48, 48) and yuv.dtype == np.uint8
+    x = rgb.astype(np.float64)
+    y = 16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255
+    m = x.reshape(16, 2, 24, 2, 3).mean((1, 3))
+    cb = 128 + (-37.797 * m[..., 0] - 74.203 * m[..., 1] + 112.0 * m[..., 2]) / 255
+    cr = 128 + (112.0 * m[..., 0] - 93.786 * m[..., 1] - 18.214 * m[..., 2]) / 255
+    assert np.abs(yuv[:32].astype(float) - y).max() <= 1.0
+    assert np.abs(yuv[32:40].reshape(16, 24).astype(float) - cb).max() <= 1.0
+    assert np.abs(yuv[40:].reshape(16, 24).astype(float) - cr).max() <= 1.0
+    # The round trip from Y'CbCr inside the RGB gamut (nothing clipped) moves no plane by more than a level.
+    g = np.random.default_rng(6)
+    y, cb, cr = g.integers(60, 190, (32, 48)), g.integers(112, 144, (16, 24)), g.integers(112, 144, (16, 24))
+    back = rgb_to_i420(i420_to_rgb(y.astype(np.uint8), cb.astype(np.uint8), cr.astype(np.uint8))).astype(int)
+    assert np.abs(back[:32] - y).max() <= 1
+    assert np.abs(back[32:40].reshape(16, 24) - cb).max() <= 1 and np.abs(back[40:].reshape(16, 24) - cr).max() <= 1
+    with pytest.raises(ValueError, match="not even"):
+        rgb_to_i420(rgb[:31])
+
+
 def test_hevc_encoding_is_bit_exact() -> None:
     frames = generated_frames(SourceSpec("h", "generated", "train", seed=2, width=160, height=96, seconds=0.8))
     assert encode_ts(frames, 25, EncodeSpec("hevc", 200_000, 10)) == encode_ts(frames, 25, EncodeSpec("hevc", 200_000, 10))
@@ -271,3 +298,45 @@ def test_data_decodes_conceal_damage_as_the_engine_does(clip) -> None:
     assert len(ours) >= 10
     assert np.mean(ours) == pytest.approx(np.mean(theirs), rel=0.1), (np.mean(ours), np.mean(theirs))
     assert concealed >= 1  # the decoder reports the pictures it concealed, evidence for the detector
+
+
+_CHAIN = """
+import ctypes, hashlib, os, sys
+import numpy as np
+if sys.argv[1] == "plain":
+    # Every FFmpeg SIMD path off (the av wheel's own libavutil, loaded by name before av opens a codec).
+    import av, glob
+    lib = glob.glob(os.path.join(os.path.dirname(av.__file__), "..", "av.libs", "libavutil*"))
+    ctypes.CDLL(lib[0]).av_force_cpu_flags(0) if lib else sys.exit("no libavutil in the av wheel")
+from models.data.codec import EncodeSpec, decode_pictures, encode_ts, video_pid
+from models.data.content import SourceSpec, generated_frames
+from models.data.damage import DamageSpec, damage
+frames = generated_frames(SourceSpec("x", "generated", "train", seed=5, width=320, height=192, seconds=1.2))
+h = hashlib.sha256(b"".join(f.tobytes() for f in frames))
+for codec in ("h264", "hevc"):
+    ts = encode_ts(frames, 25, EncodeSpec(codec, 300_000, 12), x264_asm="SSE2" if sys.argv[1] == "plain" else None)
+    h.update(ts)
+    for seed, kind in enumerate(("garble", "burst", "bitflip")):
+        bad, _ = damage(ts, video_pid(ts), DamageSpec(kind, 1.0, (2, 4)), 1.2, np.random.default_rng(seed))
+        for k, (y, *flags) in sorted(decode_pictures(bad)[0].items()):
+            h.update(y.tobytes() + bytes(flags))
+print(h.hexdigest())
+"""
+
+
+def test_the_data_chain_does_not_depend_on_the_cpu() -> None:
+    """Content, encode, damage and the concealing decode give the same bytes whatever SIMD the CPU offers:
+    torch's portable kernels against its best ones, x264 held to SSE2, FFmpeg's decoders with every SIMD path
+    off. (Up to data format 4 another CPU built another data set, so a model's recorded test F1 was not what
+    a user measured.)"""
+    import os
+    import subprocess
+    import sys
+
+    def run(mode: str, **env: str) -> str:
+        out = subprocess.run([sys.executable, "-c", _CHAIN, mode], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    assert run("best") == run("plain", ATEN_CPU_CAPABILITY="default")

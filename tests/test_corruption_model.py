@@ -32,7 +32,7 @@ from models.train import (
     mine_hard_negatives,
     train,
 )
-from models.weights import SHIPPED, ModelMeta, WeightsError, load, save
+from models.weights import SHIPPED, ModelMeta, WeightsError, load, record_metrics, save
 
 TINY = Recipe(
     sources=(SourceSpec("t-train", "generated", "train", seed=11, width=320, height=192, seconds=2.0),
@@ -288,6 +288,15 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert {"candidate", "current", "better_or_equal"} <= set(rep) and (out / "pr_compare.png").stat().st_size > 1000
+    # Recorded figures carry the digest of the data they came from; an evaluation on other bytes says so.
+    digest = rep["current"]["data_digest"]
+    assert len(digest) == 16 and rep["candidate"]["data_digest"] == digest
+    r = run_cli("eval", current, "--record", "--recipe", recipe_file, "--data-root", root, "--out", out, timeout=300)
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
+    assert load(current)[1].metrics["test"]["data_digest"] == digest
+    record_metrics(current, "test", {**load(current)[1].metrics["test"], "data_digest": "0" * 16})
+    r = run_cli("eval", current, "--recipe", recipe_file, "--data-root", root, "--out", out, timeout=300)
+    assert r.returncode == 0 and f"note: these test data (digest {digest}) are not those" in " ".join(r.stdout.split()), r.stdout
     # A model that is worse (one that never flags anything: F1 0) is refused, and the current file is left as it was.
     blind = _meta("blind")
     blind.threshold = 1.01

@@ -99,7 +99,7 @@ class CorruptionConfig(DetectorConfig):
 @register
 class CorruptionDetector(Detector):
     NAME = "corruption"
-    VERSION = "1.1"
+    VERSION = "1.2"  # 1.2: the value is the likeliest picture's own probability, not the held level
     MEDIA = "video"
     NEEDS_EVERY_FRAME = False
     Config = CorruptionConfig
@@ -112,6 +112,7 @@ class CorruptionDetector(Detector):
         self._gop = GopHold(config.max_hold)
         self._evidence: dict | None = None  # the most likely corrupt picture of the pending fault
         self._threshold: float | None = config.threshold
+        self._reviewed = None  # the open alert's review record (ReviewRecord), while it is open
 
     def requests(self) -> list[MetricRequest]:
         return [self.request]
@@ -129,9 +130,9 @@ class CorruptionDetector(Detector):
         if seen.any():
             self._threshold = float(v["threshold"][np.flatnonzero(seen)[-1]])
         rule = self.config.rule or (RULES[int(v["hold"][-1])] if len(decision) else "frame")
-        faulty, level = self._gop.update(m.pts, v["prob"], v["key"], v["evidence"],
-                                         np.inf if self._threshold is None else self._threshold,
-                                         hold=rule != "frame", use_evidence=rule == "hold+evidence")
+        faulty, _ = self._gop.update(m.pts, v["prob"], v["key"], v["evidence"],
+                                     np.inf if self._threshold is None else self._threshold,
+                                     hold=rule != "frame", use_evidence=rule == "hold+evidence")
         # The most likely corrupt picture of the pending fault is its evidence: of those over the threshold, or
         # else of those with reported loss (an alert the transport raised is reviewed like any other).
         hits = np.flatnonzero(faulty & np.array([p is not None for p in v["plane"]]))
@@ -141,9 +142,36 @@ class CorruptionDetector(Detector):
                 box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
                 self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
                                   "plane": v["plane"][j], "map": v["map"][j]}
-        self.hyst.update(m.pts, m.pts + m.duration, faulty, level)
-        if not self.hyst.active and self.hyst.pending_start is None:
-            self._evidence = None
+        # The event's value is the likeliest picture's own probability, not the held level: that may come from
+        # a clean picture earlier in the GOP, before the loss the alert is about.
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
+        self._review_better_picture()
+        if not self.hyst.active:
+            self._reviewed = None
+            if self.hyst.pending_start is None:
+                self._evidence = None
+
+    def _review_better_picture(self) -> None:
+        """An open alert's review record follows the likeliest picture of the whole fault, not only of its onset:
+        damage often spreads for a few pictures after the alert fires, and the operator judges the worst."""
+        rec, ev, op = self._reviewed, self._evidence, self.hyst.open
+        if rec is None or ev is None or op is None or op.event.id != rec.alert_id or ev.get("plane") is None:
+            return
+        if rec.probability is not None and ev["prob"] <= rec.probability:
+            return
+        from engine.review import ReviewError
+
+        review = self.ctx.extra.get("review")
+        try:
+            judged = review is None or review.get(rec.alert_id).verdict is not None
+        except ReviewError:  # the record is gone or unreadable: not ours to rewrite
+            judged = True
+        if judged:  # an operator's verdict is on the picture already stored: that one stays
+            self._reviewed = None
+            return
+        self._reviewed = replace(rec, probability=ev["prob"], box=ev["box"])
+        review.add(self._reviewed, ev["plane"], ev.get("map"))
+        self._evidence = None
 
     def _make_event(self, start: float, value: float | None) -> Event:
         ev = self._evidence or {}
@@ -159,9 +187,11 @@ class CorruptionDetector(Detector):
         if review is not None and ev.get("plane") is not None:
             from engine.review import ReviewRecord
 
-            review.add(ReviewRecord(alert_id=event.id, stream=event.stream, start=event.start, wallclock=event.wallclock,
-                                    probability=ev.get("prob"), threshold=self.threshold(), model_version=details.get("model"),
-                                    box=box), ev["plane"], ev.get("map"))
+            rec = ReviewRecord(alert_id=event.id, stream=event.stream, start=event.start, wallclock=event.wallclock,
+                               probability=ev.get("prob"), threshold=self.threshold(), model_version=details.get("model"),
+                               box=box)
+            if review.add(rec, ev["plane"], ev.get("map")) is not None:
+                self._reviewed = rec
             details["review"] = True
         self._evidence = None
         return replace(event, details=details)

@@ -26,7 +26,35 @@ class EncodeSpec:
 _ENCODERS = {"h264": "libx264", "hevc": "libx265"}
 
 
-def encode_ts(frames: list[np.ndarray], fps: int, spec: EncodeSpec) -> bytes:
+def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB to planar 4:2:0 Y'CbCr (BT.601, limited range) as one (H*3/2, W) array, each chroma
+    sample from its 2x2 pixels' mean colour. Integer arithmetic here instead of FFmpeg's swscale, whose SIMD
+    paths differ between CPUs by a level here and there: the data set has to be the same bytes on every machine
+    that builds it, and one level moved changes the encode, hence where damage lands and every label after."""
+    h, w = rgb.shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"frame size {w}x{h} is not even")
+    x = rgb.astype(np.int32)
+    y = ((66 * x[..., 0] + 129 * x[..., 1] + 25 * x[..., 2] + 128) >> 8) + 16
+    s = x.reshape(h // 2, 2, w // 2, 2, 3).sum((1, 3))  # four times each 2x2 mean
+    u = ((-38 * s[..., 0] - 74 * s[..., 1] + 112 * s[..., 2] + 512) >> 10) + 128
+    v = ((112 * s[..., 0] - 94 * s[..., 1] - 18 * s[..., 2] + 512) >> 10) + 128
+    planes = [np.clip(c, 0, 255).astype(np.uint8).ravel() for c in (y, u, v)]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
+def i420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The inverse of rgb_to_i420 (chroma repeated over its 2x2 pixels), in integers for the same reason."""
+    c = y.astype(np.int32) - 16
+    d = np.repeat(np.repeat(u.astype(np.int32) - 128, 2, 0), 2, 1)[: y.shape[0], : y.shape[1]]
+    e = np.repeat(np.repeat(v.astype(np.int32) - 128, 2, 0), 2, 1)[: y.shape[0], : y.shape[1]]
+    rgb = np.stack([298 * c + 409 * e, 298 * c - 100 * d - 208 * e, 298 * c + 516 * d], -1)
+    return np.clip((rgb + 128) >> 8, 0, 255).astype(np.uint8)
+
+
+def encode_ts(frames: list[np.ndarray], fps: int, spec: EncodeSpec, x264_asm: str | None = None) -> bytes:
+    """The frames encoded to MPEG-TS, the same bytes on every x86-64 CPU. `x264_asm` limits x264's instruction
+    sets (as its `asm` option: "SSE2", "AVX2" ...), for the test that the output does not depend on them."""
     buf = io.BytesIO()
     h, w = frames[0].shape[:2]
     with av.open(buf, "w", format="mpegts") as out:
@@ -37,15 +65,20 @@ def encode_ts(frames: list[np.ndarray], fps: int, spec: EncodeSpec) -> bytes:
         # One thread: x264's and x265's threaded rate control depends on timing, and the data set must be the
         # same bytes for the same recipe. (The builder runs clips in parallel processes instead.)
         st.codec_context.thread_count = 1
+        # Nor may the CPU decide: x264 picks some algorithms by instruction set (its AVX-512 code gave another
+        # stream than its AVX2 code) unless `cpu-independent` is set, and x265's own SIMD primitives do not
+        # agree with each other (SSE2, AVX2 and plain C gave three streams), so x265 runs its C code, which at
+        # this preset and size is no slower.
         if spec.codec == "h264":
+            asm = f"asm={x264_asm}:" if x264_asm else ""
             st.options = {"preset": "veryfast", "bf": str(spec.bframes),
-                          "x264-params": f"threads=1:lookahead-threads=1:scenecut=0:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:vbv-maxrate={spec.bitrate // 1000}:vbv-bufsize={spec.bitrate // 1000}"}
+                          "x264-params": f"{asm}cpu-independent=1:threads=1:lookahead-threads=1:scenecut=0:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:vbv-maxrate={spec.bitrate // 1000}:vbv-bufsize={spec.bitrate // 1000}"}
         else:
             st.options = {"preset": "ultrafast", "x265-params": (
-                f"log-level=error:pools=1:frame-threads=1:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:bframes={spec.bframes}:scenecut=0:"
+                f"log-level=error:asm=false:pools=1:frame-threads=1:slices={spec.slices}:keyint={spec.gop}:min-keyint={spec.gop}:bframes={spec.bframes}:scenecut=0:"
                 f"vbv-maxrate={spec.bitrate // 1000}:vbv-bufsize={spec.bitrate // 1000}:repeat-headers=1")}
         for i, rgb in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            f = av.VideoFrame.from_ndarray(rgb_to_i420(rgb), format="yuv420p")
             f.pts = i
             f.time_base = Fraction(1, fps)
             for p in st.encode(f):

@@ -6,6 +6,7 @@ on pictures nobody here drew. Both come out as lists of (H, W, 3) uint8 RGB fram
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +43,24 @@ class SourceSpec:
     style: str = "mixed"  # generated content: "mixed" (textured scene) or "facade" (lit buildings at night)
 
 
+def _in_float64(make):
+    """Runs a content maker with float64 as torch's default dtype. In float32 other CPUs round otherwise (torch's
+    randn, sin, exp, convolution and interpolation vectorise per instruction set: 708 pixels of 30 frames came
+    out one level apart between its AVX2 and its portable code), and one level moved changes the encode; in
+    float64 a difference reaching half a level is vanishingly rare, so every CPU makes the same frames."""
+
+    @functools.wraps(make)
+    def run(spec: SourceSpec) -> list[np.ndarray]:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return make(spec)
+        finally:
+            torch.set_default_dtype(prev)
+
+    return run
+
+
 def _fractal(gen: torch.Generator, h: int, w: int, octaves: int = 6, beta: float = 1.0) -> torch.Tensor:
     """1/f-like noise: random grids at doubling sizes, bicubically upsampled and summed with falling weights.
     Natural pictures have about this spectrum, so the encoder spends its bits the way it does on real video."""
@@ -60,7 +79,7 @@ def _canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
     base = _fractal(gen, h, w)
     hue = torch.stack([_fractal(gen, h, w, octaves=4, beta=1.4) for _ in range(3)])
     img = 0.5 + 0.16 * base + 0.10 * hue
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.get_default_dtype()), torch.arange(w, dtype=torch.get_default_dtype()), indexing="ij")
     for _ in range(int(torch.randint(12, 24, (1,), generator=gen))):
         cy, cx = float(torch.rand(1, generator=gen)) * h, float(torch.rand(1, generator=gen)) * w
         ry, rx = (8 + float(torch.rand(1, generator=gen)) * h * 0.12), (8 + float(torch.rand(1, generator=gen)) * w * 0.12)
@@ -81,7 +100,7 @@ def _canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
 def _man_made(gen: torch.Generator, img: torch.Tensor) -> torch.Tensor:
     """Sharp structure drawn at full resolution on an RGB (3, h, w) picture."""
     h, w = img.shape[-2:]
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.get_default_dtype()), torch.arange(w, dtype=torch.get_default_dtype()), indexing="ij")
     # Regular man-made structure (facades, tiles, text, fences): grids of every period and phase, so that a
     # grid is not evidence of corruption by itself. Real corruption follows the codec's grid; these do not
     # have to, but some do by chance, as in real pictures.
@@ -113,7 +132,7 @@ def _man_made(gen: torch.Generator, img: torch.Tensor) -> torch.Tensor:
 def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """A camera's softness: separable Gaussian blur of a (3, h, w) picture."""
     r = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.get_default_dtype()) / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
     x = F.pad(img[None], (r, r, 0, 0), mode="replicate")
     x = F.conv2d(x, k, groups=3)
@@ -127,7 +146,7 @@ def _facade_canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
     of every period, phase and slant, and some line up with the codec's macroblock grid for a moment as the
     camera moves: the clean pictures that look most like concealed blocks, so the model must see them as clean."""
     rnd = lambda: float(torch.rand(1, generator=gen))  # noqa: E731
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.get_default_dtype()), torch.arange(w, dtype=torch.get_default_dtype()), indexing="ij")
     sky = torch.tensor([0.08 + 0.1 * rnd(), 0.05 + 0.08 * rnd(), 0.15 + 0.2 * rnd()]).view(3, 1, 1)
     img = sky * (0.6 + 0.4 * yy / h) + 0.03 * _fractal(gen, h, w, octaves=4)
     palette = torch.tensor([[0.55, 1.0, 0.85], [0.9, 0.95, 1.0], [1.0, 0.85, 0.5], [0.4, 0.8, 1.0], [0.75, 1.0, 0.6]])
@@ -168,6 +187,7 @@ def _facade_canvas(gen: torch.Generator, h: int, w: int) -> torch.Tensor:
     return img.clamp(0, 1)
 
 
+@_in_float64
 def generated_frames(spec: SourceSpec) -> list[np.ndarray]:
     """A camera panning and zooming slowly over a textured canvas, with a few sprites moving across it and an
     occasional cut to another part of the canvas: motion of every kind an encoder predicts. The canvas is a
@@ -227,6 +247,8 @@ def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
     """Decoded frames of a real sample clip (cropped to even size), at most `seconds` long."""
     import av
 
+    from models.data.codec import i420_to_rgb
+
     path = samples_dir() / spec.name
     if not path.is_file():
         raise FileNotFoundError(f"sample clip {path} not found: run tests/fetch_samples.sh (make samples) first")
@@ -234,10 +256,18 @@ def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
+            # The C IDCT, not whichever SIMD one this CPU gets: the data set is the same bytes on every machine.
+            s.codec_context.options = {"idct": "simple"}
             limit = int(spec.seconds * float(s.average_rate or spec.fps))
             for f in c.decode(s):
-                rgb = f.to_ndarray(format="rgb24")
-                frames.append(rgb[: rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16])
+                h, w = f.height // 16 * 16, f.width // 16 * 16
+                if f.format.name in ("yuv420p", "yuvj420p"):
+                    # In integers (codec.i420_to_rgb), not through swscale (see codec.rgb_to_i420).
+                    y, u, v = (np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in f.planes[:3])
+                    rgb = i420_to_rgb(y[:h, :w], u[: h // 2, : w // 2], v[: h // 2, : w // 2])
+                else:  # an RGB codec (Cinepak) converts nothing here
+                    rgb = f.to_ndarray(format="rgb24")[:h, :w]
+                frames.append(np.ascontiguousarray(rgb))
                 if len(frames) >= limit:
                     break
     except (av.error.FFmpegError, IndexError) as exc:
@@ -247,6 +277,7 @@ def sample_frames(spec: SourceSpec) -> list[np.ndarray]:
     return frames
 
 
+@_in_float64
 def photo_frames(spec: SourceSpec) -> list[np.ndarray]:
     """A camera panning and zooming slowly over a real photograph (Debian's opencv-doc sample pictures, placed
     in the samples cache's photos/ by tests/fetch_samples.sh), with a little sensor noise: real textures,
@@ -260,7 +291,7 @@ def photo_frames(spec: SourceSpec) -> list[np.ndarray]:
         raise FileNotFoundError(f"sample photo {path} not found: run tests/fetch_samples.sh (make samples) first")
     try:
         with Image.open(path) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+            img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float64).copy()).permute(2, 0, 1) / 255.0
     except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise SourceError(f"sample photo {path} is not a readable picture: {exc}") from None
     gen = torch.Generator().manual_seed(spec.seed)
@@ -273,16 +304,16 @@ def photo_frames(spec: SourceSpec) -> list[np.ndarray]:
     n = int(round(spec.seconds * spec.fps))
     r = torch.rand(5, generator=gen)
     zoom = 1.0 + 0.12 * (float(r[0]) - 0.5)  # in or out by up to 6 % over the clip
-    canvas = torch.tensor([ih, iw], dtype=torch.float32)
+    canvas = torch.tensor([ih, iw], dtype=torch.get_default_dtype())
     # The window (canvas pixels) moves between two random places the margin allows, its size shrinking or
     # growing with the zoom; the largest window it takes must fit.
-    biggest = torch.tensor([h, w], dtype=torch.float32) * max(1.0, 1.0 / zoom)
+    biggest = torch.tensor([h, w], dtype=torch.get_default_dtype()) * max(1.0, 1.0 / zoom)
     room = (canvas - biggest).clamp(min=0)
     start, end = r[1:3] * room, r[3:5] * room
     frames = []
     for i in range(n):
         t = i / max(1, n - 1)
-        size = torch.tensor([h, w], dtype=torch.float32) / (1.0 + (zoom - 1.0) * t)
+        size = torch.tensor([h, w], dtype=torch.get_default_dtype()) / (1.0 + (zoom - 1.0) * t)
         centre = start + (end - start) * t + biggest / 2
         cy, cx = (centre / canvas * 2 - 1).tolist()  # affine_grid's [-1, 1] coordinates of the canvas
         sy, sx = (size / canvas).tolist()

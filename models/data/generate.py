@@ -79,8 +79,12 @@ class Recipe:
 
     seed: int = 2026
     # data format. 2: shards carry the previous picture's plane; 3: decoded with one thread, so with FFmpeg's
-    # H.264 error concealment (format 2 decoded with slice threads, which switch it off)
-    format: int = 3
+    # H.264 error concealment (format 2 decoded with slice threads, which switch it off); 4: colour conversions
+    # in integers and the sample clips through the C IDCT (format 3 used swscale and the CPU's IDCT, whose SIMD
+    # paths gave another data set on another CPU: test F1 0.916 where it was built, 0.904 on an AMD EPYC);
+    # 5: generated content in float64, x264 `cpu-independent`, x265 without SIMD (format 4 still came out
+    # otherwise on a CPU with AVX-512: 1,769 test frames where it was built with 1,751)
+    format: int = 5
     sources: tuple[SourceSpec, ...] = field(default_factory=default_sources)
     codecs: tuple[str, ...] = ("h264", "hevc")
     bpp: tuple[tuple[str, float], ...] = (("h264", 0.13), ("hevc", 0.09))
@@ -274,9 +278,9 @@ def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
     nat = src.split in r.native_splits
     for codec in r.codecs:
         bitrate = int(w * h * fps * dict(r.bpp)[codec])
-        # x264 as bundled with PyAV is not bit-exact from run to run, so each clean stream is encoded once and
-        # kept beside the shards: everything after the encode (damage, decode, labels) is bit-exact for the
-        # recipe, and a rebuild from the kept streams reproduces the data set exactly.
+        # Each clean stream is encoded once and kept beside the shards: everything after the encode (damage,
+        # decode, labels) is bit-exact for the recipe, and a rebuild from the kept streams reproduces the data
+        # set exactly (and skips the encodes, the slow part).
         stream_path = out_dir / "streams" / f"{src.name.replace('.', '_')}__{codec}.ts"
         if stream_path.is_file():
             ts = stream_path.read_bytes()
