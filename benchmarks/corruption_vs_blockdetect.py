@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corruption_peers import best_threshold, blockdetect_scores, blockiness_scores, prf_at  # noqa: E402
 
 from models.data.generate import CORRUPT, Recipe, build, load_split  # noqa: E402
-from models.evaluate import evaluate  # noqa: E402
+from models.evaluate import evaluate, f1_interval  # noqa: E402
 from models.train import frame_probabilities, shard_inputs  # noqa: E402
 from models.weights import SHIPPED, load  # noqa: E402
 
@@ -98,6 +98,7 @@ def main() -> None:
     y_val = np.concatenate([s.labels for s in val]).astype(int)
     y_test = np.concatenate([s.labels for s in test]).astype(int)
     kind = np.concatenate([[s.kind] * len(s.labels) for s in test])
+    decode = np.concatenate([[i] * len(s.labels) for i, s in enumerate(test)]).astype(int)  # a shard is one decode
     packet = kind != "synthetic"
     model, meta = load(args.weights)
     # As the engine runs it (tier all): each picture with the one shown before it.
@@ -112,7 +113,9 @@ def main() -> None:
     # decision rule (held until the next key frame, loss evidence), scored on the same frames.
     seq = evaluate(args.weights, "test", device="cpu")
     o = seq["overall"]
-    fw = {"precision": o["precision"], "recall": o["recall"], "f1": o["f1"]}
+    # f1_ci95: 95 % bootstrap interval over whole decodes (models.evaluate.f1_interval): the split is a few dozen
+    # damage episodes, and a difference between two figures inside it is not a difference.
+    fw = {"precision": o["precision"], "recall": o["recall"], "f1": o["f1"], "f1_ci95": o.get("f1_ci95")}
     results["framewatch_cnn"] = {"threshold": meta.threshold, "threshold_from": "validation split (in the weights)",
                                  "rule": seq["rule"], **fw, "all_labelled_pictures": seq["all_labelled"],
                                  "clean_real_clips_whole": seq["clean_real_clips_whole"],
@@ -128,6 +131,7 @@ def main() -> None:
         s_test, per = _peer(fn, test)
         thr, f1_val = best_threshold(s_val, (y_val == CORRUPT).astype(int))
         r = prf_at(s_test[packet], (y_test[packet] == CORRUPT).astype(int), thr)
+        r["f1_ci95"] = f1_interval(s_test[packet] >= thr, y_test[packet], decode[packet])
         # For reference only: the best any threshold could do on the test split itself (an oracle).
         _, oracle = best_threshold(s_test[packet], (y_test[packet] == CORRUPT).astype(int))
         peers[name] = {"threshold": thr, "threshold_from": "best F1 on the validation split", "val_f1": round(f1_val, 4),
@@ -141,11 +145,12 @@ def main() -> None:
                          "met": bool(fw["f1"] >= 0.95 and fw["f1"] > peers["ffmpeg_blockdetect"]["f1"])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{'method':24} {'F1':>7} {'precision':>9} {'recall':>7} {'CPU ms/1080p':>13}")
-    print(f"{'framewatch CNN (engine)':24} {fw['f1']:7.4f} {fw['precision']:9.4f} {fw['recall']:7.4f} "
+    ci = lambda r: "{:.3f}-{:.3f}".format(*r["f1_ci95"]) if r.get("f1_ci95") else "-"  # noqa: E731
+    print(f"{'method':24} {'F1':>7} {'F1 95 %':>12} {'precision':>9} {'recall':>7} {'CPU ms/1080p':>13}")
+    print(f"{'framewatch CNN (engine)':24} {fw['f1']:7.4f} {ci(fw):>12} {fw['precision']:9.4f} {fw['recall']:7.4f} "
           f"{results['framewatch_cnn']['cpu_ms_per_1080p_frame_1_thread']:13.2f}")
     for name, r in peers.items():
-        print(f"{name:24} {r['f1']:7.4f} {r['precision']:9.4f} {r['recall']:7.4f} {r['cpu_ms_per_1080p_frame']:13.2f}")
+        print(f"{name:24} {r['f1']:7.4f} {ci(r):>12} {r['precision']:9.4f} {r['recall']:7.4f} {r['cpu_ms_per_1080p_frame']:13.2f}")
     a = results["framewatch_cnn_frame_by_frame"]
     print(f"{'  (frame by frame)':24} {a['f1']:7.4f} {a['precision']:9.4f} {a['recall']:7.4f}")
     a = results["framewatch_cnn_without_previous_picture"]

@@ -132,12 +132,14 @@ def _root(p: Path | None) -> str | None:
 def _eval_table(title: str, reports: list[tuple[str, dict]]) -> Table:
     t = Table(title=title)
     t.add_column("model")
-    for c in ("rule", "precision", "recall", "F1", "AP", "packet-loss F1", "clean real clips: false frames", "events"):
+    for c in ("rule", "precision", "recall", "F1", "F1 95 % (by decode)", "AP", "packet-loss F1", "clean real clips: false frames", "events"):
         t.add_column(c, justify="right")
     for name, r in reports:
         o = r["overall"]
         c = r.get("clean_real_clips_whole", r["clean_real_clips"])
+        ci = o.get("f1_ci95")
         t.add_row(name, r.get("rule", "frame"), f"{o['precision']:.4f}", f"{o['recall']:.4f}", f"{o['f1']:.4f}",
+                  f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "-",
                   f"{o['average_precision']:.4f}", f"{r['packet_loss']['f1']:.4f}", f"{c['false_alarm_frames']}/{c['frames']}",
                   str(c.get("events", "-")))
     return t

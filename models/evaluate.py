@@ -36,6 +36,24 @@ def prf(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(f1, 4), "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
+def f1_interval(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
+    """95 % bootstrap interval of F1, resampling whole decodes (`groups`: the decode of each frame) rather than
+    frames: a decode's pictures share their damage, content and codec, so frames are not independent draws and
+    a frame bootstrap would claim far more certainty than a split of a few dozen damage episodes holds."""
+    y = labels == CORRUPT
+    k = int(groups.max()) + 1 if len(groups) else 0
+    if k < 2:
+        return [float("nan"), float("nan")]
+    counts = np.stack([np.bincount(groups, (pred & y).astype(float), k), np.bincount(groups, (pred & ~y).astype(float), k),
+                       np.bincount(groups, (~pred & y).astype(float), k)])
+    draws = np.random.default_rng(seed).integers(0, k, (n, k))
+    tp, fp, fn = (counts[i][draws].sum(1) for i in range(3))
+    denom = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n), where=denom > 0)
+    lo, hi = np.percentile(f1, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(precision, recall, average precision) over every threshold."""
     order = np.argsort(-scores, kind="stable")
@@ -178,6 +196,7 @@ class SequenceScored:
     seqs: list  # every decode of the split
     probs: list[np.ndarray]  # frame probabilities of every picture of every decode (NaN: not analysed)
     rule: str
+    groups: np.ndarray | None = None  # the decode (index into seqs) of each of `scored`'s frames
 
 
 def score_sequences(model, meta, split: str, recipe: Recipe, folder: Path, rule: str | None = None,
@@ -193,16 +212,17 @@ def score_sequences(model, meta, split: str, recipe: Recipe, folder: Path, rule:
     device = next(model.parameters()).device
     kinds = {s.name: s.kind for s in recipe.sources}
     probs = [sequence_probs(model, q, device, meta.frame_blocks, fps) for q in seqs]
-    levels, labels, kind, source, codec, sample = [], [], [], [], [], []
-    for q, p in zip(seqs, probs, strict=True):
+    levels, labels, kind, source, codec, sample, groups = [], [], [], [], [], [], []
+    for i, (q, p) in enumerate(zip(seqs, probs, strict=True)):
         m = q.sampled & (q.labels >= 0)
+        groups.append(np.full(int(m.sum()), i))
         levels.append(hold_levels(p, q, rule)[m])
         labels.append(q.labels[m])
         for lst, v in ((kind, q.kind), (source, q.source), (codec, q.codec), (sample, kinds.get(q.source) == "sample")):
             lst.append(np.array([v] * int(m.sum())))
     sc = Scored(np.concatenate(levels), np.concatenate(labels), np.concatenate(kind), np.concatenate(source),
                 np.concatenate(codec), np.concatenate(sample).astype(bool))
-    return SequenceScored(sc, seqs, probs, rule)
+    return SequenceScored(sc, seqs, probs, rule, np.concatenate(groups))
 
 
 def data_digest(seqs) -> str:
@@ -243,6 +263,8 @@ def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dic
     out["clean_real_clips_whole"] = {"frames": frames, "false_alarm_frames": fa, "events": events}
     out["episodes"] = episode_report(found)
     out["data_digest"] = data_digest(ss.seqs)
+    if ss.groups is not None:
+        out["overall"]["f1_ci95"] = f1_interval(ss.scored.probs >= threshold, ss.scored.labels, ss.groups)
     return out
 
 

@@ -20,7 +20,7 @@ from engine.review import ReviewRecord, ReviewStore
 from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
-from models.evaluate import episode_report, episodes
+from models.evaluate import episode_report, episodes, f1_interval
 from models.net import CorruptionNet, parameters_count
 from models.train import (
     Item,
@@ -241,6 +241,29 @@ def test_engine_keeps_its_model_when_a_bad_file_replaces_it(tmp_path, caplog) ->
     assert slot.current(now=20.0).meta.version == "v2" and slot.reloads == 1 and slot.error is None
 
 
+def test_f1_interval_resamples_whole_decodes() -> None:
+    """The interval is about decodes, not frames: the same frames in 8 decodes give a wider interval than in 80,
+    it holds the point estimate, and a perfect detector's is a point."""
+    rng = np.random.default_rng(1)
+
+    def case(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        groups = np.repeat(np.arange(k), 800 // k)
+        # each decode has its own hit rate: frames within a decode are alike
+        hit = rng.uniform(0.5, 1.0, k)[groups] > rng.uniform(0, 1, len(groups))
+        labels = np.ones(len(groups), np.int8)
+        return hit, labels, groups
+
+    lo8, hi8 = f1_interval(*case(8))
+    lo80, hi80 = f1_interval(*case(80))
+    assert 0 < lo8 < hi8 < 1 and 0 < lo80 < hi80 < 1
+    assert hi8 - lo8 > 1.5 * (hi80 - lo80)
+    pred, labels, groups = case(80)
+    f1 = 2 * pred.sum() / (pred.sum() + len(labels))
+    assert lo80 <= f1 <= hi80
+    assert f1_interval(labels == 1, labels, groups) == [1.0, 1.0]
+    assert all(np.isnan(f1_interval(pred, labels, np.zeros(len(labels), int))))
+
+
 def test_shipped_weights_load_with_metadata() -> None:
     model, meta = load(SHIPPED)
     assert meta.recipe_hash == Recipe().hash
@@ -290,6 +313,8 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     assert {"candidate", "current", "better_or_equal"} <= set(rep) and (out / "pr_compare.png").stat().st_size > 1000
     # Recorded figures carry the digest of the data they came from; an evaluation on other bytes says so.
     digest = rep["current"]["data_digest"]
+    lo, hi = rep["current"]["overall"]["f1_ci95"]
+    assert 0 <= lo <= hi <= 1
     assert len(digest) == 16 and rep["candidate"]["data_digest"] == digest
     r = run_cli("eval", current, "--record", "--recipe", recipe_file, "--data-root", root, "--out", out, timeout=300)
     assert r.returncode == 0 and "note:" not in r.stdout, r.stderr
