@@ -129,6 +129,16 @@ def _root(p: Path | None) -> str | None:
     return str(p) if p is not None else None
 
 
+def _difference(res: dict) -> str:
+    """The paired F1 difference of a comparison, in words."""
+    d = res.get("f1_difference")
+    if not d:
+        return ""
+    lo, hi = d["ci95"]
+    return (f"F1 difference (candidate - current) {d['difference']:+.4f}, 95 % {lo:+.4f} to {hi:+.4f} (paired bootstrap "
+            f"over decodes; candidate ahead in {d['a_ahead']:.0%} of draws)")
+
+
 def _eval_table(title: str, reports: list[tuple[str, dict]]) -> Table:
     t = Table(title=title)
     t.add_column("model")
@@ -218,6 +228,7 @@ def evaluate(
     if against is not None:
         verdict = "not worse: may be promoted" if res["better_or_equal"] else "worse: " + "; ".join(res["reasons"])
         out.print(f"candidate is {verdict}")
+        out.print(_difference(res))
     out.print(f"report: {out_dir}  PR curve: {res.get('pr_curve_png')}")
 
 
@@ -269,6 +280,8 @@ def promote(
         raise _fail(f"cannot install {candidate} as {current}: {exc.strerror or exc}") from None
     f1 = f" (F1 {res['candidate']['overall']['f1']:.4f} vs {res['current']['overall']['f1']:.4f})" if res else ""
     err.print(f"promoted {candidate} -> {current}{f1}", markup=False)
+    if res:
+        err.print(_difference(res), markup=False)
 
 
 def label(

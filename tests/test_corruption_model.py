@@ -20,7 +20,7 @@ from engine.review import ReviewRecord, ReviewStore
 from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
-from models.evaluate import episode_report, episodes, f1_interval
+from models.evaluate import episode_report, episodes, f1_difference, f1_interval
 from models.net import CorruptionNet, parameters_count
 from models.train import (
     Item,
@@ -264,6 +264,24 @@ def test_f1_interval_resamples_whole_decodes() -> None:
     assert all(np.isnan(f1_interval(pred, labels, np.zeros(len(labels), int))))
 
 
+def test_f1_difference_is_paired_over_decodes() -> None:
+    """Two models on the same decodes: hard decodes are hard for both, so the paired interval of the difference
+    is narrower than the two models' own intervals; identical models differ by exactly 0."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 20)
+    hard = rng.uniform(0.4, 1.0, 40)[groups]  # how findable each decode's damage is
+    u = rng.uniform(0, 1, len(groups))
+    a, b = hard > u, hard > u + 0.03  # B misses a little more, on the same pictures
+    labels = np.ones(len(groups), np.int8)
+    d = f1_difference(a, b, labels, groups)
+    lo_a, hi_a = f1_interval(a, labels, groups)
+    assert d["difference"] > 0 and 0 <= d["ci95"][0] <= d["ci95"][1]
+    assert d["ci95"][1] - d["ci95"][0] < 0.5 * (hi_a - lo_a)
+    assert d["a_ahead"] > 0.95
+    same = f1_difference(a, a, labels, groups)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["a_ahead"] == 0
+
+
 def test_shipped_weights_load_with_metadata() -> None:
     model, meta = load(SHIPPED)
     assert meta.recipe_hash == Recipe().hash
@@ -310,7 +328,8 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     r = run_cli("eval", cand, "--against", current, "--recipe", recipe_file, "--data-root", root, "--out", out, "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert {"candidate", "current", "better_or_equal"} <= set(rep) and (out / "pr_compare.png").stat().st_size > 1000
+    assert {"candidate", "current", "better_or_equal", "f1_difference"} <= set(rep) and (out / "pr_compare.png").stat().st_size > 1000
+    assert set(rep["f1_difference"]) == {"difference", "ci95", "a_ahead"}
     # Recorded figures carry the digest of the data they came from; an evaluation on other bytes says so.
     digest = rep["current"]["data_digest"]
     lo, hi = rep["current"]["overall"]["f1_ci95"]
