@@ -66,9 +66,7 @@ def f1_difference(pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray, gr
     """F1 of A minus F1 of B on the same frames, with its 95 % paired bootstrap interval (both models on the
     same resampled decodes, so the content both find hard cancels out: far narrower than the two intervals
     side by side) and the share of draws where A is ahead."""
-    y = labels == CORRUPT
-    f1 = lambda p: 2 * (p & y).sum() / max(1, (p & y).sum() * 2 + (p & ~y).sum() + (~p & y).sum())  # noqa: E731
-    out = {"difference": round(float(f1(pred_a) - f1(pred_b)), 4)}
+    out = {"difference": round(prf(pred_a, labels)["f1"] - prf(pred_b, labels)["f1"], 4)}
     draws = _draws(groups, n, seed)
     if draws is None:
         return {**out, "ci95": [float("nan"), float("nan")], "a_ahead": float("nan")}
@@ -219,7 +217,7 @@ class SequenceScored:
     seqs: list  # every decode of the split
     probs: list[np.ndarray]  # frame probabilities of every picture of every decode (NaN: not analysed)
     rule: str
-    groups: np.ndarray | None = None  # the decode (index into seqs) of each of `scored`'s frames
+    groups: np.ndarray  # the decode (index into seqs) of each of `scored`'s frames
 
 
 def score_sequences(model, meta, split: str, recipe: Recipe, folder: Path, rule: str | None = None,
@@ -286,8 +284,7 @@ def sequence_report(ss: SequenceScored, threshold: float, recipe: Recipe) -> dic
     out["clean_real_clips_whole"] = {"frames": frames, "false_alarm_frames": fa, "events": events}
     out["episodes"] = episode_report(found)
     out["data_digest"] = data_digest(ss.seqs)
-    if ss.groups is not None:
-        out["overall"]["f1_ci95"] = f1_interval(ss.scored.probs >= threshold, ss.scored.labels, ss.groups)
+    out["overall"]["f1_ci95"] = f1_interval(ss.scored.probs >= threshold, ss.scored.labels, ss.groups)
     return out
 
 
