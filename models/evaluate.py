@@ -251,7 +251,7 @@ def data_digest(seqs) -> str:
     exactly when their digests agree, whatever machine built them."""
     h = hashlib.sha256()
     for q in seqs:
-        h.update(f"{q.source}/{q.codec}/{q.kind}".encode())
+        h.update(f"{q.source}/{q.codec}/{q.kind}{f'-{q.draw}' if q.draw else ''}".encode())
         for a in (q.planes, q.labels, q.blocks, q.key, q.corrupt, q.damaged):
             h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]

@@ -162,7 +162,7 @@ def test_build_is_deterministic_and_split_by_source(tmp_path) -> None:
     r = Recipe(
         sources=(SMALL, SourceSpec("tiny2", "generated", "test", seed=8, width=320, height=192, seconds=2.0)),
         codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)), DamageSpec("garble", 1.0, (2, 4))),
-        clean_per_codec=4, per_decode=(8, 4), native_splits=("test",),
+        clean_per_codec=4, per_decode=(8, 4), native_splits=("test",), draws=(),
     )
     a = build(r, tmp_path / "a", workers=1)
     # The same recipe from the same encoded streams (kept by the first build: x264 is not bit-exact run to run)
@@ -231,6 +231,52 @@ def test_a_recipe_that_adds_sources_builds_only_those(tmp_path, monkeypatch) -> 
     (b / "recipe.json").unlink()
     build(r2, tmp_path, workers=1)
     assert made == []
+
+
+def test_draws_add_damaged_decodes_and_keep_the_first(tmp_path, monkeypatch) -> None:
+    """`draws` gives a split more damaged decodes, each with its own damage; the first is the decode of the recipe
+    without draws, whose hash is unchanged; a build differing only in draws reuses the old one's encodes and the
+    sources whose decodes did not change, and whole decodes for evaluation follow the draws."""
+    import dataclasses
+
+    import models.data.codec as codec
+    import models.data.generate as gen
+    from models.data.sequences import sequences
+
+    test_src = SourceSpec("tiny2", "generated", "test", seed=8, width=320, height=192, seconds=2.0)
+    r = Recipe(sources=(SMALL, test_src), codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)),),
+               clean_per_codec=4, per_decode=(8, 4), draws=())
+    assert "draws" not in r.to_json() and Recipe.from_json(r.to_json()) == r  # recipes from before draws: same hash
+    assert Recipe().draws == (("test", 3), ("val", 3))  # the default measures on three draws of every damage
+    a = build(r, tmp_path, workers=1)
+    r3 = dataclasses.replace(r, draws=(("test", 3),))
+    assert Recipe.from_json(r3.to_json()) == r3 and r3.hash != r.hash
+    # A config may give only the fields it changes, and the order of the draws does not matter.
+    two = Recipe.from_json({"draws": [["train/hevc/garble", 2], ["test", 3]]})
+    assert two == dataclasses.replace(Recipe(), draws=(("test", 3), ("train/hevc/garble", 2)))
+    assert two.n_draws("train", "hevc", "garble") == 2 and two.n_draws("train", "h264", "garble") == 1
+    assert r3.n_draws("test", "h264", "burst") == 3 and r3.n_draws("train", "h264", "burst") == 1
+    for bad in ((("test/vp9", 2),), (("test/h264/flood", 2),), (("eval", 2),), (("test", 0),), (("test", True),)):
+        with pytest.raises(ValueError, match="draws"):
+            dataclasses.replace(r, draws=bad)
+    made, encodes = [], []
+    real_build, real_encode = gen.build_source, codec.encode_ts
+    monkeypatch.setattr(gen, "build_source", lambda rr, src, out: made.append(src.name) or real_build(rr, src, out))
+    monkeypatch.setattr(gen, "encode_ts", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    b = build(r3, tmp_path, workers=1)
+    assert made == ["tiny2"] and encodes == []  # the training source kept, the test source's stream reused
+    names = sorted(p.name for p in (b / "test").glob("*.npz"))
+    assert names == ["tiny2__h264__burst-1.npz", "tiny2__h264__burst-2.npz", "tiny2__h264__burst.npz", "tiny2__h264__clean.npz"]
+    old = {p.name: np.load(p)["planes"] for p in (a / "test").glob("*.npz")}
+    new = {p.name: np.load(p)["planes"] for p in (b / "test").glob("*.npz")}
+    assert all(np.array_equal(old[n], new[n]) for n in old)  # draw 0 is the old decode
+    seqs = sequences(r3, b, "test")
+    assert [(q.kind, q.draw) for q in seqs] == [("clean", 0), ("burst", 0), ("burst", 1), ("burst", 2)]
+    damaged = [q.labels == CORRUPT for q in seqs[1:]]  # each draw damages other pictures
+    assert all(d.any() for d in damaged) and len({d.tobytes() for d in damaged}) == 3
+    for q in seqs:
+        sh = np.load(b / "test" / f"{q.name}.npz")
+        assert np.array_equal(q.planes[q.sampled], sh["planes"])
 
 
 def test_colour_conversion_is_bt601_in_integers() -> None:

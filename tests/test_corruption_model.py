@@ -39,7 +39,7 @@ TINY = Recipe(
              SourceSpec("t-val", "generated", "val", seed=12, width=320, height=192, seconds=2.0),
              SourceSpec("t-test", "generated", "test", seed=13, width=320, height=192, seconds=2.0)),
     codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)), DamageSpec("garble", 1.0, (2, 5))),
-    clean_per_codec=6, per_decode=(10, 5), synthetic_share=0.0, native_splits=(),
+    clean_per_codec=6, per_decode=(10, 5), synthetic_share=0.0, native_splits=(), draws=(),
 )
 
 
@@ -283,8 +283,13 @@ def test_f1_difference_is_paired_over_decodes() -> None:
 
 
 def test_shipped_weights_load_with_metadata() -> None:
+    import dataclasses
+
     model, meta = load(SHIPPED)
-    assert meta.recipe_hash == Recipe().hash
+    # Trained on the default recipe's training split: the default itself, or the default without the held-out
+    # splits' extra draws (Recipe.draws), which leave the training split as it was (the shipped weights are from
+    # before them; their test figures are measured on the default's three draws).
+    assert meta.recipe_hash in (Recipe().hash, dataclasses.replace(Recipe(), draws=()).hash)
     assert meta.metrics["test"]["packet_loss"]["f1"] > 0 and 0 < meta.threshold < 1
     assert parameters_count(model) <= 1_000_000
 

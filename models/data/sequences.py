@@ -33,7 +33,9 @@ from models.data.generate import (
     _rng,
     block_mad,
     block_seam,
+    damage_rng,
     damaged_stream,
+    decode_name,
     label,
 )
 
@@ -63,6 +65,12 @@ class Sequence:
     codec: str
     kind: str
     fps: float
+    draw: int = 0  # which of the recipe's damaged decodes of this kind (Recipe.draws)
+
+    @property
+    def name(self) -> str:
+        """source__codec__decode, as in the file names of shards and sequences."""
+        return f"{self.source.replace('.', '_')}__{self.codec}__{decode_name(self.kind, self.draw)}"
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,7 @@ class Sequence:
         np.savez(tmp, planes=self.planes, labels=self.labels, blocks=self.blocks, key=self.key, corrupt=self.corrupt,
                  sampled=self.sampled, damaged=self.damaged, meta=np.array(json.dumps({"source": self.source, "split": self.split, "codec": self.codec,
                                                                  "kind": self.kind, "fps": self.fps,
-                                                                 "evidence": EVIDENCE})))
+                                                                 "draw": self.draw, "evidence": EVIDENCE})))
         tmp.replace(path)
 
     @staticmethod
@@ -106,8 +114,8 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
                             np.array([clean[k][1] for k in keys]), np.array([clean[k][2] for k in keys]), sampled,
                             np.array([clean[k][3] for k in keys]), src.name, src.split, codec, "clean", float(fps)))
         pid = video_pid(ts)
-        for spec in r.damages:
-            rng = _rng(r, src.name, codec, spec.kind)
+        for spec, draw in r.decodes(src.split, codec):
+            rng = damage_rng(r, src.name, codec, spec.kind, draw)
             damaged = damaged_stream(ts, pid, spec, duration, fps, codec, rng)
             dec = decode_pictures(damaged)[0]
             order = sorted(dec)
@@ -126,7 +134,7 @@ def source_sequences(r: Recipe, src: SourceSpec, folder: Path) -> list[Sequence]
             sampled[[pos[common[i]] for i in keep]] = True
             out.append(Sequence(_planes([dec[k][0] for k in order]), labels, blocks,
                                 np.array([dec[k][1] for k in order]), np.array([dec[k][2] for k in order]), sampled,
-                                np.array([dec[k][3] for k in order]), src.name, src.split, codec, spec.kind, float(fps)))
+                                np.array([dec[k][3] for k in order]), src.name, src.split, codec, spec.kind, float(fps), draw))
     return out
 
 
@@ -148,9 +156,10 @@ def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
         if src.split != split:
             continue
         base = folder / "sequences" / split
-        names = [base / f"{src.name.replace('.', '_')}__{c}__{k}.npz" for c in r.codecs for k in ("clean", *(d.kind for d in r.damages))]
+        names = [base / f"{src.name.replace('.', '_')}__{c}__{k}.npz" for c in r.codecs
+                 for k in ("clean", *(decode_name(d.kind, i) for d, i in r.decodes(split, c)))]
         if not all(_current(p) for p in names):
             for s in source_sequences(r, src, folder):
-                s.save(base / f"{src.name.replace('.', '_')}__{s.codec}__{s.kind}.npz")
+                s.save(base / f"{s.name}.npz")
         out.extend(Sequence.load(p) for p in names)
     return out
