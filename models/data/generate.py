@@ -247,9 +247,10 @@ def _rng(r: Recipe, *parts: object) -> np.random.Generator:
 
 
 
-def decode_name(kind: str, draw: int) -> str:
-    """A damaged decode's name in shard and sequence file names: its damage kind, with the draw after the first."""
-    return kind if draw == 0 else f"{kind}-{draw}"
+def decode_name(source: str, codec: str, kind: str, draw: int = 0) -> str:
+    """The file stem of one decode's shard or sequence: source, codec, and the damage kind ("clean",
+    "synthetic") with the draw after the first."""
+    return f"{source.replace('.', '_')}__{codec}__{kind if draw == 0 else f'{kind}-{draw}'}"
 
 
 def damage_rng(r: Recipe, source: str, codec: str, kind: str, draw: int) -> np.random.Generator:
@@ -343,7 +344,7 @@ def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
         zero = np.zeros((h // 16, w // 16), np.uint8)
         picks = _pick(np.arange(len(keys)), r.clean_per_codec, rng)
         shard = _shard([(clean[keys[i]], CLEAN, zero, 0.0, clean[keys[max(0, i - 1)]]) for i in picks], src, codec, "clean", nat)
-        written.append(_save(shard, out_dir, src, codec, "clean"))
+        written.append(_save(shard, out_dir, src, decode_name(src.name, codec, "clean")))
         pid = video_pid(ts)
         n_corrupt = 0
         for spec, draw in r.decodes(src.split, codec):
@@ -362,8 +363,8 @@ def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
                                    _pick(np.flatnonzero(labels == CLEAN), r.per_decode[1], rng)])
             n_corrupt += int((labels[keep] == CORRUPT).sum())
             if len(keep):
-                written.append(_save(_shard([rows[i] for i in np.sort(keep)], src, codec, spec.kind, nat), out_dir, src, codec,
-                                     decode_name(spec.kind, draw)))
+                written.append(_save(_shard([rows[i] for i in np.sort(keep)], src, codec, spec.kind, nat), out_dir, src,
+                                     decode_name(src.name, codec, spec.kind, draw)))
         if src.split == "train" and r.synthetic_share > 0:
             rng = _rng(r, src.name, codec, "synthetic")
             n = int(round(r.synthetic_share * n_corrupt))
@@ -371,12 +372,12 @@ def build_source(r: Recipe, src: SourceSpec, out_dir: Path) -> list[Path]:
             rows = [(*synthetic(clean[keys[i]], rng, r), clean[keys[max(0, i - 1)]]) for i in picks]
             rows = [x for x in rows if x[1] == CORRUPT]
             if rows:
-                written.append(_save(_shard(rows, src, codec, "synthetic"), out_dir, src, codec, "synthetic"))
+                written.append(_save(_shard(rows, src, codec, "synthetic"), out_dir, src, decode_name(src.name, codec, "synthetic")))
     return written
 
 
-def _save(shard: Shard, out_dir: Path, src: SourceSpec, codec: str, name: str) -> Path:
-    path = out_dir / src.split / f"{src.name.replace('.', '_')}__{codec}__{name}.npz"
+def _save(shard: Shard, out_dir: Path, src: SourceSpec, stem: str) -> Path:
+    path = out_dir / src.split / f"{stem}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     shard.save(path)
     return path

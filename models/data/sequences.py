@@ -70,7 +70,7 @@ class Sequence:
     @property
     def name(self) -> str:
         """source__codec__decode, as in the file names of shards and sequences."""
-        return f"{self.source.replace('.', '_')}__{self.codec}__{decode_name(self.kind, self.draw)}"
+        return decode_name(self.source, self.codec, self.kind, self.draw)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +156,8 @@ def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
         if src.split != split:
             continue
         base = folder / "sequences" / split
-        names = [base / f"{src.name.replace('.', '_')}__{c}__{k}.npz" for c in r.codecs
-                 for k in ("clean", *(decode_name(d.kind, i) for d, i in r.decodes(split, c)))]
+        names = [base / f"{decode_name(src.name, c, k, i)}.npz" for c in r.codecs
+                 for k, i in (("clean", 0), *((d.kind, i) for d, i in r.decodes(split, c)))]
         if not all(_current(p) for p in names):
             for s in source_sequences(r, src, folder):
                 s.save(base / f"{s.name}.npz")
