@@ -197,13 +197,14 @@ def evaluate(
         else:
             res = ev.evaluate(weights, split, out_dir, _recipe(recipe), _root(data_root), device=device)
             rows = [(res["model"]["version"], res)]
-            if record:
-                from models.weights import record_metrics
+        if record:  # the first model's results (the candidate's, with --against: the same report as alone)
+            from models.weights import record_metrics
 
-                record_metrics(weights, split, {k: res[k] for k in ("frames", "corrupt_frames", "threshold", "rule", "overall",
-                                                                     "packet_loss", "per_kind", "per_source", "clean_real_clips",
-                                                                     "all_labelled", "clean_real_clips_whole", "episodes",
-                                                                     "data_digest")})
+            first = rows[0][1]
+            record_metrics(weights, split, {k: first[k] for k in ("frames", "corrupt_frames", "threshold", "rule", "overall",
+                                                                   "packet_loss", "per_kind", "per_source", "clean_real_clips",
+                                                                   "all_labelled", "clean_real_clips_whole", "episodes",
+                                                                   "data_digest")})
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if as_json:

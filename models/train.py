@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from kernels.corruption import top_logits
 from models.data.generate import CLEAN, CORRUPT, IGNORE, Recipe, Shard, build, load_split
-from models.net import CorruptionNet
+from models.net import CorruptionNet, parameters_count, widen
 from models.weights import SHIPPED, ModelMeta, load, save
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TrainConfig:
     lr: float = 4e-3
     weight_decay: float = 1e-4
     crop: tuple[int, int] = (120, 160)
-    width: int = 48
+    width: int = 48  # with `init`: the starting weights are grown to it when it is larger (models.net.widen)
     in_channels: int = 2  # 2: the picture and the one shown before it; 1: the picture alone
     seed: int = 0
     device: str = "auto"
@@ -408,6 +408,10 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         model, pmeta = load(cfg.init, device)
         parent = pmeta.version
         width = pmeta.width
+        if cfg.width > width:  # grown from the weights it starts from (models.net.widen), not started afresh
+            model = widen(model.cpu(), cfg.width, seed=cfg.seed).to(device)
+            width = cfg.width
+            say(f"widened {pmeta.version} from width {pmeta.width} to {width} ({parameters_count(model)} parameters)")
     else:
         model = CorruptionNet(width=cfg.width, in_channels=cfg.in_channels).to(device)
         width = cfg.width

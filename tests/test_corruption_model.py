@@ -21,7 +21,7 @@ from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
 from models.evaluate import episode_report, episodes, f1_difference, f1_interval
-from models.net import CorruptionNet, parameters_count
+from models.net import CorruptionNet, parameters_count, widen
 from models.train import (
     Item,
     TrainConfig,
@@ -114,6 +114,37 @@ def test_damage_episodes_count_losses_and_the_pictures_to_the_first_decision() -
     assert rep["latency_pictures"] == {"median": 1.0, "p90": 1.8, "max": 2.0}
     assert rep["latency_ms"]["max"] == 80.0
     assert rep["per_kind"] == {"bitflip": {"episodes": 1, "detected": 0}, "burst": {"episodes": 2, "detected": 2}}
+
+
+def test_widening_keeps_what_the_model_computes_and_trains_from_there(tiny, tmp_path) -> None:
+    torch.manual_seed(3)
+    m = CorruptionNet(width=16).eval()
+    for mod in m.modules():  # running statistics away from 0/1, so a BatchNorm copied wrongly shows
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+    x = torch.randint(0, 256, (2, 2, 72, 104), dtype=torch.uint8)
+    with torch.inference_mode():
+        ref = m(x)
+        for width in (16, 18, 40):
+            w = widen(m, width, noise=0.0).eval()
+            assert w.stem[0].out_channels == width // 2 and w.s3[0][2].out_channels == width * 2
+            assert torch.allclose(w(x), ref, atol=1e-4), width
+        noisy = widen(m, 40, noise=0.01).eval()
+        assert 0 < float((noisy(x) - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="at least the model's 16"):
+        widen(m, 8)
+    with pytest.raises(ValueError, match="even"):
+        widen(m, 17)
+    root, _ = tiny
+    parent = tmp_path / "parent.pt"
+    save(m, ModelMeta(version="p", created="", recipe_hash=TINY.hash, width=16, threshold=0.5), parent)
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            init=str(parent), width=24))
+    assert res.meta.width == 24 and res.meta.parent == "p" and res.model.s2[0].body[0].in_channels == 24
+    out = save(res.model, res.meta, tmp_path / "wide.pt")
+    assert load(out)[1].width == 24  # the widened model loads as any other
 
 
 def test_training_respects_its_time_cap(tiny) -> None:
@@ -330,9 +361,13 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     assert meta.feedback == 6 and meta.parent == load(current)[1].version
     # Evaluate candidate against current: JSON report and PR curve written.
     out = tmp_path / "eval"
-    r = run_cli("eval", cand, "--against", current, "--recipe", recipe_file, "--data-root", root, "--out", out, "--json", timeout=300)
+    r = run_cli("eval", cand, "--against", current, "--recipe", recipe_file, "--data-root", root, "--out", out, "--json",
+                "--record", timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
+    # --record with --against stores the candidate's own figures (the ones it would get evaluated alone).
+    assert load(cand)[1].metrics["test"]["overall"] == rep["candidate"]["overall"]
+    assert "test" not in load(current)[1].metrics
     assert {"candidate", "current", "better_or_equal", "f1_difference"} <= set(rep) and (out / "pr_compare.png").stat().st_size > 1000
     assert set(rep["f1_difference"]) == {"difference", "ci95", "a_ahead"}
     # Recorded figures carry the digest of the data they came from; an evaluation on other bytes says so.
