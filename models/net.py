@@ -89,9 +89,9 @@ def widen(model: CorruptionNet, width: int, noise: float = 0.01, seed: int = 0) 
     would spend its training re-learning the narrow one (measured: the training split's own pictures are only
     0.84 F1 for the shipped width, so the model underfits). `noise` (relative to each weight tensor's spread) is
     added to the copies' incoming weights, or the copies would stay identical under training."""
-    old_w = model.stem[0].out_channels * 2
-    if width < old_w or width % 2:
-        raise ValueError(f"width must be even and at least the model's {old_w}, not {width}")
+    old_w = model.down[2].out_channels
+    if width < old_w:
+        raise ValueError(f"width must be at least the model's {old_w}, not {width}")
     new = CorruptionNet(width=width, in_channels=model.in_channels)
     if width == old_w:
         new.load_state_dict(model.state_dict())
@@ -138,7 +138,7 @@ def widen(model: CorruptionNet, width: int, noise: float = 0.01, seed: int = 0) 
         for k in ("weight", "bias", "running_mean", "running_var"):
             getattr(dst[bn], k).copy_(getattr(src[bn], k)[g])
 
-    o0, o1, o2 = old_w // 2, old_w, old_w * 2
+    o0, o1, o2 = model.stem[0].out_channels, old_w, old_w * 2
     n0, n1, n2 = width // 2, width, width * 2
     g0, g1, g2 = mapping(o0, n0), mapping(o1, n1), mapping(o2, n2)  # stem out, macroblock stream, context stream
     dense("stem.0", None, g0, "stem.1")
