@@ -107,58 +107,53 @@ def widen(model: CorruptionNet, width: int, noise: float = 0.01, seed: int = 0) 
         return torch.bincount(g, minlength=int(g.max()) + 1)[g].float()
 
     @torch.no_grad()
-    def dense(name: str, gi: torch.Tensor | None, go: torch.Tensor | None, bn: str | None = None,
-              parts: tuple[tuple[torch.Tensor, int, int], ...] | None = None) -> None:
-        """A full convolution from input channels mapped by gi (or by `parts`: (mapping, old offset, new offset)
-        for a concatenated input) to output channels mapped by go (None: not widened), with its BatchNorm."""
+    def norm(bn: str, g: torch.Tensor | None) -> None:
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            v = getattr(src[bn], k)
+            getattr(dst[bn], k).copy_(v if g is None else v[g])
+
+    @torch.no_grad()
+    def dense(name: str, go: torch.Tensor | None, *inputs: tuple[torch.Tensor, int, int], bn: str | None = None) -> None:
+        """A full convolution to output channels mapped by go (None: not widened) from input channels mapped by
+        `inputs`: (mapping, old offset, new offset) per part of a concatenated input (none: not widened)."""
         a, b = src[name], dst[name]
         w = a.weight if go is None else a.weight[go]
-        if parts is None:
-            parts = ((gi, 0, 0),) if gi is not None else ()
-        out = torch.zeros_like(b.weight)
-        if not parts:
-            out.copy_(w)
-        for g, off_old, off_new in parts:
+        out = w.clone() if not inputs else torch.zeros_like(b.weight)
+        for g, off_old, off_new in inputs:
             out[:, off_new: off_new + len(g)] = w[:, off_old + g] / counts(g).view(1, -1, *([1] * (w.dim() - 2)))
         if go is not None and noise > 0:
-            fresh = torch.zeros(len(go), dtype=torch.bool)
-            fresh[a.weight.shape[0]:] = True
+            fresh = slice(a.weight.shape[0], None)  # the copies; the originals stay as they were
             out[fresh] += noise * float(a.weight.std()) * torch.randn(out[fresh].shape, generator=gen)
         b.weight.copy_(out)
         if a.bias is not None:
             b.bias.copy_(a.bias if go is None else a.bias[go])
         if bn is not None:
-            for k in ("weight", "bias", "running_mean", "running_var"):
-                v = getattr(src[bn], k)
-                getattr(dst[bn], k).copy_(v if go is None else v[go])
+            norm(bn, go)
 
     @torch.no_grad()
     def depthwise(name: str, g: torch.Tensor, bn: str) -> None:
         dst[name].weight.copy_(src[name].weight[g])
-        for k in ("weight", "bias", "running_mean", "running_var"):
-            getattr(dst[bn], k).copy_(getattr(src[bn], k)[g])
+        norm(bn, g)
 
     o0, o1, o2 = model.stem[0].out_channels, old_w, old_w * 2
     n0, n1, n2 = width // 2, width, width * 2
     g0, g1, g2 = mapping(o0, n0), mapping(o1, n1), mapping(o2, n2)  # stem out, macroblock stream, context stream
-    dense("stem.0", None, g0, "stem.1")
+    dense("stem.0", g0, bn="stem.1")
     depthwise("down.0", g0, "down.1")
-    dense("down.2", g0, g1, "down.3")
-    for i in range(len(model.s2)):
-        ge = mapping(o1 * 2, n1 * 2)
-        p = f"s2.{i}.body."
-        dense(p + "0", g1, ge, p + "1")
-        depthwise(p + "3", ge, p + "4")
-        dense(p + "6", ge, g1, p + "7")
+    dense("down.2", g1, (g0, 0, 0), bn="down.3")
+    def residuals(stage: str, start: int, g: torch.Tensor, o: int, n: int) -> None:
+        for i in range(start, len(getattr(model, stage))):
+            ge = mapping(o * 2, n * 2)  # the block's own expansion
+            p = f"{stage}.{i}.body."
+            dense(p + "0", ge, (g, 0, 0), bn=p + "1")
+            depthwise(p + "3", ge, p + "4")
+            dense(p + "6", g, (ge, 0, 0), bn=p + "7")
+
+    residuals("s2", 0, g1, o1, n1)
     depthwise("s3.0.0", g1, "s3.0.1")
-    dense("s3.0.2", g1, g2, "s3.0.3")
-    for i in range(1, len(model.s3)):
-        ge = mapping(o2 * 2, n2 * 2)
-        p = f"s3.{i}.body."
-        dense(p + "0", g2, ge, p + "1")
-        depthwise(p + "3", ge, p + "4")
-        dense(p + "6", ge, g2, p + "7")
+    dense("s3.0.2", g2, (g1, 0, 0), bn="s3.0.3")
+    residuals("s3", 1, g2, o2, n2)
     gh = mapping(o1, n1)
-    dense("head.0", None, gh, parts=((g1, 0, 0), (g2, o1, n1)))
-    dense("head.2", gh, None)
+    dense("head.0", gh, (g1, 0, 0), (g2, o1, n1))
+    dense("head.2", None, (gh, 0, 0))
     return new
