@@ -81,6 +81,10 @@ class TrainConfig:
     # The share of crops holding damage that are moved off the codec's block grid by 1-7 analysis pixels and
     # taught as clean (see _crop): content with a grid of its own at another phase is not damage.
     offgrid: float = 0.3
+    # Key frames of the shards read alone, as the engine reads them (models.evaluate.sequence_probs), instead of
+    # with the picture before: damage inside a key frame is then learnt from the picture itself, as it must be
+    # found. Needs the training split's whole decodes (built once beside the data).
+    keys_alone: bool = True
 
     def check(self) -> None:
         """A ValueError naming the first field a training run would trip on (a YAML typo, a share above 1),
@@ -106,6 +110,8 @@ class TrainConfig:
         if not isinstance(self.repeat, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
                                                         and 1 <= v <= 16 for k, v in self.repeat.items()):
             raise ValueError(f"repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {self.repeat!r}")
+        if not isinstance(self.keys_alone, bool):
+            raise ValueError(f"keys_alone must be true or false, not {self.keys_alone!r}")
         if self.in_channels not in (1, 2) or isinstance(self.in_channels, bool):
             raise ValueError(f"in_channels must be 1 or 2, not {self.in_channels!r}")
         from engine.detectors.corruption import RULES
@@ -152,12 +158,32 @@ def shard_inputs(shards: list[Shard]) -> list[torch.Tensor]:
     return [pair(s.planes[i], None if s.prev is None else s.prev[i]) for s in shards for i in range(len(s.labels))]
 
 
-def items_from_shards(shards: list[Shard]) -> list[Item]:
+def items_from_shards(shards: list[Shard], keys: list[np.ndarray | None] | None = None) -> list[Item]:
+    """Training items of shards; `keys` (per shard, None where unknown): the decoder's key-frame flags of its
+    pictures, which are then read alone, as the engine reads key frames, instead of with the picture before."""
     inputs = shard_inputs(shards)
+    if keys is not None:
+        flags = [bool(k[i]) if k is not None else False for s, k in zip(shards, keys, strict=True) for i in range(len(s.labels))]
+        inputs = [pair(x[0], None) if f else x for x, f in zip(inputs, flags, strict=True)]
     blocks = [torch.from_numpy(b) for s in shards for b in s.blocks]
     labels = [int(x) for s in shards for x in s.labels]
     tags = [f"{s.codec}/{s.kind}" for s in shards for _ in s.labels]
     return [Item(p, b, y, tag=t) for p, b, y, t in zip(inputs, blocks, labels, tags, strict=True)]
+
+
+def shard_keys(recipe: Recipe, folder: Path, split: str) -> tuple[list[Shard], list[np.ndarray | None]]:
+    """A split's shards and, for each, the key-frame flags of its pictures from the split's whole decodes
+    (models.data.sequences, built on first use: about 3 minutes for the default training split on 2 cores);
+    None for a shard with no decode behind it (synthetic artefacts) or whose decode came out otherwise."""
+    from models.data.sequences import sampled_keys, sequence_paths
+
+    seq = {p.name: p for p in sequence_paths(recipe, folder, split)}
+    shards, keys = [], []
+    for path in sorted((folder / split).glob("*.npz")):
+        shard = Shard.load(path)
+        shards.append(shard)
+        keys.append(sampled_keys(seq[path.name], shard.labels) if path.name in seq else None)
+    return shards, keys
 
 
 def _crop(item: Item, ch: int, cw: int, rng: np.random.Generator, offgrid: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +411,13 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     device = pick_device(cfg.device)
     recipe = Recipe.from_json(cfg.recipe) if cfg.recipe else Recipe()
     folder = build(recipe, Path(cfg.data_root) if cfg.data_root else None, progress=lambda s: say(f"data: {s} built"))
-    items = items_from_shards(load_split(folder, "train"))
+    if cfg.keys_alone:
+        shards, keys = shard_keys(recipe, folder, "train")
+        say(f"key frames read alone: {sum(int(k.sum()) for k in keys if k is not None)} shard pictures "
+            f"({sum(k is None for k in keys)} of {len(keys)} shards without flags)")
+        items = items_from_shards(shards, keys)
+    else:
+        items = items_from_shards(load_split(folder, "train"))
     seq_items = clean_sequence_items(recipe, folder, "train") if cfg.clean_sequences else []
     every = cfg.clean_share >= 1  # every clean sequence picture in every epoch; else `drawn` of them afresh
     drawn = 0 if every else int(round(cfg.clean_share * len(seq_items)))

@@ -130,6 +130,48 @@ def test_drop_slices_removes_one_slice_never_the_first() -> None:
     assert len(units) == 4 and units[0][0] == 0x09 and units[1][0] == 0x65
 
 
+def test_key_damage_hits_key_frames_after_the_protected_start_for_training_only(clip) -> None:
+    """DamageSpec("key"): each key frame after the protected start is damaged (with probability `rate`), the
+    picture starts (its first slice header kept) and is concealed; nothing before it changes; deterministic for a
+    seed. Recipe.train_damages adds such decodes to the training split alone and leaves older recipes' hashes."""
+    import dataclasses
+
+    from models.data.codec import decode_pictures
+    from models.data.damage import damage_key_frame
+    from models.data.generate import damaged_stream
+
+    _, ts = clip
+    clean = decode_pictures(ts)[0]
+    spec = DamageSpec("key", 1.0)
+    out = damaged_stream(ts, video_pid(ts), spec, 2.0, 25, "h264", np.random.default_rng(3))
+    assert out == damaged_stream(ts, video_pid(ts), spec, 2.0, 25, "h264", np.random.default_rng(3))
+    dec = decode_pictures(out)[0]
+    order = sorted(clean)
+    keys = [i for i, k in enumerate(order) if clean[k][1]]
+    assert keys == [0, 25]  # one-second GOPs: the second key frame is the first after the protected second
+    labels = [label(block_mad(dec[k][0], clean[k][0]), Recipe())[0] if k in dec else None for k in order]
+    assert all(lab == CLEAN for lab in labels[:25]) and labels[25] == CORRUPT and dec[order[25]][1]
+    untouched = decode_pictures(damaged_stream(ts, video_pid(ts), DamageSpec("key", 0.0), 2.0, 25, "h264", np.random.default_rng(3)))[0]
+    assert all(np.array_equal(untouched[k][0], clean[k][0]) for k in order)
+    # An access unit with no slice is left alone; the parameter sets and the first slice header are never touched.
+    au = b"\x00\x00\x00\x01\x67" + b"\x11" * 20 + b"\x00\x00\x00\x01\x65" + b"\x22" * 400
+    assert damage_key_frame(au[:25], np.random.default_rng(0), "h264") == au[:25]
+    for seed in range(12):
+        hit = damage_key_frame(au, np.random.default_rng(seed), "h264")
+        assert hit != au and hit[:38] == au[:38]
+    r = dataclasses.replace(Recipe(), train_damages=(), draws=(("test", 3), ("val", 3)))
+    assert "train_damages" not in r.to_json() and Recipe.from_json(r.to_json()) == r  # a whole recipe from before: none
+    assert r.hash == "a0439e04cf12edf9"  # the default recipe before training-only damages, unchanged
+    rk = Recipe.from_json({"train_damages": [{"kind": "key", "rate": 0.75}], "draws": [["train/hevc/key", 3]]})
+    assert rk.train_damages == (DamageSpec("key", 0.75),) and Recipe.from_json(rk.to_json()) == rk and rk.hash != r.hash
+    assert Recipe().train_damages == rk.train_damages  # the default recipe has them
+    assert [(d.kind, i) for d, i in rk.decodes("train", "hevc")][-3:] == [("key", 0), ("key", 1), ("key", 2)]
+    assert "key" not in {d.kind for d, _ in rk.decodes("test", "hevc") + rk.decodes("val", "h264")}
+    assert rk.decodes("train", "h264")[-1][0].kind == "key"
+    with pytest.raises(ValueError, match="draws"):
+        dataclasses.replace(r, draws=(("train/hevc/key", 2),))  # no such damage in this recipe
+
+
 def test_labels_follow_the_difference_from_the_clean_decode() -> None:
     r = Recipe()
     clean = np.full((64, 64), 100, np.uint8)
@@ -247,7 +289,7 @@ def test_draws_add_damaged_decodes_and_keep_the_first(tmp_path, monkeypatch) -> 
     r = Recipe(sources=(SMALL, test_src), codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)),),
                clean_per_codec=4, per_decode=(8, 4), draws=())
     assert "draws" not in r.to_json() and Recipe.from_json(r.to_json()) == r  # recipes from before draws: same hash
-    assert Recipe().draws == (("test", 3), ("val", 3))  # the default measures on three draws of every damage
+    assert dict(Recipe().draws)["test"] == dict(Recipe().draws)["val"] == 3  # the default measures on three draws of every damage
     a = build(r, tmp_path, workers=1)
     r3 = dataclasses.replace(r, draws=(("test", 3),))
     assert Recipe.from_json(r3.to_json()) == r3 and r3.hash != r.hash

@@ -216,6 +216,30 @@ def test_an_epoch_draws_a_share_of_the_clean_pictures_and_repeats_the_kinds_aske
     assert res.meta.train_config["epoch_frames"] == n
 
 
+def test_key_frames_of_the_shards_are_read_alone_as_the_engine_reads_them(tiny) -> None:
+    """keys_alone: the shards' key frames (flags from the split's whole decodes) are paired with themselves,
+    every other picture with the one shown before it, as the shard holds it; a training run takes the option."""
+    from models.train import shard_keys
+
+    root, folder = tiny
+    shards, keys = shard_keys(TINY, folder, "train")
+    assert [s.kind for s in shards] == [s.kind for s in load_split(folder, "train")]
+    assert all(k is not None and len(k) == len(s.labels) for s, k in zip(shards, keys, strict=True))
+    assert sum(int(k.sum()) for k in keys) >= 1
+    items = items_from_shards(shards, keys)
+    j = 0
+    for s, k in zip(shards, keys, strict=True):
+        for i in range(len(s.labels)):
+            before = s.planes[i] if k[i] else s.prev[i]
+            assert np.array_equal(items[j].plane[1].numpy(), before) and np.array_equal(items[j].plane[0].numpy(), s.planes[i])
+            j += 1
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            keys_alone=True, clean_sequences=False))
+    assert res.meta.train_config["keys_alone"] is True
+    with pytest.raises(ValueError, match="keys_alone"):
+        TrainConfig(keys_alone="yes").check()
+
+
 def _meta(version: str = "t1") -> ModelMeta:
     return ModelMeta(version=version, created="2026-11-27T00:00:00+00:00", recipe_hash=TINY.hash, width=48, threshold=0.5)
 

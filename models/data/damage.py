@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 TS = 188
-KINDS = ("burst", "random", "garble", "bitflip", "slice")
+KINDS = ("burst", "random", "garble", "bitflip", "slice", "key")
 
 
 @dataclass(frozen=True)
 class DamageSpec:
     """kind: one of KINDS. rate: bursts per second (burst, garble, slice) or a probability per video packet
-    (random) or per video payload bit (bitflip). size: (min, max) TS packets per burst or garbled run.
+    (random), per video payload bit (bitflip) or per key frame (key: damage_key_frame). size: (min, max) TS
+    packets per burst or garbled run.
     protect: seconds at the start left intact, so the decoder has a clean start."""
 
     kind: str
@@ -123,3 +124,40 @@ def _is_slice(header: int, codec: str) -> bool:
     if codec == "h264":
         return (header & 0x1F) in (1, 5)
     return ((header >> 1) & 0x3F) < 32  # HEVC VCL NAL unit types
+
+
+def damage_key_frame(au: bytes, rng: np.random.Generator, codec: str) -> bytes:
+    """One key frame's access unit (Annex B) as a lossy link leaves it: a garbled run of one to six TS packets'
+    worth of payload, a lost slice, or a few bit errors, all after the start of its first slice (the parameter
+    sets and the first slice header stay, so the decoder starts the picture and conceals the rest). A damaged key
+    frame spoils its whole GOP, and the engine has to see it in the picture alone (key frames are read without
+    the picture before), but random loss rarely hits one: this aims at them."""
+    mode = int(rng.integers(0, 3))
+    if mode == 1:
+        out = drop_slices(au, rng, codec, fraction=0.0)
+        if out != au:
+            return out
+        mode = 0
+    first = _first_slice(au, codec)
+    if first is None or len(au) - first < 32:
+        return au
+    b = bytearray(au)
+    if mode == 0:
+        n = int(rng.integers(1, 7)) * (TS - 4)
+        at = int(rng.integers(first, len(b)))
+        n = min(n, len(b) - at)
+        b[at: at + n] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+    else:
+        for pos in rng.integers(first * 8, len(b) * 8, int(rng.integers(1, 9))):
+            b[int(pos) // 8] ^= 1 << (int(pos) % 8)
+    return bytes(b)
+
+
+def _first_slice(au: bytes, codec: str) -> int | None:
+    """The offset a few bytes into the first slice NAL unit of an access unit (past its slice header's start)."""
+    i = 0
+    while (j := au.find(b"\x00\x00\x01", i)) >= 0 and j + 3 < len(au):
+        if _is_slice(au[j + 3], codec):
+            return j + 3 + 8
+        i = j + 3
+    return None

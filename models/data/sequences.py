@@ -149,8 +149,9 @@ def _current(path: Path) -> bool:
         return False
 
 
-def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
-    """Every decode of every source clip of a split, built once and cached under folder/sequences/<split>."""
+def sequence_paths(r: Recipe, folder: Path, split: str) -> list[Path]:
+    """The cached files of every decode of every source clip of a split (built where missing or from an older
+    evidence version), under folder/sequences/<split>, in the order `sequences` loads them."""
     out = []
     for src in r.sources:
         if src.split != split:
@@ -161,5 +162,21 @@ def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
         if not all(_current(p) for p in names):
             for s in source_sequences(r, src, folder):
                 s.save(base / f"{s.name}.npz")
-        out.extend(Sequence.load(p) for p in names)
+        out.extend(names)
     return out
+
+
+def sequences(r: Recipe, folder: Path, split: str) -> list[Sequence]:
+    """Every decode of every source clip of a split, built once and cached under folder/sequences/<split>."""
+    return [Sequence.load(p) for p in sequence_paths(r, folder, split)]
+
+
+def sampled_keys(path: Path, labels: np.ndarray) -> np.ndarray | None:
+    """The decoder's key-frame flags of the pictures a decode's shard holds (in the shard's order), read from
+    its cached sequence without loading the pictures; None when the sequence's sample does not match the
+    shard's `labels` (FFmpeg's HEVC concealment of damaged data is not bit-exact run to run)."""
+    with np.load(path) as z:
+        sampled = z["sampled"]
+        if int(sampled.sum()) != len(labels) or not np.array_equal(z["labels"][sampled], labels):
+            return None
+        return z["key"][sampled]
