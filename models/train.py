@@ -470,8 +470,9 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         durations.clear()
         say(f"hard negatives: {len(hard)} clean pictures x {cfg.hard_repeat} (by the model after {epoch} epochs)")
 
-    # The cap is on training: the data set is built once per recipe and cached, and a first build (about 4 minutes
-    # on 2 cores for the default recipe) is reported apart. The validation pass after training takes about a
+    # The cap is on training: the data set is built once per recipe and cached, and a first build (minutes on 2
+    # cores: 11 for the key-frame decodes and the training split's whole decodes added to an existing build) is
+    # reported apart. The validation pass after training takes about a
     # tenth of an epoch per 500 frames; keep room for it.
     t_train = time.monotonic()
     deadline = t_train + cfg.minutes * 60 - 30
