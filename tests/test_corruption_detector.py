@@ -170,11 +170,8 @@ def test_shipped_model_finds_the_burst_and_nothing_on_the_clean_stream(damaged_c
     assert 0 <= x < x + w <= 1 and 0 <= y < y + h <= 1
     assert Path(e.thumbnail).is_file()
     rec = ReviewStore(tmp_path / "review").get(e.id, load=True)
-    # The review keeps the likeliest picture whose plane left the scoring step (those over the threshold, and per
-    # tick the likeliest with reported loss); a picture held corrupt by loss carried from an earlier one sends
-    # none, so the event's value (its likeliest picture of all) may be higher (model 1.20261207042705: 0.930
-    # against 0.903 kept).
-    assert rec.plane.shape[-2:] == (184, 320) and 0.5 <= rec.probability <= e.value + 1e-3 and rec.verdict is None
+    # The review keeps the event's likeliest picture, even when it comes in the tick where the stream heals.
+    assert rec.plane.shape[-2:] == (184, 320) and rec.probability == pytest.approx(e.value, abs=1e-3) and rec.verdict is None
     assert (tmp_path / "review" / e.id / "view.png").is_file()
 
 
@@ -258,6 +255,26 @@ def test_review_keeps_the_likeliest_picture_of_the_whole_alert(tmp_path, judged)
     want = (0.9, 1) if judged else (0.97, 2)
     assert (rec.probability, int(rec.plane.max())) == (pytest.approx(want[0]), want[1])
     assert rec.verdict is (True if judged else None)
+
+
+def test_review_takes_the_likeliest_picture_from_the_tick_that_ends_the_alert(tmp_path) -> None:
+    """The worst picture of a fault often comes late, in the tick where the stream heals and the alert resolves:
+    the review record still follows it (it agrees with the event's value), and a new fault later in the same tick
+    is reviewed with its own pictures, not the ended alert's."""
+    from engine.detectors.base import StreamContext
+    from engine.detectors.corruption import CorruptionDetector
+
+    events: list = []
+    store = ReviewStore(tmp_path / "review")
+    det = CorruptionDetector(CorruptionConfig(enabled=True, rule="frame"), StreamContext(stream="s", emit=events.append, extra={"review": store}))
+    t = _ticks(det, [[0.9] * 10], [[1] * 10])
+    det.finish(_ticks(det, [[0.9] * 3 + [0.97] + [0.1] * 20 + [0.95] * 10 + [0.1] * 20],
+                      [[1] * 3 + [2] + [0] * 20 + [3] * 10 + [0] * 20], t))
+    resolved = [e for e in events if e.status.value == "resolved"]
+    assert [e.value for e in resolved] == [pytest.approx(0.97), pytest.approx(0.95)]
+    first, second = (store.get(e.id, load=True) for e in resolved)
+    assert (first.probability, int(first.plane.max())) == (pytest.approx(0.97), 2)
+    assert (second.probability, int(second.plane.max())) == (pytest.approx(0.95), 3)
 
 
 def test_alert_plumbing_box_thumbnail_review_and_ignore(damaged_clip, tmp_path) -> None:

@@ -133,23 +133,50 @@ class CorruptionDetector(Detector):
         faulty, _ = self._gop.update(m.pts, v["prob"], v["key"], v["evidence"],
                                      np.inf if self._threshold is None else self._threshold,
                                      hold=rule != "frame", use_evidence=rule == "hold+evidence")
-        # The most likely corrupt picture of the pending fault is its evidence: of those over the threshold, or
-        # else of those with reported loss (an alert the transport raised is reviewed like any other).
-        hits = np.flatnonzero(faulty & np.array([p is not None for p in v["plane"]]))
+        # The most likely corrupt picture of a fault is its evidence: of those over the threshold, or else of those
+        # with reported loss (an alert the transport raised is reviewed like any other). Pictures up to the open
+        # alert's end belong to it and may replace its review record before the tick can close it (the worst
+        # picture often comes late in a damaged GOP, in the tick where the stream heals); the rest start the
+        # evidence of the next fault.
+        cut = self._open_until(m.pts, faulty)
+        sent = np.flatnonzero(faulty & np.array([p is not None for p in v["plane"]]))
+        if self.hyst.active:
+            self._take_evidence(v, sent[sent < cut])
+            self._review_better_picture()
+            self._evidence = None  # what the open alert did not take is not the next fault's
+        self._take_evidence(v, sent[sent >= cut])
+        # The event's value is the likeliest picture's own probability, not the held level: that may come from
+        # a clean picture earlier in the GOP, before the loss the alert is about.
+        self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
+        if not self.hyst.active:
+            self._reviewed = None
+            if self.hyst.pending_start is None:
+                self._evidence = None
+
+    def _take_evidence(self, v: dict[str, np.ndarray], hits: np.ndarray) -> None:
         if hits.size:
             j = int(hits[np.argmax(v["prob"][hits])])
             if self._evidence is None or v["prob"][j] > self._evidence["prob"]:
                 box = tuple(float(v[k][j]) for k in ("box_x", "box_y", "box_w", "box_h"))
                 self._evidence = {"prob": float(v["prob"][j]), "box": None if np.isnan(box).any() else box,
                                   "plane": v["plane"][j], "map": v["map"][j]}
-        # The event's value is the likeliest picture's own probability, not the held level: that may come from
-        # a clean picture earlier in the GOP, before the loss the alert is about.
-        self.hyst.update(m.pts, m.pts + m.duration, faulty, v["prob"])
-        self._review_better_picture()
-        if not self.hyst.active:
-            self._reviewed = None
-            if self.hyst.pending_start is None:
-                self._evidence = None
+
+    def _open_until(self, start: np.ndarray, faulty: np.ndarray) -> int:
+        """How many of a tick's pictures still belong to the open alert (all of them when none is open: 0): up to
+        the first faulty picture after a clear spell of the recovery time, which the hysteresis starts a new
+        fault with."""
+        op = self.hyst.open
+        if op is None:
+            return 0
+        clear = op.clear_since
+        for i in range(len(faulty)):
+            if faulty[i]:
+                if clear is not None and start[i] - clear >= self.hyst.recovery - 1e-9:
+                    return i
+                clear = None
+            elif clear is None:
+                clear = float(start[i])
+        return len(faulty)
 
     def _review_better_picture(self) -> None:
         """An open alert's review record follows the likeliest picture of the whole fault, not only of its onset:
