@@ -121,6 +121,15 @@ def main() -> None:
                                  "clean_real_clips_whole": seq["clean_real_clips_whole"],
                                  # Per loss rather than per picture: damage episodes met and how soon.
                                  "episodes": seq["episodes"]}
+    # The loss evidence alone, no model (what the transport and the decoder report, held to the key frame as
+    # the engine carries it): how much of the figure above is the model's.
+    from models.data.sequences import sequences
+    from models.evaluate import prf
+
+    ev = [(q.damaged[m], q.labels[m], np.full(int(m.sum()), i)) for i, q in enumerate(sequences(recipe, folder, "test"))
+          for m in [q.sampled & (q.labels >= 0)]]
+    ev_pred, ev_y, ev_g = (np.concatenate(x) for x in zip(*ev, strict=True))
+    results["loss_evidence_alone"] = {**prf(ev_pred, ev_y), "f1_ci95": f1_interval(ev_pred, ev_y, ev_g)}
     # Each picture by itself (the shards' frames with the picture before): the frame-by-frame figures of before.
     frame_thr = meta.metrics.get("frame_rule_threshold", meta.threshold)
     results["framewatch_cnn_frame_by_frame"] = {"threshold": frame_thr, **prf_at(probs[packet], (y_test[packet] == CORRUPT).astype(int), frame_thr)}
@@ -151,6 +160,8 @@ def main() -> None:
           f"{results['framewatch_cnn']['cpu_ms_per_1080p_frame_1_thread']:13.2f}")
     for name, r in peers.items():
         print(f"{name:24} {r['f1']:7.4f} {ci(r):>12} {r['precision']:9.4f} {r['recall']:7.4f} {r['cpu_ms_per_1080p_frame']:13.2f}")
+    a = results["loss_evidence_alone"]
+    print(f"{'  (loss evidence alone)':24} {a['f1']:7.4f} {ci(a):>12} {a['precision']:9.4f} {a['recall']:7.4f}")
     a = results["framewatch_cnn_frame_by_frame"]
     print(f"{'  (frame by frame)':24} {a['f1']:7.4f} {a['precision']:9.4f} {a['recall']:7.4f}")
     a = results["framewatch_cnn_without_previous_picture"]

@@ -420,6 +420,43 @@ def test_decoder_marks_a_damaged_non_reference_picture_alone() -> None:
     assert len(out) == 50 and len(marked) == 1 and marked[0][1] and marked[0][0] < 0.6, marked
 
 
+@pytest.mark.parametrize("threads", [0, 1])
+def test_decoder_marks_the_gop_after_an_error_the_hevc_decoder_only_logs(threads) -> None:
+    """An HEVC key frame garbled after its first slice header (models.data.damage.damage_key_frame; the TS
+    packets are whole, so the transport saw nothing): FFmpeg's HEVC decoder flags no picture (it conceals
+    nothing) but logs the error. The pictures decoded from that key frame on are marked damaged, none before,
+    in the engine's decoder (one thread: asked for, or by default) and in the data's decode alike."""
+    import io
+
+    import av
+
+    from engine.decode.pyav import PyAVVideoDecoder
+    from models.data.codec import decode_pictures, remux_packets
+    from models.data.damage import damage_key_frame
+
+    frames = generated_frames(SourceSpec("logged", "generated", "test", seed=902, width=640, height=368, seconds=2.0))
+    ts = encode_ts(frames, FPS, EncodeSpec("hevc", 1_000_000, FPS))
+    rng = np.random.default_rng(5)  # a garble the decoder detects (most CABAC garbage decodes as valid syntax)
+    keys = iter(range(10**6))
+
+    def mutate(b: bytes, key: bool) -> bytes:
+        return damage_key_frame(b, rng, "hevc") if key and next(keys) == 1 else b
+
+    bad = remux_packets(ts, mutate)
+    with av.open(io.BytesIO(bad), format="mpegts") as c:
+        order = [(p.pts, bool(p.is_keyframe)) for p in c.demux(c.streams.video[0]) if p.size]  # decode order
+    second = [i for i, (_, key) in enumerate(order) if key][1]
+    want = {pts for pts, _ in order[second:]}
+    with av.open(io.BytesIO(bad), format="mpegts") as c:
+        st = c.streams.video[0]
+        dec = PyAVVideoDecoder(st, threads=threads)
+        got = [x for p in c.demux(st) for x in dec.decode(p)] + dec.flush()
+    assert dec.errors >= 1 and not any(f.corrupt for _, f in got) and len(got) == len(order)
+    marked = {round(t * 90_000) for t, f in got if f.damaged}
+    assert len(want) >= 20 and marked == want, (sorted(marked), sorted(want))
+    assert {pts for pts, v in decode_pictures(bad)[0].items() if v[3]} == marked
+
+
 def test_picture_reference_reads_slice_headers() -> None:
     """H.264 and HEVC B pictures from x264/x265 with two B frames: some are non-reference, key frames never; an
     MPEG-2 B picture is non-reference; bytes without a slice header count as reference."""

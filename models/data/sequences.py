@@ -41,8 +41,9 @@ from models.data.generate import (
 
 # Version of the loss evidence (engine.decode.base.DamageTracker) in `Sequence.damaged`; 2: the demuxer's flag
 # read as damage of the next packet, concealed pictures marking the stream until a whole key frame; 3: damage of
-# a non-reference picture (engine.decode.base.picture_reference) marks that picture alone.
-EVIDENCE = 3
+# a non-reference picture (engine.decode.base.picture_reference) marks that picture alone; 4: a packet the
+# decoder logged errors for counts as damaged (engine.decode.pyav.decode_packet).
+EVIDENCE = 4
 
 
 @dataclass
