@@ -42,8 +42,9 @@ from models.data.generate import (
 # Version of the loss evidence (engine.decode.base.DamageTracker) in `Sequence.damaged`; 2: the demuxer's flag
 # read as damage of the next packet, concealed pictures marking the stream until a whole key frame; 3: damage of
 # a non-reference picture (engine.decode.base.picture_reference) marks that picture alone; 4: a packet the
-# decoder logged errors for counts as damaged (engine.decode.pyav.decode_packet).
-EVIDENCE = 4
+# decoder logged errors for counts as damaged (engine.decode.pyav.decode_packet); 5: so does a picture with
+# fewer slices than the stream's fixed layout (engine.decode.base.slice_count).
+EVIDENCE = 5
 
 
 @dataclass
