@@ -486,18 +486,12 @@ def test_decoder_marks_the_gop_after_an_error_the_hevc_decoder_only_logs(threads
     assert {pts for pts, v in decode_pictures(bad)[0].items() if v[3]} == marked
 
 
-def test_decoder_marks_an_hevc_picture_that_lost_a_slice() -> None:
-    """HEVC in four slices per picture; one slice of a reference picture is lost before the transport (whole TS
-    packets: no demuxer flag) and FFmpeg's HEVC decoder neither conceals nor reports it. The picture has fewer
-    slices than the stream's layout: it and the pictures decoded after it until the key frame are marked, in
-    the engine's decoder and in the data's decode; the stream as encoded has no mark."""
-    import io
-
-    import av
-
+def _hevc_short_of_a_slice() -> tuple[bytes, bytes, int]:
+    """HEVC in four slices per picture, and the same stream with one slice of one reference picture lost
+    before the transport (whole TS packets: no demuxer flag), after the layout is learnt: (clean, damaged,
+    index of the cut packet)."""
     from engine.decode.base import LAYOUT_RUN, picture_reference, slice_count
-    from engine.decode.pyav import PyAVVideoDecoder
-    from models.data.codec import decode_pictures, remux_packets
+    from models.data.codec import remux_packets
     from models.data.damage import drop_slices
 
     frames = generated_frames(SourceSpec("sliced", "generated", "test", seed=903, width=640, height=368, seconds=3.0))
@@ -514,6 +508,22 @@ def test_decoder_marks_an_hevc_picture_that_lost_a_slice() -> None:
         return b
 
     bad = remux_packets(ts, mutate)
+    assert seen["cut"] is not None
+    return ts, bad, seen["cut"]
+
+
+def test_decoder_marks_an_hevc_picture_that_lost_a_slice() -> None:
+    """FFmpeg's HEVC decoder neither conceals nor reports the lost slice. The picture has fewer slices than the
+    stream's layout: it and the pictures decoded after it until the key frame are marked, in the engine's
+    decoder and in the data's decode; the stream as encoded has no mark."""
+    import io
+
+    import av
+
+    from engine.decode.pyav import PyAVVideoDecoder
+    from models.data.codec import decode_pictures
+
+    ts, bad, g = _hevc_short_of_a_slice()
 
     def decode(data: bytes) -> tuple[list, set[int]]:
         with av.open(io.BytesIO(data), format="mpegts") as c:
@@ -528,11 +538,63 @@ def test_decoder_marks_an_hevc_picture_that_lost_a_slice() -> None:
 
     assert decode(ts)[1] == set()
     order, marked = decode(bad)
-    g = seen["cut"]
     heal = next(i for i in range(g + 1, len(order)) if order[i][1])
     want = {pts for pts, _ in order[g:heal]}
     assert len(want) >= 5 and marked == want, (sorted(marked), sorted(want))
     assert {pts for pts, v in decode_pictures(bad)[0].items() if v[3]} == marked
+
+
+def test_nvdec_pictures_take_key_flags_and_loss_evidence_from_their_packets() -> None:
+    """NVDEC's pictures carry no key flag and NVDEC reports no loss, so NvdecVideoDecoder takes both from the
+    packets it is fed, as the CPU decoder does (the corruption detector's hold ends at key frames and counts
+    the loss). Without a GPU, NVDEC and the surface conversion are stood in for by the pictures PyAV's decoder
+    gives for the same packets: same pts, same order. On the stream short of a slice, the stand-in's pictures
+    get the CPU decoder's key flags and marks, picture for picture."""
+    import io
+    from types import SimpleNamespace
+
+    import av
+
+    from engine.decode.base import DamageTracker
+    from engine.decode.nvdec import NvdecVideoDecoder
+    from engine.decode.pyav import PyAVVideoDecoder
+
+    _, bad, _ = _hevc_short_of_a_slice()
+    with av.open(io.BytesIO(bad), format="mpegts") as c:
+        st = c.streams.video[0]
+        cpu = PyAVVideoDecoder(st)
+        gpu = object.__new__(NvdecVideoDecoder)
+        gpu.name, gpu.errors, gpu.fps, gpu.full, gpu.time_base = "hevc", 0, float(FPS), False, st.time_base
+        gpu.damage = DamageTracker()
+        tb = float(st.time_base)
+        want: list[tuple[float | None, bool, bool]] = []
+
+        def surfaces(packet):  # what NVDEC would hand back for this packet: the same pictures, by pts
+            got = cpu.decode(packet) if packet is not None else cpu.flush()
+            want.extend((t, f.key_frame, f.damaged) for t, f in got)
+            return [SimpleNamespace(timestamp=round(t / tb)) for t, _ in got]
+
+        gpu._surfaces = surfaces
+        gpu._convert = lambda decoded: [(torch.zeros(1), torch.zeros(1), None, None)] * len(decoded)
+        got = [x for p in c.demux(st) if p.size for x in gpu.decode(p)] + gpu.flush()
+    assert [(pytest.approx(t), f.key_frame, f.damaged) for t, f in got] == want
+    assert sum(k for _, k, _ in want) >= 2 and sum(d for _, _, d in want) >= 5
+
+
+def test_slices_are_counted_only_in_annex_b_packets(tmp_path: Path) -> None:
+    """MP4's packets are length-prefixed, and a NAL length of 256-511 bytes reads as a start code: slices are
+    counted only in Annex B streams (MPEG-TS here), so an MP4 can never be taken for one short of a slice."""
+    import av
+    from media import write_clip
+
+    from engine.decode.base import annex_b
+    from engine.decode.pyav import PyAVVideoDecoder
+
+    assert annex_b(b"") and annex_b(b"\x00\x00\x00\x01\x67") and not annex_b(b"\x01\x64\x00\x1f\xff")
+    for suffix, want in ((".mp4", False), (".ts", True)):
+        path = write_clip(tmp_path / f"c{suffix}", seconds=0.4, audio=False)
+        with av.open(str(path)) as c:
+            assert PyAVVideoDecoder(c.streams.video[0]).damage.annexb is want, suffix
 
 
 def test_picture_reference_reads_slice_headers() -> None:

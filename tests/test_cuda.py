@@ -163,6 +163,31 @@ def test_nvdec_luma_is_bit_exact(faulty_clip: Path) -> None:
 
 
 @nvdec
+def test_nvdec_pictures_have_the_cpu_decoder_s_key_flags_and_loss_marks() -> None:
+    """The real NVDEC session on an HEVC stream short of a slice (tests/test_corruption_detector.py): every
+    picture has the key flag and loss mark the CPU decoder gives it (FFmpeg reports nothing for that loss
+    either, so the two decoders have the same evidence)."""
+    import io
+
+    import av
+    from test_corruption_detector import _hevc_short_of_a_slice
+
+    from engine.decode.nvdec import NvdecVideoDecoder
+    from engine.decode.pyav import PyAVVideoDecoder
+
+    _, bad, _ = _hevc_short_of_a_slice()
+    flags = []
+    for make in (lambda st: PyAVVideoDecoder(st), lambda st: NvdecVideoDecoder(st, 0, "cuda:0")):
+        with av.open(io.BytesIO(bad), format="mpegts") as c:
+            st = c.streams.video[0]
+            dec = make(st)
+            got = [x for p in c.demux(st) for x in (dec.decode(p) if p.size else dec.flush())]
+        flags.append([(round(t * 90_000), f.key_frame, f.damaged) for t, f in got])
+    assert flags[0] == flags[1]
+    assert sum(d for _, _, d in flags[1]) >= 5
+
+
+@nvdec
 @pytest.mark.parametrize("tier", ["skip_nonref", "keyframes"])
 def test_tiers_decode_the_same_frames_on_cpu_and_gpu(faulty_clip: Path, tier: str) -> None:
     ce, cpu = _run(faulty_clip, "cpu", "pyav", tier=tier)

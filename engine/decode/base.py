@@ -65,6 +65,12 @@ def picture_reference(data: bytes | memoryview, codec: str) -> tuple[bool, bool]
     return True, False
 
 
+def annex_b(extradata: bytes | None) -> bool:
+    """Whether a stream's packets are in Annex B: no extradata (MPEG-TS) or extradata with start codes, where
+    MP4 and Matroska carry avcC/hvcC and length-prefixed packets."""
+    return not extradata or extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
+
+
 def slice_count(data: bytes | memoryview, codec: str) -> int | None:
     """Slices in an Annex B packet (H.264 slice NAL units, HEVC slice segments); None for other codecs. Start
     codes cannot occur inside a NAL unit (emulation prevention), so counting them is exact."""
@@ -120,12 +126,15 @@ class DamageTracker:
     corruption data's held-out decodes: 24 % of the corrupt pictures carried the mark at 97 % precision
     before, 43 % at 99.5 % after)."""
 
-    def __init__(self, limit: int = 64) -> None:
+    def __init__(self, limit: int = 64, annexb: bool = True) -> None:
         self.damaged = False
+        # Packets in Annex B (MPEG-TS, RTP, raw streams): slices are counted only there. MP4's length-prefixed
+        # packets can hold a start code's bytes in a length field, which would count slices that are not.
+        self.annexb = annexb
         self.limit = limit
         self.layered = False  # an HEVC temporal sub-layer was seen: non-reference types may still be predicted from
         self._flagged = False  # the demuxer flagged the previous packet: this one came in short
-        self._notes: dict[int, tuple[bool, bool]] = {}  # pts -> (mark, reference)
+        self._notes: dict[int, tuple[bool, bool, bool]] = {}  # pts -> (mark, reference, key)
         self._taken_ref = True
         self.layout: int | None = None  # slices per picture, once the stream's layout is known to be fixed
         self._run: tuple[int | None, int, bool] = (None, 0, False)  # (slices, pictures in a row, a key frame among them)
@@ -159,14 +168,14 @@ class DamageTracker:
             self.damaged = mark
         if pts is None:
             return
-        self._notes[int(pts)] = (mark, reference)
+        self._notes[int(pts)] = (mark, reference, key)
         while len(self._notes) > self.limit:
             del self._notes[next(iter(self._notes))]
 
     def note_packet(self, packet: Any, codec: str, rejected: bool = False) -> None:
         """note() for a demuxed PyAV packet (pts, key and corrupt flags, payload) of a stream in `codec`."""
         ref, layered = picture_reference(memoryview(packet), codec) if packet.size else (True, False)
-        slices = slice_count(memoryview(packet), codec) if packet.size else None
+        slices = slice_count(memoryview(packet), codec) if packet.size and self.annexb else None
         self.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), rejected, ref, layered, slices)
 
     def concealed(self) -> None:
@@ -176,7 +185,12 @@ class DamageTracker:
             self.damaged = True
 
     def take(self, pts: int | None) -> bool:
-        mark, self._taken_ref = self.damaged, True
+        return self.take_picture(pts)[0]
+
+    def take_picture(self, pts: int | None) -> tuple[bool, bool]:
+        """(damaged, key frame) of the picture with this pts, as its packet said: NVDEC's pictures carry no key
+        flag of their own, and the corruption detector's hold ends at key frames."""
+        mark, key, self._taken_ref = self.damaged, False, True
         if pts is not None:
-            mark, self._taken_ref = self._notes.pop(int(pts), (self.damaged, True))
-        return mark
+            mark, self._taken_ref, key = self._notes.pop(int(pts), (self.damaged, True, False))
+        return mark, key

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.decode.base import DamageTracker
 from engine.decode.gpu_frames import convert_surfaces, thumbnail_rgb
 from engine.media import ColorRange, LumaSummary, VideoFrame
 
@@ -181,6 +182,9 @@ class NvdecVideoDecoder:
         self.gpu = gpu_index(device)
         self.device = torch.device("cuda", self.gpu)
         codec = _codec(nvc, self.name)
+        # The evidence the packets give (the demuxer's loss flag, refused packets, slices missing from the
+        # layout) and each picture's key flag, as on the CPU path; NVDEC itself reports no concealment.
+        self.damage = DamageTracker()
         self.rebind(stream)
         self.errors = 0
         self.corrupt = 0
@@ -219,6 +223,7 @@ class NvdecVideoDecoder:
         self.bsf = None
         if self.name in ("h264", "hevc") and extradata and not annexb:
             self.bsf = BitStreamFilterContext(f"{self.name}_mp4toannexb", in_stream=stream)
+        self.damage.annexb = self.bsf is None
         self.stream = stream
         self.time_base = stream.time_base
         self.fps = float(stream.average_rate or stream.guessed_rate or 25.0)
@@ -262,7 +267,11 @@ class NvdecVideoDecoder:
         return decoded
 
     def decode(self, packet: Any) -> list[tuple[float | None, VideoFrame]]:
-        return self._frames(self._surfaces(packet))
+        errors = self.errors
+        surfaces = self._surfaces(packet)
+        if packet is not None and packet.size:
+            self.damage.note_packet(packet, self.name, self.errors > errors)
+        return self._frames(surfaces)
 
     def flush(self) -> list[tuple[float | None, VideoFrame]]:
         return self._frames(self._surfaces(None))
@@ -271,23 +280,27 @@ class NvdecVideoDecoder:
         """Pictures a packet (None: the end) completes, left unconverted: the benchmark's decode ceiling."""
         return len(self._surfaces(packet))
 
-    def _frames(self, decoded: list[Any]) -> list[tuple[float | None, VideoFrame]]:
-        if not decoded:
-            return []
+    def _convert(self, decoded: list[Any]) -> list[tuple[Any, Any, Any, Any]]:
         with torch.cuda.device(self.device):
             surfaces = [torch.from_dlpack(f) for f in decoded]
             height = int(self.stream.codec_context.height or 0) or None
             conv = conversion_stream(self.device)
             conv.wait_stream(self.cuda_stream)  # NVDEC's output copy was queued on the session's stream
-            pieces = frames_from_surfaces(surfaces, height, self.full, conv, self.keep_luma)
+            return frames_from_surfaces(surfaces, height, self.full, conv, self.keep_luma)
+
+    def _frames(self, decoded: list[Any]) -> list[tuple[float | None, VideoFrame]]:
+        if not decoded:
+            return []
+        pieces = self._convert(decoded)
         out = []
         tb = float(self.time_base) if self.time_base else None
         for f, (luma, small, summary, rgb) in zip(decoded, pieces, strict=True):
             pts = _frame_pts(f)
             ts = pts * tb if (pts is not None and tb) else None
+            damaged, key = self.damage.take_picture(pts)
             out.append((ts, VideoFrame(pts=0.0, duration=1.0 / self.fps, luma=luma, small=small, rgb=rgb,
                                        color_range=ColorRange.FULL if self.full else ColorRange.LIMITED,
-                                       summary=summary)))
+                                       summary=summary, key_frame=key, damaged=damaged)))
         return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from engine.decode.base import DamageTracker
+from engine.decode.base import DamageTracker, annex_b
 from engine.media import AUDIO_RATE, SMALL_H, SMALL_W, AudioChunk, ColorRange, VideoFrame
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class PyAVVideoDecoder:
         cc.thread_count = threads if self.threaded else 1
         self.errors = 0  # packets the decoder refused or reported errors in
         self.corrupt = 0
-        self.damage = DamageTracker()
+        self.damage = DamageTracker(annexb=annex_b(bytes(cc.extradata or b"")))
         self._codec = cc.name
         self._scaler = VideoReformatter()
         self._convert = VideoReformatter()
