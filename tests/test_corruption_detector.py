@@ -141,6 +141,19 @@ def _run(path: Path, tmp: Path | None = None, **cfg) -> tuple[list, Engine]:
     return list(sink.events), eng
 
 
+def test_a_stream_with_the_corruption_detector_is_not_read_by_the_threaded_nvdec_reader(tmp_path: Path) -> None:
+    """The threaded NVDEC file reader gives pictures without key flags or loss evidence: a stream with the
+    corruption detector on goes through PyAV's demuxer (packet-level NVDEC on a GPU), the others keep it."""
+    from media import write_clip
+
+    clip = write_clip(tmp_path / "c.ts", seconds=0.4, audio=False)
+    eng = Engine(MemorySink())
+    eng.add_stream(StreamSpec("on", str(clip), {"corruption": replace(CorruptionConfig(), enabled=True)}, SourceOptions()))
+    eng.add_stream(StreamSpec("off", str(clip), {"corruption": replace(CorruptionConfig(), enabled=False)}, SourceOptions()))
+    assert eng.streams["on"].source.options.threaded is False
+    assert eng.streams["off"].source.options.threaded is True
+
+
 @pytest.fixture(scope="module")
 def burst_runs(damaged_clip, tmp_path_factory) -> tuple[list, list, Path]:
     """The shipped model's events on the clean and on the damaged clip, and the folder of the damaged run's
