@@ -224,11 +224,9 @@ class StreamRuntime:
             self.audio.clip_min_run = int(getattr(clip, "min_run", 3))
         # Frames go where the engine scores them; the stream's tier decides which frames are decoded at all.
         spec.source = replace(spec.source, device=str(engine.device))
-        corruption = spec.detectors.get("corruption")
-        if corruption is not None and corruption.enabled:
+        if any(cfg.enabled and REGISTRY[name].NEEDS_PACKETS for name, cfg in spec.detectors.items()):
             # The threaded NVDEC file reader sees no packets, so its pictures carry no key flag and no loss
-            # evidence, both of which the corruption detector's hold needs: such files are demuxed by PyAV and
-            # decoded by packet-level NVDEC instead (engine.decode.nvdec.NvdecVideoDecoder).
+            # evidence: such files are demuxed by PyAV and decoded by packet-level NVDEC instead.
             spec.source = replace(spec.source, threaded=False)
         self.tier = spec.source.tier
         try:

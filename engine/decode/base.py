@@ -7,6 +7,7 @@ conceals what it can and the stream goes on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from engine.media import AudioChunk, VideoFrame
@@ -39,6 +40,19 @@ _SCAN = 4096
 _HEVC_NON_REF = frozenset(range(0, 15, 2))  # TRAIL_N, TSA_N, STSA_N, RADL_N, RASL_N, reserved _N types
 
 
+def _nal_units(data: bytes) -> Iterator[int]:
+    """Offsets of the NAL unit headers (or MPEG-2 start code values) in Annex B bytes."""
+    i = data.find(b"\x00\x00\x01")
+    while 0 <= i < len(data) - 3:
+        yield i + 3
+        i = data.find(b"\x00\x00\x01", i + 3)
+
+
+def is_slice(header: int, codec: str) -> bool:
+    """An H.264 slice NAL unit (non-IDR or IDR) or an HEVC slice segment (a VCL type)."""
+    return (header & 0x1F) in (1, 5) if codec == "h264" else ((header >> 1) & 0x3F) < 32
+
+
 def picture_reference(data: bytes | memoryview, codec: str) -> tuple[bool, bool]:
     """(reference, layered) of the picture an Annex B / MPEG-2 packet carries, from its first slice or picture
     header: `reference` False only when the header says no picture may predict from this one (H.264
@@ -46,22 +60,17 @@ def picture_reference(data: bytes | memoryview, codec: str) -> tuple[bool, bool]
     of a temporal sub-layer above the lowest. Unknown codecs and unreadable packets count as reference: a
     wrong True only keeps today's caution, a wrong False would drop evidence."""
     head = bytes(data[:_SCAN])
-    i = head.find(b"\x00\x00\x01")
-    while 0 <= i < len(head) - 4:
-        b = head[i + 3]
-        if codec == "h264":
-            if (b & 0x1F) in (1, 5):
-                return (b >> 5) & 3 != 0, False
-        elif codec == "hevc":
-            t = (b >> 1) & 0x3F
-            if t < 32:
-                return t not in _HEVC_NON_REF, (head[i + 4] & 7) > 1
+    for o in _nal_units(head[:-1]):  # every header read here has a byte after it
+        b = head[o]
+        if codec in ("h264", "hevc"):
+            if is_slice(b, codec):
+                return ((b >> 5) & 3 != 0, False) if codec == "h264" else \
+                    (((b >> 1) & 0x3F) not in _HEVC_NON_REF, (head[o + 1] & 7) > 1)
         elif codec in ("mpeg2video", "mpeg1video"):
-            if b == 0x00 and i + 5 < len(head):  # picture_start_code: temporal_reference(10) picture_coding_type(3)
-                return (head[i + 5] >> 3) & 7 != 3, False
+            if b == 0x00 and o + 2 < len(head):  # picture_start_code: temporal_reference(10) picture_coding_type(3)
+                return (head[o + 2] >> 3) & 7 != 3, False
         else:
             break
-        i = head.find(b"\x00\x00\x01", i + 3)
     return True, False
 
 
@@ -77,13 +86,7 @@ def slice_count(data: bytes | memoryview, codec: str) -> int | None:
     if codec not in ("h264", "hevc"):
         return None
     b = bytes(data)
-    n = 0
-    i = b.find(b"\x00\x00\x01")
-    while 0 <= i < len(b) - 3:
-        h = b[i + 3]
-        n += (h & 0x1F) in (1, 5) if codec == "h264" else ((h >> 1) & 0x3F) < 32
-        i = b.find(b"\x00\x00\x01", i + 3)
-    return n
+    return sum(is_slice(b[o], codec) for o in _nal_units(b))
 
 
 # Pictures in a row, a key frame among them, with the same number of slices before a stream's slice layout is
@@ -138,13 +141,11 @@ class DamageTracker:
         self._taken_ref = True
         self.layout: int | None = None  # slices per picture, once the stream's layout is known to be fixed
         self._run: tuple[int | None, int, bool] = (None, 0, False)  # (slices, pictures in a row, a key frame among them)
-        self.short = 0  # pictures that came with fewer slices than the layout
 
     def _slices_short(self, key: bool, slices: int | None) -> bool:
         if not slices:  # not known, or a packet without a picture (parameter sets, an end of sequence)
             return False
         if self.layout is not None and slices < self.layout and not key:
-            self.short += 1
             return True
         if key and self.layout is not None and slices != self.layout:
             self.layout, self._run = None, (None, 0, False)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from engine.decode.base import DamageTracker
+from engine.decode.base import DamageTracker, annex_b
 from engine.decode.gpu_frames import convert_surfaces, thumbnail_rgb
 from engine.media import ColorRange, LumaSummary, VideoFrame
 
@@ -219,9 +219,8 @@ class NvdecVideoDecoder:
         if problem:  # a reconnect that brings 10-bit pictures: a CPU decoder takes over, said
             raise NvdecUnavailable(problem)
         extradata = bytes(cc.extradata or b"")
-        annexb = extradata[:3] == b"\x00\x00\x01" or extradata[:4] == b"\x00\x00\x00\x01"
         self.bsf = None
-        if self.name in ("h264", "hevc") and extradata and not annexb:
+        if self.name in ("h264", "hevc") and not annex_b(extradata):
             self.bsf = BitStreamFilterContext(f"{self.name}_mp4toannexb", in_stream=stream)
         self.damage.annexb = self.bsf is None
         self.stream = stream

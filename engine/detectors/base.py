@@ -309,6 +309,9 @@ class Detector:
     DEFAULT_SEVERITY: ClassVar[Severity] = Severity.WARNING
     THUMBNAIL: ClassVar[bool] = True
     NEEDS_EVERY_FRAME: ClassVar[bool] = True
+    # Reads the decoder's packet evidence (VideoFrame.key_frame, .damaged): decoders that see no packets (the
+    # threaded NVDEC file reader) are not used for such a stream.
+    NEEDS_PACKETS: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig, ctx: StreamContext) -> None:
         self.config = config

@@ -102,6 +102,7 @@ class CorruptionDetector(Detector):
     VERSION = "1.2"  # 1.2: the value is the likeliest picture's own probability, not the held level
     MEDIA = "video"
     NEEDS_EVERY_FRAME = False
+    NEEDS_PACKETS = True
     Config = CorruptionConfig
 
     def __init__(self, config: CorruptionConfig, ctx) -> None:

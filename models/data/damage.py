@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.decode.base import is_slice
+
 TS = 188
 KINDS = ("burst", "random", "garble", "bitflip", "slice", "key")
 
@@ -109,7 +111,7 @@ def drop_slices(nal_payload: bytes, rng: np.random.Generator, codec: str, fracti
         while e > s and b[e - 1] == 0 and k + 1 < len(starts):
             e -= 1
         units.append((s, e))
-    slices = [k for k, (s, _e) in enumerate(units) if _is_slice(b[s], codec)]
+    slices = [k for k, (s, _e) in enumerate(units) if is_slice(b[s], codec)]
     if len(slices) < 2:
         return nal_payload
     victims = set(rng.choice(slices[1:], size=max(1, int(round(fraction * (len(slices) - 1)))), replace=False).tolist())
@@ -118,12 +120,6 @@ def drop_slices(nal_payload: bytes, rng: np.random.Generator, codec: str, fracti
         if k not in victims:
             out += b"\x00\x00\x00\x01" + b[s:e]
     return bytes(out)
-
-
-def _is_slice(header: int, codec: str) -> bool:
-    if codec == "h264":
-        return (header & 0x1F) in (1, 5)
-    return ((header >> 1) & 0x3F) < 32  # HEVC VCL NAL unit types
 
 
 def damage_key_frame(au: bytes, rng: np.random.Generator, codec: str) -> bytes:
@@ -157,7 +153,7 @@ def _first_slice(au: bytes, codec: str) -> int | None:
     """The offset a few bytes into the first slice NAL unit of an access unit (past its slice header's start)."""
     i = 0
     while (j := au.find(b"\x00\x00\x01", i)) >= 0 and j + 3 < len(au):
-        if _is_slice(au[j + 3], codec):
+        if is_slice(au[j + 3], codec):
             return j + 3 + 8
         i = j + 3
     return None
