@@ -233,6 +233,50 @@ def evaluate(
     out.print(f"report: {out_dir}  PR curve: {res.get('pr_curve_png')}")
 
 
+def calibrate(
+    weights: Annotated[Path, typer.Argument(help="weights file to calibrate")],
+    tta: Annotated[str | None, typer.Option(help="test-time views: none, mirror, rot180 or mirror+rot180 (default: the file's own)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="where to write the result (default: a candidate beside it)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    recipe: RecipeOpt = None,
+    data_root: DataRootOpt = None,
+) -> None:
+    """Choose a model's decision threshold again on the validation split (the best F1 under its decision rule), with
+    the test-time views given: what training does at its end, for weights whose views or data changed since. The
+    held-out split is not looked at; `eval` and `promote` judge the result."""
+    from models import evaluate as ev
+    from models.data.generate import Recipe, build
+    from models.net import VIEWS
+    from models.train import pick_device
+    from models.weights import WeightsError, load, save
+
+    if tta is not None and tta not in VIEWS:
+        raise _fail(f"--tta must be one of {', '.join(VIEWS)}, not {tta!r}")
+    target = output or weights.with_name(weights.stem + ".calibrated" + weights.suffix)
+    try:
+        model, meta = load(weights, pick_device(device))
+        if tta is not None:
+            model.tta = meta.tta = tta
+        r = _recipe(recipe) or Recipe()
+        cal = ev.calibrate(model, meta, r, build(r, Path(data_root) if data_root else None), tuple(dict.fromkeys(("frame", meta.decision))))
+    except (WeightsError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    import datetime as dt
+
+    from models.train import MODEL_VERSION
+
+    old = meta.threshold
+    # Other views or another threshold decide otherwise: events name the new version; the weights are the parent's.
+    meta.parent, meta.version = meta.version, dt.datetime.now(dt.UTC).strftime(f"{MODEL_VERSION}.%Y%m%d%H%M%S")
+    meta.threshold, val_f1 = cal[meta.decision]
+    meta.metrics = {**meta.metrics, "val_f1": val_f1, "frame_rule_threshold": cal["frame"][0], "frame_rule_val_f1": cal["frame"][1],
+                    "calibrated": {"recipe_hash": r.hash, "tta": meta.tta, "previous_threshold": old}}
+    meta.metrics.pop("test", None)  # measured with the old threshold or views: `eval --record` measures again
+    save(model.cpu(), meta, target)
+    err.print(f"wrote {target} (version {meta.version}, the weights of {meta.parent}): views {meta.tta}, threshold {old:.4f} -> {meta.threshold:.4f} "
+              f"(validation F1 {val_f1:.4f}, {meta.decision})", markup=False)
+
+
 def promote(
     candidate: Annotated[Path, typer.Argument(help="candidate weights (from `framewatch train`)")] = CANDIDATE,
     current: Annotated[Path | None, typer.Option(help="the weights file engines use (default: the shipped model)")] = None,
@@ -344,5 +388,6 @@ def label(
 def register(app: typer.Typer) -> None:
     app.command()(train)
     app.command("eval")(evaluate)
+    app.command()(calibrate)
     app.command()(promote)
     app.command()(label)

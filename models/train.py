@@ -85,6 +85,8 @@ class TrainConfig:
     # with the picture before: damage inside a key frame is then learnt from the picture itself, as it must be
     # found. Needs the training split's whole decodes (built once beside the data).
     keys_alone: bool = True
+    # Test-time views of the trained model (models.net.VIEWS), with which its threshold is chosen on validation.
+    tta: str = "rot180"
 
     def check(self) -> None:
         """A ValueError naming the first field a training run would trip on (a YAML typo, a share above 1),
@@ -112,6 +114,10 @@ class TrainConfig:
             raise ValueError(f"repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {self.repeat!r}")
         if not isinstance(self.keys_alone, bool):
             raise ValueError(f"keys_alone must be true or false, not {self.keys_alone!r}")
+        from models.net import VIEWS
+
+        if self.tta not in VIEWS:
+            raise ValueError(f"tta must be one of {', '.join(VIEWS)}, not {self.tta!r}")
         if self.in_channels not in (1, 2) or isinstance(self.in_channels, bool):
             raise ValueError(f"in_channels must be 1 or 2, not {self.in_channels!r}")
         from engine.detectors.corruption import RULES
@@ -524,6 +530,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
                     g["initial_lr"] = g["lr"]  # decay from the rate reached, not from the one-cycle's start
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=remaining)
     model.eval()
+    model.tta = cfg.tta
     threshold, val_f1, val_frame = 0.5, float("nan"), {}
     if len(val_labels) and (val_labels == CORRUPT).any():
         from types import SimpleNamespace
@@ -543,6 +550,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         frame_blocks=recipe.frame_blocks,
         threshold=threshold,
         decision=cfg.decision,
+        tta=cfg.tta,
         train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
                       "epoch_frames": len(train_set) + drawn,
                       "seconds": round(time.monotonic() - t_train, 1), "data_seconds": round(t_train - t_start, 1)},

@@ -42,6 +42,8 @@ class ModelMeta:
     # loss the transport or decoder reported since the last key frame counts as corrupt). `threshold` was chosen
     # on validation data for this rule.
     decision: str = "frame"
+    # Test-time views the model averages over (models.net.VIEWS); `threshold` was chosen with them.
+    tta: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +69,10 @@ def _check_meta(meta: ModelMeta) -> None:
         raise ValueError(f"frame_blocks must be within (0, 1], not {meta.frame_blocks}")
     if meta.decision not in RULES:
         raise ValueError(f"decision must be one of {', '.join(RULES)}, not {meta.decision!r}")
+    from models.net import VIEWS
+
+    if meta.tta not in VIEWS:
+        raise ValueError(f"tta must be one of {', '.join(VIEWS)}, not {meta.tta!r}")
     if meta.in_channels not in (1, 2) or not isinstance(meta.width, int) or not 4 <= meta.width <= 512:
         raise ValueError(f"in_channels 1 or 2 and width 4..512 expected, not {meta.in_channels} and {meta.width!r}")
 
@@ -103,7 +109,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Corrupti
     try:
         meta = ModelMeta(**blob["meta"])
         _check_meta(meta)
-        model = CorruptionNet(width=int(meta.width), in_channels=int(meta.in_channels))
+        model = CorruptionNet(width=int(meta.width), in_channels=int(meta.in_channels), tta=meta.tta)
         model.load_state_dict(blob["state_dict"])
     except (TypeError, KeyError, RuntimeError, ValueError) as exc:
         raise WeightsError(f"weights file {path} does not match the model: {_first_line(exc)}") from None

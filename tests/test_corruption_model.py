@@ -59,6 +59,45 @@ def test_model_is_small_and_maps_macroblocks() -> None:
     assert out.shape == one.shape == (2, 68, 120)  # one logit per 16x16 macroblock of a 1080p picture (1088 coded rows)
 
 
+def test_test_time_views_average_the_turned_picture_s_map_turned_back() -> None:
+    """The 180-degree view: the map is the mean of the picture's logits and of the turned picture's logits turned
+    back, so turning the picture turns the map exactly (on whole macroblocks); a picture that is not whole
+    macroblocks is padded first, so the turn keeps the codec's grid in place. Training sees one view only."""
+    torch.manual_seed(0)
+    m = CorruptionNet(width=16).eval()
+    for b in m.modules():  # running statistics away from 0/1, so a wrong turn cannot cancel out
+        if isinstance(b, torch.nn.BatchNorm2d):
+            b.running_mean.uniform_(-0.2, 0.2)
+            b.running_var.uniform_(0.5, 2.0)
+    x = torch.randint(0, 256, (3, 2, 64, 96), dtype=torch.uint8)
+    with torch.inference_mode():
+        plain = m(x)
+        m.tta = "rot180"
+        both = m(x)
+        assert torch.allclose(both, (plain + m._logits(_normalised(x).flip(-2, -1)).flip(-2, -1)) / 2, atol=1e-5)
+        assert torch.allclose(m(x.flip(-2, -1)), both.flip(-2, -1), atol=1e-5)
+        assert not torch.allclose(both, plain, atol=1e-3)
+        odd = x[..., :60, :90]  # 7.5 x 11.25 macroblocks: padded to 8 x 12, turned, cut back
+        padded = torch.nn.functional.pad(_normalised(odd), (0, 6, 0, 4), mode="replicate")
+        want = (m._logits(padded) + m._logits(padded.flip(-2, -1)).flip(-2, -1))[:, :8, :12] / 2
+        assert torch.allclose(m(odd), want, atol=1e-5)
+        m.tta = "mirror+rot180"
+        three = m(x)
+        assert torch.allclose(three, (plain + m._logits(_normalised(x).flip(-1)).flip(-1)
+                                      + m._logits(_normalised(x).flip(-2, -1)).flip(-2, -1)) / 3, atol=1e-5)
+    m.train()
+    with torch.no_grad():
+        m.tta = "rot180"
+        assert m(x).shape == (3, 8, 12)  # one view in training mode (its batch statistics are its own)
+    with pytest.raises(ValueError, match="tta must be one of none, mirror, rot180, mirror\\+rot180, not 'sideways'"):
+        CorruptionNet(tta="sideways")
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return torch.cat([(x[:, :1] - 128.0) / 64.0, (x[:, :1] - x[:, 1:2]) / 32.0], 1)
+
+
 def test_one_epoch_improves_the_loss(tiny) -> None:
     """On the labelled shards alone: with every clean picture of the clean decodes added as negatives
     (clean_sequences, the default), a tiny set is mostly negatives and one epoch's loss on the shards swings
@@ -252,6 +291,10 @@ def test_weights_round_trip_and_clear_errors(tmp_path) -> None:
     assert json.loads(path.with_suffix(".json").read_text())["version"] == "t1"
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+    assert meta.tta == loaded.tta == "none"
+    turned = _meta()
+    turned.tta = "rot180"
+    assert load(save(m, turned, tmp_path / "turned.pt"))[0].tta == "rot180"  # the views the threshold was chosen with
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model at all")
     with pytest.raises(WeightsError, match="cannot be read"):
@@ -275,7 +318,8 @@ def test_weights_round_trip_and_clear_errors(tmp_path) -> None:
     for key, value, words in (("threshold", "abc", "threshold must be a finite number, not 'abc'"),
                               ("threshold", float("nan"), "threshold must be a finite number, not nan"),
                               ("threshold", -0.5, "threshold must not be negative"),
-                              ("decision", "bogus", "decision must be one of frame, hold, hold+evidence, not 'bogus'")):
+                              ("decision", "bogus", "decision must be one of frame, hold, hold+evidence, not 'bogus'"),
+                              ("tta", "sideways", "tta must be one of none, mirror, rot180, mirror+rot180, not 'sideways'")):
         blob = torch.load(path, weights_only=True)
         blob["meta"][key] = value
         torch.save(blob, bad)
@@ -384,6 +428,17 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     _, meta = load(cand)
     assert meta.feedback == 6 and meta.parent == load(current)[1].version
+    assert meta.tta == "rot180"  # TrainConfig's default: the threshold was chosen with the turned view
+    # The threshold chosen again on validation with other views: the file says which, and what it was before.
+    recal = tmp_path / "recal.pt"
+    r = run_cli("calibrate", cand, "--tta", "none", "--recipe", recipe_file, "--data-root", root, "-o", recal, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _, rm = load(recal)
+    assert rm.tta == "none" and rm.metrics["calibrated"]["previous_threshold"] == meta.threshold and 0 <= rm.metrics["val_f1"] <= 1
+    assert rm.parent == meta.version != rm.version and "test" not in rm.metrics
+    assert f"views none, threshold {meta.threshold:.4f} -> {rm.threshold:.4f}" in " ".join(r.stderr.split())
+    r = run_cli("calibrate", cand, "--tta", "sideways", "-o", recal)
+    assert r.returncode == 2 and "--tta must be one of none, mirror, rot180, mirror+rot180, not 'sideways'" in r.stderr
     # Evaluate candidate against current: JSON report and PR curve written.
     out = tmp_path / "eval"
     r = run_cli("eval", cand, "--against", current, "--recipe", recipe_file, "--data-root", root, "--out", out, "--json",
