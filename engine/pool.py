@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from engine.alerts import EventSink
+from engine.corruption import CPU_FPS
 from engine.detectors import REGISTRY
 from engine.events import Event
 from engine.runner import Engine, StreamRuntime, StreamSpec, is_device_error
@@ -59,8 +60,12 @@ def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> Stre
         raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
     clicks = spec.detectors.get("clicks")
     # video: false decodes no picture: costed by its audio alone, not as the 1080p30 H.264 assumed of it.
+    corruption = spec.detectors.get("corruption")
+    # A CPU engine reads `fps` pictures a second with the CNN (engine.corruption.CPU_FPS when not said).
+    corruption_fps = None if corruption is None or not corruption.enabled else \
+        float(CPU_FPS if getattr(corruption, "fps", None) is None else corruption.fps)
     d = replace(d, audio=bool(spec.source.audio), clicks=bool(clicks is not None and clicks.enabled),
-                paced=is_paced(spec), video=bool(spec.source.video))
+                paced=is_paced(spec), video=bool(spec.source.video), corruption_fps=corruption_fps)
     every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)
     if every and not d.needs_every_frame:
         names = ", ".join(f"'{n}'" for n in every)

@@ -188,6 +188,35 @@ def test_demand_follows_the_detectors() -> None:
         default_demand(spec("x"), StreamDemand("other", "h264", 1280, 720, 25))
 
 
+def test_a_stream_with_the_corruption_detector_is_costed_for_the_cnn() -> None:
+    """On a CPU the CNN reads 5 pictures a second (and every key frame) at 72.3 ms a 1080p picture with the
+    shipped model's two views: 0.40 cores more than the same stream without it, all on the scoring thread, whose
+    budget (0.85 of one core) then holds one such 1080p30 stream where it holds four without the detector."""
+    from engine.detectors.corruption import CorruptionConfig
+    from engine.pool import cpu_model, plan_cpu
+
+    def live(i: int, **corruption) -> StreamSpec:
+        detectors = {**DETECTORS, "corruption": replace(CorruptionConfig(), **corruption)}
+        return StreamSpec(f"s{i}", f"udp://239.0.0.1:{5000 + i}", detectors, SourceOptions(tier="all"))
+
+    off, on, every = default_demand(live(0)), default_demand(live(1, enabled=True)), default_demand(live(2, enabled=True, fps=0))
+    assert (off.corruption_fps, on.corruption_fps, every.corruption_fps) == (None, 5.0, 0.0)
+    assert default_demand(live(3, enabled=True, fps=2.5)).corruption_fps == 2.5
+    cpu = cpu_model(2.0)
+    assert cpu is not None
+    # 5 a second plus a key frame every 2 s (the planned GOP), every decoded picture with fps 0.
+    assert cpu.cost(on, Tier.ALL) - cpu.cost(off, Tier.ALL) == pytest.approx(5.5 * 0.0723)
+    assert cpu.scoring_cost(on, Tier.ALL) - cpu.scoring_cost(off, Tier.ALL) == pytest.approx(5.5 * 0.0723)
+    assert cpu.cost(every, Tier.ALL) - cpu.cost(off, Tier.ALL) == pytest.approx(30 * 0.0723)
+    assert cpu.cost(on, Tier.KEYFRAMES) - cpu.cost(off, Tier.KEYFRAMES) == pytest.approx(0.5 * 0.0723)  # no more than decoded
+    small = default_demand(live(4, enabled=True), StreamDemand("s4", "h264", 960, 540, 25.0))
+    assert small.analysed_fps(Tier.ALL) == 5.5 and cpu.scoring_cost(small, Tier.ALL) == pytest.approx(
+        (25 * 0.8 + 77 + 5.5 * 72.3 / 4) / 1000)  # audio with clicks (the defaults); the CNN's work scales with pixels
+    assert len(plan_cpu([live(10 + i) for i in range(4)], cpu)[0]) == 4
+    admitted, refused = plan_cpu([live(20 + i, enabled=True) for i in range(4)], cpu)
+    assert len(admitted) == 1 and len(refused) == 3, refused
+
+
 def test_an_audio_only_stream_costs_its_audio_alone() -> None:
     """`video: false` decodes no picture: a live radio stream costs its audio analysis (77 ms a second with
     clicks), not the 1080p30 H.264 assumed of a stream without `expect` (0.383 cores): on one core 11 of them

@@ -281,6 +281,9 @@ class StreamDemand:
     clicks: bool = False
     paced: bool = True
     video: bool = True
+    # Pictures per second the corruption CNN analyses on a CPU engine (engine.corruption: its `fps`, 5 when not
+    # said; 0 for every decoded picture), plus every key frame; None: the detector is off.
+    corruption_fps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -323,6 +326,16 @@ class StreamDemand:
         if tier is Tier.SKIP_NONREF:
             return self.fps * (1.0 - self.nonref_fraction)
         return min(self.fps, 1.0 / self.gop_seconds)
+
+    def analysed_fps(self, tier: Tier) -> float:
+        """Pictures per second the corruption CNN reads at `tier` (0 with the detector off): its rate and every key
+        frame, never more than are decoded. Pictures with reported loss are read too; they are not planned for."""
+        decoded = self.decoded_fps(tier)
+        if self.corruption_fps is None or decoded <= 0:
+            return 0.0
+        if self.corruption_fps <= 0:
+            return decoded
+        return min(decoded, self.corruption_fps + 1.0 / self.gop_seconds)
 
     def candidate_tiers(self) -> tuple[Tier, ...]:
         """Tiers to try, best first: allowed ones, minus those that would decode no fewer frames."""
@@ -386,6 +399,10 @@ AUDIO_MS_PER_S = 19.0
 s per stream-hour), all of it on the scoring thread."""
 CLICKS_MS_PER_S = 58.0
 """What the click analysis adds (`audio_bench.py`: 275.7 against 68.5 CPU s per stream-hour)."""
+CORRUPTION_MS_1080P = 72.3
+"""CPU ms (one core) for the corruption CNN to read one 1080p picture, with the shipped model's two views (the
+picture and its 180-degree turn): `benchmarks/results/corruption_vs_blockdetect.json` (2026-12-07), scaled by
+pixels. It runs in the scoring step, so the scoring thread spends it too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +413,8 @@ class CpuModel:
     engine process), which run the batched kernels of every stream one after the other. On two cores the first
     binds; on a large machine the second does, long before the cores are busy (which is what more worker
     processes are for). A stream costs, per decoded picture, its decoding (by pixels and codec) and a fixed share
-    for everything else, plus its audio analysis per second. The figures are the development VM's
+    for everything else, plus its audio analysis per second and, with the corruption detector on, the CNN's reading
+    of the pictures it analyses (by pixels). The figures are the development VM's
     (see the constants above); `decode_ms_1080p` and the others can be set from a measurement of the
     actual machine.
     """
@@ -408,6 +426,7 @@ class CpuModel:
     scoring_ms_per_picture: float = SCORING_MS_PER_PICTURE
     audio_ms_per_s: float = AUDIO_MS_PER_S
     clicks_ms_per_s: float = CLICKS_MS_PER_S
+    corruption_ms_1080p: float = CORRUPTION_MS_1080P
     codec_factor: Mapping[str, float] = field(default_factory=lambda: CPU_CODEC_FACTOR, hash=False)
 
     def __post_init__(self) -> None:
@@ -415,7 +434,8 @@ class CpuModel:
             raise ValueError(f"CPU cores must be a positive number, got {self.cores}")
         if self.scoring_threads < 1:
             raise ValueError(f"scoring_threads must be >= 1, got {self.scoring_threads}")
-        for name in ("decode_ms_1080p", "picture_ms", "scoring_ms_per_picture", "audio_ms_per_s", "clicks_ms_per_s"):
+        for name in ("decode_ms_1080p", "picture_ms", "scoring_ms_per_picture", "audio_ms_per_s", "clicks_ms_per_s",
+                     "corruption_ms_1080p"):
             v = getattr(self, name)
             if not (v >= 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -425,7 +445,7 @@ class CpuModel:
         """Spare CPU decode capacity stated as 1080p H.264 frames/s (the hybrid decode of a GPU pool): decoding
         alone is charged, in cores of `DECODE_MS_1080P_H264`, with no scoring-thread budget."""
         return cls(cores=fps_1080p * DECODE_MS_1080P_H264 / 1000.0, picture_ms=0.0, scoring_ms_per_picture=0.0,
-                   audio_ms_per_s=0.0, clicks_ms_per_s=0.0)
+                   audio_ms_per_s=0.0, clicks_ms_per_s=0.0, corruption_ms_1080p=0.0)
 
     def budget(self, headroom: float) -> float:
         """Cores the streams may take, head room kept free."""
@@ -446,13 +466,17 @@ class CpuModel:
         if not stream.paced:
             return 0.0
         per_picture = self.decode_ms_1080p * stream.scale * self.codec_factor.get(stream.codec, 2.0) + self.picture_ms
-        return (stream.decoded_fps(tier) * per_picture + self._audio_ms(stream)) / 1000.0
+        return (stream.decoded_fps(tier) * per_picture + self._audio_ms(stream) + self._corruption_ms(stream, tier)) / 1000.0
+
+    def _corruption_ms(self, stream: StreamDemand, tier: Tier) -> float:
+        return stream.analysed_fps(tier) * self.corruption_ms_1080p * stream.scale
 
     def scoring_cost(self, stream: StreamDemand, tier: Tier) -> float:
         """Of `cost`, what the scoring thread spends on the stream, in cores."""
         if not stream.paced:
             return 0.0
-        return (stream.decoded_fps(tier) * self.scoring_ms_per_picture + self._audio_ms(stream)) / 1000.0
+        return (stream.decoded_fps(tier) * self.scoring_ms_per_picture + self._audio_ms(stream)
+                + self._corruption_ms(stream, tier)) / 1000.0
 
 
 # --- calibration --------------------------------------------------------------------------------------------
