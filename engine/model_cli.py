@@ -244,10 +244,12 @@ def calibrate(
     """Choose a model's decision threshold again on the validation split (the best F1 under its decision rule), with
     the test-time views given: what training does at its end, for weights whose views or data changed since. The
     held-out split is not looked at; `eval` and `promote` judge the result."""
+    import datetime as dt
+
     from models import evaluate as ev
     from models.data.generate import Recipe, build
     from models.net import VIEWS
-    from models.train import pick_device
+    from models.train import MODEL_VERSION, pick_device
     from models.weights import WeightsError, load, save
 
     if tta is not None and tta not in VIEWS:
@@ -261,10 +263,6 @@ def calibrate(
         cal = ev.calibrate(model, meta, r, build(r, Path(data_root) if data_root else None), tuple(dict.fromkeys(("frame", meta.decision))))
     except (WeightsError, ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    import datetime as dt
-
-    from models.train import MODEL_VERSION
-
     old = meta.threshold
     # Other views or another threshold decide otherwise: events name the new version; the weights are the parent's.
     meta.parent, meta.version = meta.version, dt.datetime.now(dt.UTC).strftime(f"{MODEL_VERSION}.%Y%m%d%H%M%S")

@@ -59,11 +59,11 @@ def default_demand(spec: StreamSpec, demand: StreamDemand | None = None) -> Stre
     if d.id != spec.id:
         raise ValueError(f"demand is for stream {d.id!r}, not {spec.id!r}")
     clicks = spec.detectors.get("clicks")
-    # video: false decodes no picture: costed by its audio alone, not as the 1080p30 H.264 assumed of it.
     corruption = spec.detectors.get("corruption")
     # A CPU engine reads `fps` pictures a second with the CNN (engine.corruption.CPU_FPS when not said).
     corruption_fps = None if corruption is None or not corruption.enabled else \
         float(CPU_FPS if getattr(corruption, "fps", None) is None else corruption.fps)
+    # video: false decodes no picture: costed by its audio alone, not as the 1080p30 H.264 assumed of it.
     d = replace(d, audio=bool(spec.source.audio), clicks=bool(clicks is not None and clicks.enabled),
                 paced=is_paced(spec), video=bool(spec.source.video), corruption_fps=corruption_fps)
     every = sorted(n for n, cfg in spec.detectors.items() if cfg.enabled and REGISTRY[n].NEEDS_EVERY_FRAME)

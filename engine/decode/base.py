@@ -40,7 +40,7 @@ _SCAN = 4096
 _HEVC_NON_REF = frozenset(range(0, 15, 2))  # TRAIL_N, TSA_N, STSA_N, RADL_N, RASL_N, reserved _N types
 
 
-def _nal_units(data: bytes) -> Iterator[int]:
+def annex_b_units(data: bytes) -> Iterator[int]:
     """Offsets of the NAL unit headers (or MPEG-2 start code values) in Annex B bytes."""
     i = data.find(b"\x00\x00\x01")
     while 0 <= i < len(data) - 3:
@@ -60,7 +60,7 @@ def picture_reference(data: bytes | memoryview, codec: str) -> tuple[bool, bool]
     of a temporal sub-layer above the lowest. Unknown codecs and unreadable packets count as reference: a
     wrong True only keeps today's caution, a wrong False would drop evidence."""
     head = bytes(data[:_SCAN])
-    for o in _nal_units(head[:-1]):  # every header read here has a byte after it
+    for o in annex_b_units(head[:-1]):  # every header read here has a byte after it
         b = head[o]
         if codec in ("h264", "hevc"):
             if is_slice(b, codec):
@@ -86,7 +86,7 @@ def slice_count(data: bytes | memoryview, codec: str) -> int | None:
     if codec not in ("h264", "hevc"):
         return None
     b = bytes(data)
-    return sum(is_slice(b[o], codec) for o in _nal_units(b))
+    return sum(is_slice(b[o], codec) for o in annex_b_units(b))
 
 
 # Pictures in a row, a key frame among them, with the same number of slices before a stream's slice layout is

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.decode.base import is_slice
+from engine.decode.base import annex_b_units, is_slice
 
 TS = 188
 KINDS = ("burst", "random", "garble", "bitflip", "slice", "key")
@@ -151,9 +151,4 @@ def damage_key_frame(au: bytes, rng: np.random.Generator, codec: str) -> bytes:
 
 def _first_slice(au: bytes, codec: str) -> int | None:
     """The offset a few bytes into the first slice NAL unit of an access unit (past its slice header's start)."""
-    i = 0
-    while (j := au.find(b"\x00\x00\x01", i)) >= 0 and j + 3 < len(au):
-        if is_slice(au[j + 3], codec):
-            return j + 3 + 8
-        i = j + 3
-    return None
+    return next((o + 8 for o in annex_b_units(au) if is_slice(au[o], codec)), None)
