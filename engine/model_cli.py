@@ -248,6 +248,7 @@ def calibrate(
 
     from models import evaluate as ev
     from models.data.generate import Recipe, build
+    from models.data.sequences import EVIDENCE
     from models.net import VIEWS
     from models.train import MODEL_VERSION, pick_device
     from models.weights import WeightsError, load, save
@@ -268,7 +269,8 @@ def calibrate(
     meta.parent, meta.version = meta.version, dt.datetime.now(dt.UTC).strftime(f"{MODEL_VERSION}.%Y%m%d%H%M%S")
     meta.threshold, val_f1 = cal[meta.decision]
     meta.metrics = {**meta.metrics, "val_f1": val_f1, "frame_rule_threshold": cal["frame"][0], "frame_rule_val_f1": cal["frame"][1],
-                    "calibrated": {"recipe_hash": r.hash, "tta": meta.tta, "previous_threshold": old}}
+                    "calibrated": {"recipe_hash": r.hash, "tta": meta.tta, "previous_threshold": old},
+                    "evidence": EVIDENCE}  # the loss evidence version the threshold was chosen with
     meta.metrics.pop("test", None)  # measured with the old threshold or views: `eval --record` measures again
     save(model.cpu(), meta, target)
     err.print(f"wrote {target} (version {meta.version}, the weights of {meta.parent}): views {meta.tta}, threshold {old:.4f} -> {meta.threshold:.4f} "

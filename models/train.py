@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from kernels.corruption import top_logits
 from models.data.generate import CLEAN, CORRUPT, IGNORE, Recipe, Shard, build, load_split
+from models.data.sequences import EVIDENCE
 from models.net import CorruptionNet, parameters_count, widen
 from models.weights import SHIPPED, ModelMeta, load, save
 
@@ -554,7 +555,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
         train_config={**asdict(cfg), "stopped_early": stopped_early, "epochs_run": epoch, "device_used": str(device),
                       "epoch_frames": len(train_set) + drawn,
                       "seconds": round(time.monotonic() - t_train, 1), "data_seconds": round(t_train - t_start, 1)},
-        metrics={"val_f1": val_f1, **val_frame, "final_loss": history[-1]["loss"] if history else None},
+        metrics={"val_f1": val_f1, **val_frame, "final_loss": history[-1]["loss"] if history else None, "evidence": EVIDENCE},
         parent=parent,
         feedback=len(feedback),
     )

@@ -20,6 +20,7 @@ from engine.review import ReviewRecord, ReviewStore
 from models.data.content import SourceSpec
 from models.data.damage import DamageSpec
 from models.data.generate import Recipe, build, load_split
+from models.data.sequences import EVIDENCE
 from models.evaluate import episode_report, episodes, f1_difference, f1_interval
 from models.net import CorruptionNet, parameters_count, widen
 from models.train import (
@@ -392,6 +393,9 @@ def test_shipped_weights_load_with_metadata() -> None:
     assert meta.recipe_hash in (Recipe().hash, dataclasses.replace(Recipe(), draws=()).hash)
     assert meta.metrics["test"]["packet_loss"]["f1"] > 0 and 0 < meta.threshold < 1
     assert parameters_count(model) <= 1_000_000
+    # Its threshold was chosen (and its test figures measured) with the loss evidence the engine now reads: a change
+    # to the evidence (models.data.sequences.EVIDENCE) calls for `framewatch calibrate` and `eval --record` again.
+    assert meta.metrics["evidence"] == EVIDENCE
 
 
 def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
@@ -436,6 +440,7 @@ def test_label_retrain_promote_round_trip(tiny, tmp_path) -> None:
     _, rm = load(recal)
     assert rm.tta == "none" and rm.metrics["calibrated"]["previous_threshold"] == meta.threshold and 0 <= rm.metrics["val_f1"] <= 1
     assert rm.parent == meta.version != rm.version and "test" not in rm.metrics
+    assert meta.metrics["evidence"] == rm.metrics["evidence"] == EVIDENCE  # the loss evidence the threshold was chosen with
     assert f"views none, threshold {meta.threshold:.4f} -> {rm.threshold:.4f}" in " ".join(r.stderr.split())
     r = run_cli("calibrate", cand, "--tta", "sideways", "-o", recal)
     assert r.returncode == 2 and "--tta must be one of none, mirror, rot180, mirror+rot180, not 'sideways'" in r.stderr

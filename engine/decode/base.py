@@ -137,8 +137,11 @@ class DamageTracker:
         self.limit = limit
         self.layered = False  # an HEVC temporal sub-layer was seen: non-reference types may still be predicted from
         self._flagged = False  # the demuxer flagged the previous packet: this one came in short
-        self._notes: dict[int, tuple[bool, bool, bool]] = {}  # pts -> (mark, reference, key)
+        self._notes: dict[int, tuple[bool, bool, bool, int]] = {}  # pts -> (mark, reference, key, decode index)
         self._taken_ref = True
+        self._taken_at: int | None = None  # decode index of the picture last taken (None: it had no note)
+        self._seq = 0  # decode index of the next packet
+        self._last_key = -1  # decode index of the last key-frame packet
         self.layout: int | None = None  # slices per picture, once the stream's layout is known to be fixed
         self._run: tuple[int | None, int, bool] = (None, 0, False)  # (slices, pictures in a row, a key frame among them)
 
@@ -167,9 +170,12 @@ class DamageTracker:
         mark = bad if key else (self.damaged or bad)
         if reference:
             self.damaged = mark
+        seq, self._seq = self._seq, self._seq + 1
+        if key:
+            self._last_key = seq
         if pts is None:
             return
-        self._notes[int(pts)] = (mark, reference, key)
+        self._notes[int(pts)] = (mark, reference, key, seq)
         while len(self._notes) > self.limit:
             del self._notes[next(iter(self._notes))]
 
@@ -180,9 +186,25 @@ class DamageTracker:
         self.note(packet.pts, bool(packet.is_keyframe), bool(packet.is_corrupt), rejected, ref, layered, slices)
 
     def concealed(self) -> None:
-        """The picture last taken came out with errors the decoder concealed: what follows may predict from it,
-        unless nothing predicts from it."""
-        if self._taken_ref or self.layered:
+        """The picture last taken came out with errors the decoder concealed: what was decoded after it may
+        predict from it, unless nothing predicts from it, up to the next key frame.
+
+        The flag comes with the picture, in display order, one or two packets after the packet that carried it:
+        the pictures decoded in between (B pictures that predict from it) are still waiting in the decoder, and
+        their notes are marked here. Marking only the stream from now on left them unmarked (measured on the
+        corruption data's training and validation H.264 decodes: they were most of the damaged pictures that
+        only the decoder's logged errors caught), and marked a GOP that a whole key frame had already begun."""
+        if not (self._taken_ref or self.layered):
+            return
+        if self._taken_at is None:
+            self.damaged = True
+            return
+        healed = self._last_key > self._taken_at
+        end = self._last_key if healed else self._seq
+        for pts, (mark, reference, key, seq) in self._notes.items():
+            if self._taken_at < seq < end and not mark:
+                self._notes[pts] = (True, reference, key, seq)
+        if not healed:
             self.damaged = True
 
     def take(self, pts: int | None) -> bool:
@@ -191,7 +213,7 @@ class DamageTracker:
     def take_picture(self, pts: int | None) -> tuple[bool, bool]:
         """(damaged, key frame) of the picture with this pts, as its packet said: NVDEC's pictures carry no key
         flag of their own, and the corruption detector's hold ends at key frames."""
-        mark, key, self._taken_ref = self.damaged, False, True
-        if pts is not None:
-            mark, self._taken_ref, key = self._notes.pop(int(pts), (self.damaged, True, False))
+        mark, key, self._taken_ref, self._taken_at = self.damaged, False, True, None
+        if pts is not None and int(pts) in self._notes:
+            mark, self._taken_ref, key, self._taken_at = self._notes.pop(int(pts))
         return mark, key

@@ -122,7 +122,7 @@ def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool
     the engine's decoder gives it (the same DamageTracker on the same packets): ({pts: (luma, key_frame,
     corrupt, damaged)}, decode errors)."""
     from engine.decode.base import DamageTracker
-    from engine.decode.pyav import decode_packet
+    from engine.decode.pyav import decode_packet, loss_evidence
 
     frames: dict[int, tuple[np.ndarray, bool, bool, bool]] = {}
     errors = 0
@@ -152,7 +152,7 @@ def decode_pictures(data: bytes) -> tuple[dict[int, tuple[np.ndarray, bool, bool
             out, failed, logged = decode_packet(st.codec_context, p if p.size else None)
             errors += failed
             if p.size:
-                tracker.note_packet(p, st.codec_context.name, failed or logged > 0)
+                tracker.note_packet(p, st.codec_context.name, loss_evidence(st.codec_context.name, failed, logged))
             for f in out:
                 if f.pts is not None:
                     y = f.to_ndarray(format="gray") if f.format.name not in ("yuv420p", "yuvj420p") else \

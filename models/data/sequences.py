@@ -43,8 +43,10 @@ from models.data.generate import (
 # read as damage of the next packet, concealed pictures marking the stream until a whole key frame; 3: damage of
 # a non-reference picture (engine.decode.base.picture_reference) marks that picture alone; 4: a packet the
 # decoder logged errors for counts as damaged (engine.decode.pyav.decode_packet); 5: so does a picture with
-# fewer slices than the stream's fixed layout (engine.decode.base.slice_count).
-EVIDENCE = 5
+# fewer slices than the stream's fixed layout (engine.decode.base.slice_count); 6: a concealed picture marks the
+# pictures decoded after it that are still in the decoder, and not a GOP a whole key frame began
+# (DamageTracker.concealed), and the H.264 decoder's logged errors no longer count (engine.decode.pyav.loss_evidence).
+EVIDENCE = 6
 
 
 @dataclass
