@@ -72,7 +72,7 @@ class CorruptionConfig(DetectorConfig):
     or "frame", "hold", "hold+evidence". max_hold: seconds a hold lasts without a picture over the threshold when
     no key frame ends it."""
 
-    enabled: bool = False  # opt-in: 2.4 blockdetects of CPU per analysed 1080p picture, F1 only just at its target (README)
+    enabled: bool = False  # opt-in: about 2.3 blockdetects of CPU per analysed 1080p picture, F1 at its target only narrowly (README)
     onset: float = 0.3
     recovery: float = 0.5
     severity: Severity = Severity.MAJOR

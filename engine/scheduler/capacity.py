@@ -401,8 +401,9 @@ CLICKS_MS_PER_S = 58.0
 """What the click analysis adds (`audio_bench.py`: 275.7 against 68.5 CPU s per stream-hour)."""
 CORRUPTION_MS_1080P = 72.3
 """CPU ms (one core) for the corruption CNN to read one 1080p picture, with the shipped model's two views (the
-picture and its 180-degree turn): `benchmarks/results/corruption_vs_blockdetect.json` (2026-12-07), scaled by
-pixels. It runs in the scoring step, so the scoring thread spends it too."""
+picture and its 180-degree turn): `benchmarks/corruption_vs_blockdetect.py` on 2026-12-07 (night; the later run
+in `benchmarks/results/corruption_vs_blockdetect.json` gave 68.7: the VM varies by that much from run to run),
+scaled by pixels. It runs in the scoring step, so the scoring thread spends it too."""
 
 
 @dataclass(frozen=True, slots=True)
