@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from models.data.codec import EncodeSpec, decode_luma, encode_ts, video_pid
 from models.data.content import SourceSpec, generated_frames
@@ -206,7 +207,14 @@ def test_build_is_deterministic_and_split_by_source(tmp_path) -> None:
         codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)), DamageSpec("garble", 1.0, (2, 4))),
         clean_per_codec=4, per_decode=(8, 4), native_splits=("test",), draws=(),
     )
-    a = build(r, tmp_path / "a", workers=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = build(r, tmp_path / "a", workers=1)
+        # The caller's threads come back: a first training run on a fresh machine builds its data, then trains.
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     # The same recipe from the same encoded streams (kept by the first build: x264 is not bit-exact run to run)
     b = tmp_path / "b" / r.hash
     b.mkdir(parents=True)

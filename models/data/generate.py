@@ -417,6 +417,16 @@ def build(r: Recipe, root: Path | None = None, workers: int = 2, progress=None) 
         for donor in _donors(r, out.parent):  # each adds what it holds and the ones before did not
             extend(r, donor, out.parent)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    try:
+        return _build(r, out, done, workers, progress)
+    finally:
+        # The workers decode and encode one thread each; the caller (a training run, on a fresh machine the first
+        # one) gets its threads back: left at 1, a first `framewatch train` ran its epochs 7 times slower.
+        torch.set_num_threads(threads)
+
+
+def _build(r: Recipe, out: Path, done: Path, workers: int, progress) -> Path:
     torch.set_num_threads(1)
     # A source's shards depend only on the recipe's settings and that source (its random draws are keyed by
     # name), so a source already built (marked under built/) is kept: an interrupted build resumes, and a recipe
