@@ -7,12 +7,14 @@ peers get their best-F1 threshold there), then is scored on the test split. Cost
 one thread (the engine's setting), and GPU frames/s for the model where a GPU is present.
 
     python benchmarks/corruption_vs_blockdetect.py [--weights PATH] [--out benchmarks/results/corruption_vs_blockdetect.json]
+    python benchmarks/corruption_vs_blockdetect.py --cost-only   # the costs alone, on another machine (minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corruption_peers import best_threshold, blockdetect_scores, blockiness_scores, prf_at  # noqa: E402
 
+from engine.runner import tune_allocator  # noqa: E402
 from models.data.generate import CORRUPT, Recipe, build, load_split  # noqa: E402
 from models.evaluate import evaluate, f1_interval  # noqa: E402
 from models.train import frame_probabilities, shard_inputs  # noqa: E402
@@ -86,14 +89,53 @@ def _model_gpu_fps(model, batch: int = 64, seconds: float = 5.0) -> float | None
     return n / (time.perf_counter() - t0)
 
 
+def _machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "simd": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__}
+
+
+def _costs(args, folder: Path) -> None:
+    test = _frames("test", folder)
+    model, meta = load(args.weights)
+    out: dict = {"machine": _machine(), "model": {"path": args.weights, "version": meta.version, "tta": meta.tta},
+                 "test_frames": sum(len(s.labels) for s in test)}
+    for name, fn in (("ffmpeg_blockdetect", blockdetect_scores), ("core_blockiness", blockiness_scores)):
+        out[name] = {"cpu_ms_per_1080p_frame": round(_peer(fn, test)[1] * 1000, 2)}
+    out["framewatch_cnn"] = {"cpu_ms_per_1080p_frame_1_thread": round(_model_cpu_ms(model, 1), 2),
+                             "cpu_ms_per_1080p_frame_2_threads": round(_model_cpu_ms(model, 2), 2)}
+    out["cnn_over_blockdetect"] = round(out["framewatch_cnn"]["cpu_ms_per_1080p_frame_1_thread"]
+                                        / out["ffmpeg_blockdetect"]["cpu_ms_per_1080p_frame"], 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{'method':24} {'CPU ms/1080p':>13}")
+    print(f"{'framewatch CNN':24} {out['framewatch_cnn']['cpu_ms_per_1080p_frame_1_thread']:13.2f} "
+          f"({out['framewatch_cnn']['cpu_ms_per_1080p_frame_2_threads']:.2f} with 2 threads)")
+    for name in ("ffmpeg_blockdetect", "core_blockiness"):
+        print(f"{name:24} {out[name]['cpu_ms_per_1080p_frame']:13.2f}")
+    print(f"results: {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=str(SHIPPED))
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "corruption_vs_blockdetect.json"))
+    ap.add_argument("--out", default=None, help="JSON results (default: results/corruption_vs_blockdetect.json, "
+                    "with --cost-only results/corruption_cost.json)")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only the CPU costs (the CNN, blockdetect and the core kernel on the held-out frames): the F1 "
+                         "figures depend on the data's bytes, which are the same on every CPU, the costs do not")
     args = ap.parse_args()
+    results_dir = Path(__file__).parent / "results"
+    args.out = args.out or str(results_dir / ("corruption_cost.json" if args.cost_only else "corruption_vs_blockdetect.json"))
+    # The allocator settings every engine process scoring pictures runs with (engine.runner.tune_allocator): without
+    # them each large activation is a fresh mmap, and on a 2-core AVX2 VM the page faults took 40-55 % of the model's
+    # time (README, Corruption model: measured).
+    tune_allocator()
     torch.set_num_threads(1)
     recipe = Recipe()
     folder = build(recipe)
+    if args.cost_only:
+        _costs(args, folder)
+        return
     val, test = _frames("val", folder), _frames("test", folder)
     y_val = np.concatenate([s.labels for s in val]).astype(int)
     y_test = np.concatenate([s.labels for s in test]).astype(int)
@@ -105,8 +147,7 @@ def main() -> None:
     probs, _ = frame_probabilities(model, shard_inputs(test), torch.device("cpu"), meta.frame_blocks)
     # And with no picture before (a sparse tier, a stream's first picture): the picture alone.
     alone, _ = frame_probabilities(model, [torch.from_numpy(p) for s in test for p in s.planes], torch.device("cpu"), meta.frame_blocks)
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": 1,
-                                 "torch": torch.__version__},
+    results: dict = {"machine": _machine(),
                      "recipe_hash": recipe.hash, "model": {"path": args.weights, "version": meta.version},
                      "test_frames": int(len(y_test)), "test_corrupt": int((y_test == CORRUPT).sum())}
     # As the engine runs it: every picture of each held-out decode in order, key frames read alone, the model's

@@ -181,3 +181,35 @@ def test_blockdetect_stream_run_carries_state() -> None:
     if carried[2] == 1.0:
         pytest.skip("this FFmpeg's blockdetect no longer carries state between frames")
     assert carried[2] > 1.0
+
+
+@pytest.mark.ffmpeg
+@needs_ffmpeg
+def test_the_cost_only_benchmark_measures_each_method_on_the_held_out_frames(tmp_path) -> None:
+    """`corruption_vs_blockdetect.py --cost-only` (the costs on another machine, where the F1 figures would only
+    repeat): each method's CPU time on the held-out split's native frames, the ratio, and which CPU gave them."""
+    import json
+    import types
+
+    from models.data.content import SourceSpec
+    from models.data.damage import DamageSpec
+    from models.data.generate import Recipe, build, load_split
+
+    spec = importlib.util.spec_from_file_location("corruption_vs_blockdetect", _PATH.parent / "corruption_vs_blockdetect.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = Recipe(sources=(SourceSpec("c-test", "generated", "test", seed=21, width=320, height=192, seconds=1.2),),
+               codecs=("h264",), damages=(DamageSpec("burst", 1.0, (10, 30)),), clean_per_codec=3, per_decode=(4, 2),
+               synthetic_share=0.0, native_splits=("test",), draws=())
+    folder = build(r, tmp_path, workers=1)
+    out = tmp_path / "cost.json"
+    bench._costs(types.SimpleNamespace(weights=str(bench.SHIPPED), out=str(out)), folder)
+    got = json.loads(out.read_text())
+    assert got["test_frames"] == sum(len(s.labels) for s in load_split(folder, "test")) > 0
+    cnn = got["framewatch_cnn"]["cpu_ms_per_1080p_frame_1_thread"]
+    bd = got["ffmpeg_blockdetect"]["cpu_ms_per_1080p_frame"]
+    assert cnn > 0 and bd > 0 and got["core_blockiness"]["cpu_ms_per_1080p_frame"] > 0
+    assert got["framewatch_cnn"]["cpu_ms_per_1080p_frame_2_threads"] > 0
+    assert got["cnn_over_blockdetect"] == pytest.approx(cnn / bd, abs=0.01)
+    assert got["machine"]["simd"] and got["machine"]["cores"] >= 1 and got["model"]["tta"] == "rot180"
