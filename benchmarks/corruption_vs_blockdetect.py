@@ -76,6 +76,11 @@ def _model_cpu_ms(model, threads: int, frames: int = 12, repeats: int = 5) -> fl
     return 1000 * float(np.median(walls)) / frames
 
 
+def _model_cpu_costs(model) -> dict[str, float]:
+    return {"cpu_ms_per_1080p_frame_1_thread": round(_model_cpu_ms(model, 1), 2),
+            "cpu_ms_per_1080p_frame_2_threads": round(_model_cpu_ms(model, 2), 2)}
+
+
 def _model_gpu_fps(model, batch: int = 64, seconds: float = 5.0) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -105,8 +110,7 @@ def _costs(args, folder: Path) -> None:
                  "test_frames": sum(len(s.labels) for s in test)}
     for name, fn in (("ffmpeg_blockdetect", blockdetect_scores), ("core_blockiness", blockiness_scores)):
         out[name] = {"cpu_ms_per_1080p_frame": round(_peer(fn, test)[1] * 1000, 2)}
-    out["framewatch_cnn"] = {"cpu_ms_per_1080p_frame_1_thread": round(_model_cpu_ms(model, 1), 2),
-                             "cpu_ms_per_1080p_frame_2_threads": round(_model_cpu_ms(model, 2), 2)}
+    out["framewatch_cnn"] = _model_cpu_costs(model)
     out["cnn_over_blockdetect"] = round(out["framewatch_cnn"]["cpu_ms_per_1080p_frame_1_thread"]
                                         / out["ffmpeg_blockdetect"]["cpu_ms_per_1080p_frame"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +195,7 @@ def main() -> None:
         peers[name] = {"threshold": thr, "threshold_from": "best F1 on the validation split", "val_f1": round(f1_val, 4),
                        **r, "oracle_test_f1": round(oracle, 4), "cpu_ms_per_1080p_frame": round(per * 1000, 2)}
     results.update(peers)
-    results["framewatch_cnn"]["cpu_ms_per_1080p_frame_1_thread"] = round(_model_cpu_ms(model, 1), 2)
-    results["framewatch_cnn"]["cpu_ms_per_1080p_frame_2_threads"] = round(_model_cpu_ms(model, 2), 2)
+    results["framewatch_cnn"].update(_model_cpu_costs(model))
     gpu = _model_gpu_fps(model)
     results["framewatch_cnn"]["gpu_frames_per_s_1080p"] = round(gpu, 1) if gpu else "not run (no CUDA device)"
     results["target"] = {"f1_at_least": 0.95, "strictly_above_blockdetect": True,

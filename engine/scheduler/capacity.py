@@ -403,7 +403,9 @@ CORRUPTION_MS_1080P = 72.3
 """CPU ms (one core) for the corruption CNN to read one 1080p picture, with the shipped model's two views (the
 picture and its 180-degree turn): `benchmarks/corruption_vs_blockdetect.py` on 2026-12-07 (night; the later run
 in `benchmarks/results/corruption_vs_blockdetect.json` gave 68.7: the VM varies by that much from run to run),
-scaled by pixels. It runs in the scoring step, so the scoring thread spends it too."""
+scaled by pixels. It runs in the scoring step, so the scoring thread spends it too. Measured without the allocator
+settings the engine runs with (tune_allocator; the benchmark has them since), so it errs high; and per machine: a
+2-core AVX2 VM gave 93-164 ms (benchmarks/results/corruption_cost.json, README)."""
 
 
 @dataclass(frozen=True, slots=True)
