@@ -4,6 +4,7 @@ safely, and the label -> retrain -> evaluate -> promote loop works end to end on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -31,6 +32,8 @@ from models.train import (
     dataset_loss,
     items_from_shards,
     mine_hard_negatives,
+    native_bf16,
+    one_cycle,
     train,
 )
 from models.weights import SHIPPED, ModelMeta, WeightsError, load, record_metrics, save
@@ -192,8 +195,44 @@ def test_training_respects_its_time_cap(tiny) -> None:
     root, _ = tiny
     t0 = time.monotonic()
     res = train(TrainConfig(epochs=500, batch=8, minutes=0.6, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1))
-    assert res.meta.train_config["stopped_early"] and 1 <= res.meta.train_config["epochs_run"] < 500
+    assert res.meta.train_config["stopped_early"] and 3 <= res.meta.train_config["epochs_run"] < 500
     assert time.monotonic() - t0 < 0.6 * 60 + 10
+    # The cap shortens the one-cycle schedule, it does not replace it: the run still reaches its peak rate after
+    # the first epoch (where the cap makes its first estimate, in the warm-up) and anneals to the end. Up to
+    # 2026-12-08 it decayed from the warm-up's rate, a tenth of the peak for the default config.
+    rates = [h["lr"] for h in res.history]
+    assert max(rates[1:]) > 0.95 * 4e-3 and rates[-1] < max(rates) / 10, rates
+    assert res.meta.train_config["peak_lr"] == max(rates)
+
+
+def test_a_shortened_schedule_warms_up_to_its_peak_and_anneals_to_the_new_end() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = one_cycle(opt, 4e-3, 44 * 10, 0.15)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    reached = opt.param_groups[0]["lr"]
+    assert reached < 4e-3 / 5  # early in the warm-up
+    sched = one_cycle(opt, 4e-3, 10 + 20 * 10, 0.15, done=10)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(20 * 10 - 1):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    top = int(np.argmax(rates))
+    assert rates[0] >= reached and rates[top] == pytest.approx(4e-3, rel=1e-3)
+    assert all(a <= b for a, b in zip(rates[:top], rates[1: top + 1], strict=True))
+    assert all(a >= b for a, b in zip(rates[top:-1], rates[top + 1:], strict=True)) and rates[-1] < 4e-3 / 1000
+
+
+def test_bf16_training_runs_where_the_cpu_has_it_and_falls_back_to_fp32_elsewhere(tiny) -> None:
+    root, _ = tiny
+    res = train(TrainConfig(epochs=1, batch=8, recipe=TINY.to_json(), data_root=str(root), output="unused", threads=1,
+                            precision="bf16"))
+    used = res.meta.train_config["precision_used"]
+    assert used == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert math.isfinite(res.history[0]["loss"]) and all(p.dtype == torch.float32 for p in res.model.parameters())
 
 
 class _Spot(torch.nn.Module):
@@ -497,6 +536,16 @@ def test_the_facade_training_config_extends_the_default_recipe() -> None:
     assert cfg.init == "models/weights/corruption.pt" and cfg.hard_share == 0.0
 
 
+def test_the_one_run_config_trains_from_scratch_on_the_photographs_recipe_inside_the_target() -> None:
+    from engine.model_cli import _train_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    one = _train_config(configs / "train_one_run.yaml", {})
+    photos = _train_config(configs / "train_photos.yaml", {})
+    assert one.init is None and one.recipe == photos.recipe  # the same data set as the photographs' fine-tuning
+    assert one.precision == "bf16" and one.minutes <= 13.0  # the validation pass after the epochs fits in the rest
+
+
 def test_offgrid_crops_teach_damage_moved_off_the_codec_grid_as_clean() -> None:
     """Concealment follows the codec's 16x16 grid (8x8 cells of the analysis plane); content with a grid of its
     own (lit windows, tiles) falls at any phase. With `offgrid`, crops holding damage are moved off the grid by
@@ -540,6 +589,7 @@ def test_offgrid_crops_teach_damage_moved_off_the_codec_grid_as_clean() -> None:
     ("clean_share: -0.5", "clean_share must be a number within 0..1, not -0.5"),
     ("repeat: {hevc/bitflip: 0}", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {'hevc/bitflip': 0}"),
     ("repeat: [2]", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not [2]"),
+    ("precision: fp16", "precision must be fp32 or bf16, not 'fp16'"),
 ])
 def test_a_bad_training_config_is_one_line_before_any_work(tmp_path, text, message) -> None:
     """Wrong types and out-of-range values in a training config were tracebacks (some only after the data set
