@@ -81,6 +81,9 @@ class TrainConfig:
     # few blocks that fool the model (a facade's window grid, an old codec's own blocking).
     hard_share: float = 0.0
     hard_repeat: int = 2
+    # The share of the clean pictures scored when mining (a random draw; hard_share is then of those): scoring every
+    # whole clean picture of the photographs' recipe once takes about as long as two epochs on 2 cores.
+    hard_pool: float = 1.0
     # The share of crops holding damage that are moved off the codec's block grid by 1-7 analysis pixels and
     # taught as clean (see _crop): content with a grid of its own at another phase is not damage.
     offgrid: float = 0.3
@@ -115,6 +118,7 @@ class TrainConfig:
             number(name, 0, whole=True)
         for name in ("hard_share", "offgrid", "clean_share"):
             number(name, 0.0, 1.0)
+        number("hard_pool", 0.0, 1.0, above=True)
         number("weight_decay", 0.0)
         for name in ("lr", "minutes", "pos_weight"):
             number(name, 0.0, above=True)
@@ -495,7 +499,9 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil((len(train_set) + drawn) / cfg.batch))
     mine_at = 0 if cfg.init else cfg.epochs // 2  # epochs done before hard negatives are mined (once)
-    n_hard = int(round(cfg.hard_share * sum(it.label == CLEAN for it in items))) * cfg.hard_repeat
+    clean_items = [it for it in items if it.label == CLEAN]
+    n_pool = int(round(cfg.hard_pool * len(clean_items)))
+    n_hard = int(round(cfg.hard_share * n_pool)) * cfg.hard_repeat
     mined_steps = max(1, math.ceil((len(train_set) + drawn + n_hard) / cfg.batch))
     total_steps = cfg.epochs * steps_per_epoch if cfg.hard_share <= 0 else mine_at * steps_per_epoch + (cfg.epochs - mine_at) * mined_steps
     pct_start = 0.15 if not cfg.init else 0.05
@@ -507,11 +513,12 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
 
     def mine() -> None:
         nonlocal train_set, steps_per_epoch
-        hard = mine_hard_negatives(model, items, cfg.hard_share, device)
+        pool = clean_items if n_pool >= len(clean_items) else [clean_items[int(i)] for i in np.sort(rng.choice(len(clean_items), n_pool, replace=False))]
+        hard = mine_hard_negatives(model, pool, cfg.hard_share, device)
         train_set = base_set + [(it, None) for it in hard for _ in range(cfg.hard_repeat)]
         steps_per_epoch = max(1, math.ceil((len(train_set) + drawn) / cfg.batch))
         durations.clear()
-        say(f"hard negatives: {len(hard)} clean pictures x {cfg.hard_repeat} (by the model after {epoch} epochs)")
+        say(f"hard negatives: {len(hard)} of {len(pool)} clean pictures scored x {cfg.hard_repeat} (by the model after {epoch} epochs)")
 
     # The cap is on training: the data set is built once per recipe and cached, and a first build (minutes on 2
     # cores: 11 for the key-frame decodes and the training split's whole decodes added to an existing build) is
@@ -567,6 +574,8 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] | None = None) -> Tr
             say(f"the {cfg.minutes:g}-minute cap allows {fit} of {epochs} epochs; the learning-rate schedule is fitted to end there")
             epochs = fit
             stopped_early = True
+            if cfg.hard_share > 0 and mine_at > epoch:  # mined half-way through the epochs that fit, not never
+                mine_at = max(epoch, epochs // 2)
             left = sum(steps_per_epoch if cfg.hard_share <= 0 or e < mine_at else mined_steps for e in range(epoch, epochs))
             if left > 0:
                 sched = one_cycle(opt, cfg.lr, done_steps + left, pct_start, done=done_steps)

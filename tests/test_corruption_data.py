@@ -86,11 +86,14 @@ def test_the_photo_training_config_adds_the_photos_the_fetch_script_places() -> 
     from pathlib import Path
 
     from engine.model_cli import _train_config
-    from models.data.generate import PHOTOS
+    from models.data.generate import PHOTOS, VAL_PHOTOS
 
     root = Path(__file__).resolve().parents[1]
     listed = re.search(r"REQUIRED_PHOTOS=\(([^)]*)\)", (root / "tests" / "fetch_samples.sh").read_text()).group(1).split()
-    assert tuple(listed) == PHOTOS
+    assert tuple(listed) == PHOTOS + VAL_PHOTOS
+    # The validation photographs are the default recipe's own (its validation split), the others the config's.
+    assert [s.name for s in Recipe().sources if s.kind == "photo"] == list(VAL_PHOTOS)
+    assert {(s.kind, s.split) for s in Recipe().sources if s.name in VAL_PHOTOS} == {("photo", "val")}
     cfg = _train_config(root / "configs" / "train_photos.yaml", {})
     r = Recipe.from_json(cfg.recipe)
     default = Recipe()
