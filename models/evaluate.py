@@ -109,6 +109,8 @@ def same_inputs(seq, ref) -> np.ndarray:
     # Compared index by index: a decode that lost pictures still shares those before the loss (after it, the
     # comparison finds what it finds: equal inputs give equal probabilities whatever they mean).
     m = min(n, len(ref.labels))
+    if m == 0:
+        return out
     eq = (seq.planes[:m] == ref.planes[:m]).reshape(m, -1).all(1) & (np.asarray(seq.key[:m], bool) == np.asarray(ref.key[:m], bool))
     alone = np.asarray(seq.key[:m], bool).copy()
     alone[0] = True

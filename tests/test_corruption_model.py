@@ -289,7 +289,8 @@ def test_a_capped_run_mines_its_hard_negatives_half_way_through_the_epochs_that_
     res = train(TrainConfig(epochs=500, batch=8, minutes=0.8, recipe=TINY.to_json(), data_root=str(root), output="unused",
                             threads=1, hard_share=0.5, hard_pool=0.5), progress=said.append)
     run = res.meta.train_config["epochs_run"]
-    assert res.meta.train_config["stopped_early"] and run >= 3
+    assert res.meta.train_config["stopped_early"], res.meta.train_config
+    assert run >= 3, run
     mined = [re.match(r"hard negatives: (\d+) of (\d+) clean pictures scored x 2 \(by the model after (\d+) epochs\)", m) for m in said]
     mined = [m for m in mined if m]
     assert len(mined) == 1, said
@@ -297,7 +298,9 @@ def test_a_capped_run_mines_its_hard_negatives_half_way_through_the_epochs_that_
 
     n_clean = sum(it.label == 0 for it in items_from_shards(load_split(folder, "train"))) + len(clean_sequence_items(TINY, folder, "train"))
     picked, scored, after = (int(g) for g in mined[0].groups())
-    assert 1 <= after < run and scored == round(0.5 * n_clean) and picked == round(0.5 * scored)
+    assert 1 <= after < run, (after, run)  # mined during the run, with epochs left to learn from them
+    assert scored == round(0.5 * n_clean), (scored, n_clean)  # hard_pool: half the clean pictures scored
+    assert picked == round(0.5 * scored) > 0, (picked, scored)  # hard_share: half of those kept
 
 
 def test_an_epoch_draws_a_share_of_the_clean_pictures_and_repeats_the_kinds_asked_for(tiny) -> None:
@@ -644,6 +647,7 @@ def test_offgrid_crops_teach_damage_moved_off_the_codec_grid_as_clean() -> None:
     ("repeat: {hevc/bitflip: 0}", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not {'hevc/bitflip': 0}"),
     ("repeat: [2]", "repeat must map 'codec/kind' or 'kind' to a whole number 1..16, not [2]"),
     ("precision: fp16", "precision must be fp32 or bf16, not 'fp16'"),
+    ("hard_pool: 0", "hard_pool must be a number above 0, not 0"),
 ])
 def test_a_bad_training_config_is_one_line_before_any_work(tmp_path, text, message) -> None:
     """Wrong types and out-of-range values in a training config were tracebacks (some only after the data set
